@@ -1,0 +1,72 @@
+//! Names of every stream, consumer, bucket and subject (DESIGN.md, "JetStream
+//! contracts"). Roles build subjects only through these functions.
+
+use crate::{EndpointId, TaskId, TaskType, UserId};
+
+pub const TASKS_STREAM: &str = "HERALD_TASKS";
+pub const WEBHOOKS_STREAM: &str = "HERALD_WEBHOOKS";
+pub const MAIL_STREAM: &str = "HERALD_MAIL";
+pub const ATTEMPTS_STREAM: &str = "HERALD_ATTEMPTS";
+
+pub const TASKS_CONSUMER: &str = "tasks";
+pub const WEBHOOKS_CONSUMER: &str = "webhooks";
+pub const MAIL_CONSUMER: &str = "mail";
+
+pub const ENDPOINTS_BUCKET: &str = "herald-endpoints";
+pub const TASKS_BUCKET: &str = "herald-tasks";
+pub const HEALTH_BUCKET: &str = "herald-endpoint-health";
+
+pub const TASKS_SUBJECTS: &str = "herald.tasks.>";
+pub const WEBHOOKS_SUBJECTS: &str = "herald.webhooks.>";
+pub const MAIL_SUBJECTS: &str = "herald.mail.>";
+pub const ATTEMPTS_SUBJECTS: &str = "herald.attempts.>";
+
+/// `herald.tasks.<type>.<user>.<task>`. The trailing task id (an addition
+/// to DESIGN.md's `herald.tasks.<type>.<user>`) lets the API find a task that
+/// is still queued with one direct get, without writing a "queued" record.
+pub fn task_subject(task_type: &TaskType, user: &UserId, task: &TaskId) -> String {
+    format!("herald.tasks.{task_type}.{user}.{task}")
+}
+
+/// Any queued task of `user` with id `task`, whatever its type.
+pub fn queued_task_filter(user: &UserId, task: &TaskId) -> String {
+    format!("herald.tasks.*.{user}.{task}")
+}
+
+pub fn webhook_subject(user: &UserId, endpoint: &EndpointId) -> String {
+    format!("herald.webhooks.{user}.{endpoint}")
+}
+
+pub fn mail_subject(user: &UserId) -> String {
+    format!("herald.mail.{user}")
+}
+
+/// Every delivery attempt and mail outcome of one task, in order.
+pub fn attempts_subject(user: &UserId, task: &TaskId) -> String {
+    format!("herald.attempts.{user}.{task}")
+}
+
+/// `Nats-Msg-Id` of a task, so a retried POST cannot enqueue it twice.
+pub fn task_msg_id(task: &TaskId) -> String {
+    task.to_string()
+}
+
+/// `Nats-Msg-Id` of a delivery job, so a redelivered task cannot fan out twice.
+/// It is also the Standard Webhooks `webhook-id`, stable across retries.
+pub fn delivery_msg_id(task: &TaskId, endpoint: &EndpointId) -> String {
+    format!("{task}.{endpoint}")
+}
+
+pub fn mail_msg_id(task: &TaskId, endpoint: &EndpointId) -> String {
+    format!("{task}.{endpoint}.mail")
+}
+
+/// Key of an endpoint in `herald-endpoints` and `herald-endpoint-health`.
+pub fn endpoint_key(user: &UserId, endpoint: &EndpointId) -> String {
+    format!("{user}.{endpoint}")
+}
+
+/// Key of a task's record in `herald-tasks`.
+pub fn task_key(task: &TaskId) -> String {
+    task.to_string()
+}

@@ -1,0 +1,321 @@
+//! Versioned JSON payloads carried by the streams and buckets.
+//!
+//! Every payload has `"v": 1`. A payload that does not parse, or has another
+//! version, is terminated and recorded by the worker that reads it; it is
+//! never retried forever.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::{
+    EndpointId, TaskId, TaskType, UserId, schedule::RetrySchedule, signing::SigningSecret,
+};
+
+/// The only payload version this build reads and writes.
+pub const VERSION: u8 = 1;
+
+/// A payload that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("payload is not valid JSON for this message: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("payload version {0} is not supported (this build reads version {VERSION})")]
+    Version(u8),
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    v: u8,
+}
+
+/// Parses a versioned payload, refusing versions this build does not know.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, PayloadError> {
+    let probe: VersionProbe = serde_json::from_slice(bytes)?;
+    if probe.v != VERSION {
+        return Err(PayloadError::Version(probe.v));
+    }
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+/// Serializes a payload. Payload types hold only strings, numbers and JSON
+/// values, for which serde_json cannot fail.
+pub fn encode<T: Serialize>(payload: &T) -> Vec<u8> {
+    serde_json::to_vec(payload).expect("payload types always serialize")
+}
+
+/// A task as accepted by the API (`HERALD_TASKS`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskMessage {
+    pub v: u8,
+    pub id: TaskId,
+    pub user: UserId,
+    #[serde(rename = "type")]
+    pub task_type: TaskType,
+    pub accepted_at_ms: u64,
+    /// The client's JSON body, verbatim.
+    pub input: Box<RawValue>,
+}
+
+/// One webhook to deliver (`HERALD_WEBHOOKS`): one per task and endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeliveryJob {
+    pub v: u8,
+    pub task: TaskId,
+    pub user: UserId,
+    pub endpoint: EndpointId,
+    /// `<task type>.completed` or `<task type>.failed`.
+    pub event_type: String,
+    /// The exact request body; identical on every attempt, so a receiver
+    /// sees the same bytes under the same `webhook-id`.
+    pub body: String,
+    pub accepted_at_ms: u64,
+}
+
+/// Why a mail is sent about an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MailReason {
+    /// Every attempt of the retry schedule failed.
+    AttemptsExhausted,
+    /// The endpoint answered 410 Gone.
+    EndpointGone,
+}
+
+/// A notification to the owner of a failing endpoint (`HERALD_MAIL`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MailJob {
+    pub v: u8,
+    pub task: TaskId,
+    pub user: UserId,
+    pub endpoint: EndpointId,
+    pub url: String,
+    pub to: String,
+    pub reason: MailReason,
+    pub attempts: u32,
+    pub last_error: String,
+    pub failed_at_ms: u64,
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// 2xx: the webhook is delivered.
+    Delivered,
+    /// A failure with attempts left; another try is scheduled.
+    Retrying,
+    /// A failure with no attempts left: the owner is mailed.
+    Exhausted,
+    /// 410 Gone: no more attempts, the owner is mailed.
+    Gone,
+    /// The endpoint was removed before the delivery; nothing was sent.
+    EndpointRemoved,
+    /// The endpoint has no email: attempts ended and nobody could be told.
+    Abandoned,
+}
+
+impl AttemptOutcome {
+    /// True when no further attempt follows this one.
+    pub fn is_final(self) -> bool {
+        !matches!(self, AttemptOutcome::Retrying)
+    }
+}
+
+/// One webhook attempt, recorded in `HERALD_ATTEMPTS`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeliveryAttempt {
+    pub endpoint: EndpointId,
+    pub url: String,
+    /// 1 for the first try.
+    pub attempt: u32,
+    pub at_ms: u64,
+    pub outcome: AttemptOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The start of the response body, at most [`RESPONSE_BODY_LIMIT`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_body: Option<String>,
+    /// When the next attempt is due, for `retrying`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_in_ms: Option<u64>,
+}
+
+/// How much of a response body an attempt record keeps.
+pub const RESPONSE_BODY_LIMIT: usize = 1024;
+
+/// The outcome of a mail about a failing endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MailOutcome {
+    pub endpoint: EndpointId,
+    pub to: String,
+    pub attempt: u32,
+    pub at_ms: u64,
+    pub sent: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// An entry of a task's history in `HERALD_ATTEMPTS`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskEvent {
+    Delivery(DeliveryAttempt),
+    Mail(MailOutcome),
+}
+
+/// The envelope of a [`TaskEvent`] on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskEventMessage {
+    pub v: u8,
+    pub task: TaskId,
+    #[serde(flatten)]
+    pub event: TaskEvent,
+}
+
+/// What the task handler made of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandlerOutcome {
+    Completed,
+    Failed,
+}
+
+/// A task after its handler ran (`herald-tasks`), written once by the task
+/// worker. Delivery progress is not written here: it is derived from the
+/// task's events in `HERALD_ATTEMPTS` (see [`crate::state`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub v: u8,
+    pub id: TaskId,
+    pub user: UserId,
+    #[serde(rename = "type")]
+    pub task_type: TaskType,
+    pub accepted_at_ms: u64,
+    pub finished_at_ms: u64,
+    pub outcome: HandlerOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The endpoints a delivery job was published for; empty means the user
+    /// had none.
+    pub endpoints: Vec<EndpointId>,
+}
+
+/// An endpoint's configuration (`herald-endpoints`), written by the operator
+/// or by `herald dev` from a file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EndpointConfig {
+    pub v: u8,
+    pub user: UserId,
+    pub id: EndpointId,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Signing secrets, newest first; every one signs while several are
+    /// listed (rotation).
+    pub secrets: Vec<SigningSecret>,
+    /// Event types this endpoint receives; empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub event_types: Vec<String>,
+    /// Overrides the global retry schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_schedule: Option<RetrySchedule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub paused: bool,
+}
+
+impl EndpointConfig {
+    /// Whether this endpoint subscribes to `event_type`.
+    pub fn wants(&self, event_type: &str) -> bool {
+        self.event_types.is_empty() || self.event_types.iter().any(|t| t == event_type)
+    }
+}
+
+/// Delivery health of an endpoint (`herald-endpoint-health`), kept by the
+/// webhook workers and reflected into the resource's status by the operator.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EndpointHealth {
+    pub v: u8,
+    pub consecutive_failures: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+/// The body of a webhook request (Standard Webhooks payload structure).
+#[derive(Debug, Serialize)]
+pub struct WebhookBody<'a> {
+    #[serde(rename = "type")]
+    pub event_type: &'a str,
+    /// RFC 3339 time of the event.
+    pub timestamp: String,
+    pub data: WebhookData<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WebhookData<'a> {
+    pub task_id: &'a str,
+    pub user: &'a str,
+    #[serde(rename = "type")]
+    pub task_type: &'a str,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<&'a serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_refuses_unknown_versions_and_garbage() {
+        assert!(matches!(
+            decode::<EndpointHealth>(br#"{"v":2}"#),
+            Err(PayloadError::Version(2))
+        ));
+        assert!(matches!(
+            decode::<EndpointHealth>(b"not json"),
+            Err(PayloadError::Json(_))
+        ));
+        let health: EndpointHealth = decode(br#"{"v":1,"consecutive_failures":3}"#).unwrap();
+        assert_eq!(health.consecutive_failures, 3);
+    }
+
+    #[test]
+    fn task_events_are_tagged_by_kind() {
+        let event = TaskEventMessage {
+            v: VERSION,
+            task: TaskId::new("t1").unwrap(),
+            event: TaskEvent::Mail(MailOutcome {
+                endpoint: EndpointId::new("e").unwrap(),
+                to: "ops@example.com".into(),
+                attempt: 1,
+                at_ms: 5,
+                sent: true,
+                error: None,
+            }),
+        };
+        let json = String::from_utf8(encode(&event)).unwrap();
+        assert!(json.contains(r#""kind":"mail""#), "{json}");
+        let back: TaskEventMessage = decode(json.as_bytes()).unwrap();
+        assert_eq!(back.event, event.event);
+    }
+}
