@@ -1,0 +1,20 @@
+//! Herald's JetStream layer.
+//!
+//! Everything that talks to NATS goes through here: connecting, creating the
+//! streams, consumers and buckets of DESIGN.md ([`topology`]), publishing
+//! with a server acknowledgement ([`publish`]), the pull-consumer loop every
+//! worker runs ([`consume`]), the local cache of `herald-endpoints`
+//! ([`endpoints`]) and reading a task's stored state back ([`history`]).
+
+pub mod connect;
+pub mod consume;
+pub mod endpoints;
+pub mod error;
+pub mod health;
+pub mod history;
+pub mod publish;
+pub mod topology;
+
+pub use connect::{Broker, connect};
+pub use error::QueueError;
+pub use topology::TopologyConfig;

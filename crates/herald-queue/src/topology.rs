@@ -1,0 +1,234 @@
+//! The streams, consumers and buckets of DESIGN.md, created or updated
+//! idempotently at start-up by every role.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    consumer, kv,
+    stream::{self, RetentionPolicy, StorageType},
+};
+use herald_core::names;
+use serde::{Deserialize, Serialize};
+
+use crate::{Broker, QueueError};
+
+/// Sizes and limits of the JetStream objects; from Herald's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopologyConfig {
+    /// Stream and bucket replicas: 1 on a laptop, 3 in a cluster.
+    pub replicas: usize,
+    /// `file` (durable) or `memory`.
+    pub storage: Storage,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// How long task history (attempts, mail outcomes) is kept.
+    #[serde(with = "humantime_serde")]
+    pub attempts_max_age: Duration,
+    /// How long a task's record is kept in `herald-tasks`.
+    #[serde(with = "humantime_serde")]
+    pub task_records_max_age: Duration,
+    /// Largest message a stream accepts (task inputs are limited below it).
+    pub max_message_bytes: i32,
+    /// Bytes each work-queue stream may hold before publishes are refused.
+    pub max_stream_bytes: i64,
+    /// How long a worker may hold a message without acking or reporting
+    /// progress before JetStream redelivers it.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Safety net above every retry schedule: deliveries after which
+    /// JetStream gives up on a message (Herald turns it into a mail job).
+    pub max_deliver: i64,
+    /// Messages a consumer may have delivered and not yet acked, across all
+    /// replicas of a worker. Messages waiting out a retry delay count.
+    pub max_ack_pending: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    File,
+    Memory,
+}
+
+impl Default for TopologyConfig {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            storage: Storage::File,
+            duplicate_window: Duration::from_secs(120),
+            attempts_max_age: Duration::from_secs(30 * 24 * 3600),
+            task_records_max_age: Duration::from_secs(30 * 24 * 3600),
+            max_message_bytes: 2 * 1024 * 1024,
+            max_stream_bytes: -1,
+            ack_wait: Duration::from_secs(60),
+            max_deliver: 60,
+            max_ack_pending: 50_000,
+        }
+    }
+}
+
+mod humantime_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+pub use humantime_serde::{deserialize as deserialize_duration, serialize as serialize_duration};
+
+impl TopologyConfig {
+    fn storage(&self) -> StorageType {
+        match self.storage {
+            Storage::File => StorageType::File,
+            Storage::Memory => StorageType::Memory,
+        }
+    }
+
+    fn work_queue(&self, name: &str, subjects: &str) -> stream::Config {
+        stream::Config {
+            name: name.to_string(),
+            subjects: vec![subjects.to_string()],
+            retention: RetentionPolicy::WorkQueue,
+            storage: self.storage(),
+            num_replicas: self.replicas,
+            duplicate_window: self.duplicate_window,
+            max_message_size: self.max_message_bytes,
+            max_bytes: self.max_stream_bytes,
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
+    fn streams(&self) -> Vec<stream::Config> {
+        vec![
+            self.work_queue(names::TASKS_STREAM, names::TASKS_SUBJECTS),
+            self.work_queue(names::WEBHOOKS_STREAM, names::WEBHOOKS_SUBJECTS),
+            self.work_queue(names::MAIL_STREAM, names::MAIL_SUBJECTS),
+            stream::Config {
+                name: names::ATTEMPTS_STREAM.to_string(),
+                subjects: vec![names::ATTEMPTS_SUBJECTS.to_string()],
+                retention: RetentionPolicy::Limits,
+                storage: self.storage(),
+                num_replicas: self.replicas,
+                max_age: self.attempts_max_age,
+                duplicate_window: self.duplicate_window,
+                allow_direct: true,
+                ..Default::default()
+            },
+        ]
+    }
+
+    fn consumer(&self, name: &str) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(name.to_string()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            max_ack_pending: self.max_ack_pending,
+            num_replicas: self.replicas,
+            ..Default::default()
+        }
+    }
+
+    fn buckets(&self) -> Vec<kv::Config> {
+        let bucket = |name: &str, history: i64, max_age: Duration| kv::Config {
+            bucket: name.to_string(),
+            history,
+            max_age,
+            storage: self.storage(),
+            num_replicas: self.replicas,
+            ..Default::default()
+        };
+        vec![
+            bucket(names::ENDPOINTS_BUCKET, 1, Duration::ZERO),
+            bucket(names::TASKS_BUCKET, 1, self.task_records_max_age),
+            bucket(names::HEALTH_BUCKET, 1, Duration::ZERO),
+        ]
+    }
+}
+
+/// The consumer of each work-queue stream.
+pub const CONSUMERS: [(&str, &str); 3] = [
+    (names::TASKS_STREAM, names::TASKS_CONSUMER),
+    (names::WEBHOOKS_STREAM, names::WEBHOOKS_CONSUMER),
+    (names::MAIL_STREAM, names::MAIL_CONSUMER),
+];
+
+/// Creates or updates every stream, consumer and bucket. Safe to run from
+/// any number of processes at once.
+pub async fn ensure(broker: &Broker, config: &TopologyConfig) -> Result<(), QueueError> {
+    let js = &broker.jetstream;
+    for stream in config.streams() {
+        js.create_or_update_stream(stream)
+            .await
+            .map_err(|e| QueueError::request("create stream", e))?;
+    }
+    for (stream, name) in CONSUMERS {
+        let stream = js
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| QueueError::request("get stream", e))?;
+        let wanted = config.consumer(name);
+        match stream.update_consumer(wanted.clone()).await {
+            Ok(_) => {}
+            Err(_) => {
+                stream
+                    .create_consumer(wanted)
+                    .await
+                    .map_err(|e| QueueError::request("create consumer", e))?;
+            }
+        }
+    }
+    for bucket in config.buckets() {
+        js.create_or_update_key_value(bucket)
+            .await
+            .map_err(|e| QueueError::request("create bucket", e))?;
+    }
+    Ok(())
+}
+
+/// Whether the streams exist; what `/readyz` asks.
+pub async fn streams_exist(broker: &Broker) -> bool {
+    for name in [
+        names::TASKS_STREAM,
+        names::WEBHOOKS_STREAM,
+        names::MAIL_STREAM,
+        names::ATTEMPTS_STREAM,
+    ] {
+        if broker.jetstream.get_stream(name).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Runs [`ensure`] until it succeeds, waiting between tries, so a role can
+/// start before NATS does. Returns early if `shutdown` fires.
+pub async fn ensure_with_retry(
+    broker: &Broker,
+    config: &TopologyConfig,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<(), QueueError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match ensure(broker, config).await {
+            Ok(()) => return Ok(()),
+            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "JetStream topology not ready"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(QueueError::Disconnected),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
