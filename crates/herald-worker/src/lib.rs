@@ -1,0 +1,30 @@
+//! Herald's workers, one module per stream they consume:
+//! [`tasks`] runs task handlers and fans results out to endpoints,
+//! [`webhooks`] signs and delivers them with retries, and [`mail`] tells an
+//! endpoint's owner when it keeps failing.
+
+pub mod handlers;
+pub mod mail;
+pub mod tasks;
+pub mod webhooks;
+
+use herald_core::payload::{TaskEvent, TaskEventMessage, VERSION, encode};
+use herald_core::{TaskId, UserId, names};
+use herald_queue::publish::Outgoing;
+
+/// The message that appends `event` to the history of `task`.
+pub(crate) fn task_event(user: &UserId, task: &TaskId, event: TaskEvent) -> Outgoing {
+    let message = TaskEventMessage {
+        v: VERSION,
+        task: task.clone(),
+        event,
+    };
+    Outgoing::new(names::attempts_subject(user, task), None, encode(&message))
+}
+
+/// Parses durations written like "5s" or "250ms" in configuration.
+pub mod duration_serde {
+    pub use herald_queue::topology::{
+        deserialize_duration as deserialize, serialize_duration as serialize,
+    };
+}

@@ -1,0 +1,316 @@
+//! The mail worker: tells an endpoint's owner that it keeps failing.
+//!
+//! SMTP failures are retried with the mail schedule (nak with delay); a
+//! permanent SMTP refusal or the last attempt records the mail as failed in
+//! the task's history, so nothing disappears silently.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{AckKind, Message};
+use herald_core::{
+    payload::{MailJob, MailOutcome, MailReason, TaskEvent, decode},
+    schedule::RetrySchedule,
+};
+use herald_queue::{
+    Broker,
+    consume::{MessageHandler, delivery_count},
+};
+use lettre::{
+    AsyncSmtpTransport, AsyncTransport, Message as Email, Tokio1Executor,
+    message::{Mailbox, header::ContentType},
+    transport::smtp::{PoolConfig, authentication::Credentials},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::task_event;
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpSecurity {
+    /// Plain SMTP; for a local mail sink only.
+    None,
+    /// Upgrade with STARTTLS (port 587).
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MailConfig {
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    pub security: SmtpSecurity,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Sender address, e.g. `Herald <herald@example.com>`.
+    pub from: String,
+    /// Pooled SMTP connections per process.
+    pub pool_size: u32,
+    #[serde(with = "crate::duration_serde")]
+    pub timeout: Duration,
+    /// Delays between send attempts of one mail.
+    pub retry_schedule: RetrySchedule,
+    /// Mails sent at once by one process.
+    pub concurrency: usize,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        Self {
+            smtp_host: "127.0.0.1".into(),
+            smtp_port: 1025,
+            security: SmtpSecurity::None,
+            username: None,
+            password: None,
+            from: "Herald <herald@localhost>".into(),
+            pool_size: 4,
+            timeout: Duration::from_secs(30),
+            retry_schedule: RetrySchedule::new(
+                [10, 60, 300, 1800, 3600]
+                    .into_iter()
+                    .map(Duration::from_secs)
+                    .collect(),
+            )
+            .expect("the default mail schedule is short"),
+            concurrency: 8,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MailSetupError {
+    #[error("mail.from {0:?} is not a mailbox: {1}")]
+    From(String, String),
+    #[error("SMTP relay {0:?}: {1}")]
+    Relay(String, String),
+}
+
+impl MailConfig {
+    pub fn transport(&self) -> Result<AsyncSmtpTransport<Tokio1Executor>, MailSetupError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let relay_error = |e: lettre::transport::smtp::Error| {
+            MailSetupError::Relay(self.smtp_host.clone(), e.to_string())
+        };
+        let mut builder = match self.security {
+            SmtpSecurity::None => {
+                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&self.smtp_host)
+            }
+            SmtpSecurity::Starttls => {
+                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&self.smtp_host)
+                    .map_err(relay_error)?
+            }
+            SmtpSecurity::Tls => {
+                AsyncSmtpTransport::<Tokio1Executor>::relay(&self.smtp_host).map_err(relay_error)?
+            }
+        }
+        .port(self.smtp_port)
+        .timeout(Some(self.timeout))
+        .pool_config(PoolConfig::new().max_size(self.pool_size));
+        if let (Some(user), Some(password)) = (&self.username, &self.password) {
+            builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
+        }
+        Ok(builder.build())
+    }
+
+    pub fn from_mailbox(&self) -> Result<Mailbox, MailSetupError> {
+        self.from
+            .parse()
+            .map_err(|e: lettre::address::AddressError| {
+                MailSetupError::From(self.from.clone(), e.to_string())
+            })
+    }
+}
+
+pub struct MailWorker {
+    broker: Broker,
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+    schedule: RetrySchedule,
+}
+
+impl MailWorker {
+    pub fn new(broker: Broker, config: &MailConfig) -> Result<Self, MailSetupError> {
+        Ok(Self {
+            broker,
+            transport: config.transport()?,
+            from: config.from_mailbox()?,
+            schedule: config.retry_schedule.clone(),
+        })
+    }
+
+    async fn send(&self, job: &MailJob) -> Result<(), SendFailure> {
+        let to: Mailbox = job
+            .to
+            .parse()
+            .map_err(|e| SendFailure::Permanent(format!("bad recipient {:?}: {e}", job.to)))?;
+        let email = Email::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(subject(job))
+            .header(ContentType::TEXT_PLAIN)
+            .body(body(job))
+            .map_err(|e| SendFailure::Permanent(e.to_string()))?;
+        match self.transport.send(email).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_permanent() => Err(SendFailure::Permanent(e.to_string())),
+            Err(e) => Err(SendFailure::Transient(e.to_string())),
+        }
+    }
+
+    async fn record(
+        &self,
+        message: &Message,
+        job: &MailJob,
+        attempt: u32,
+        error: Option<String>,
+        ack: AckKind,
+    ) {
+        let event = task_event(
+            &job.user,
+            &job.task,
+            TaskEvent::Mail(MailOutcome {
+                endpoint: job.endpoint.clone(),
+                to: job.to.clone(),
+                attempt,
+                at_ms: herald_core::now_ms(),
+                sent: error.is_none(),
+                error,
+            }),
+        );
+        match self.broker.publish(event).await {
+            Ok(_) => {
+                let _ = message.ack_with(ack).await;
+            }
+            Err(e) => {
+                tracing::warn!(task = %job.task, error = %e, "could not record the mail outcome; retrying");
+                // Nak with a short delay; the outcome must be recorded.
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+}
+
+enum SendFailure {
+    Transient(String),
+    Permanent(String),
+}
+
+fn subject(job: &MailJob) -> String {
+    match job.reason {
+        MailReason::AttemptsExhausted => format!("Webhook deliveries to {} are failing", job.url),
+        MailReason::EndpointGone => format!("Webhook endpoint {} answered 410 Gone", job.url),
+    }
+}
+
+fn body(job: &MailJob) -> String {
+    let what = match job.reason {
+        MailReason::AttemptsExhausted => format!(
+            "Herald could not deliver a webhook to your endpoint after {} attempts.",
+            job.attempts
+        ),
+        MailReason::EndpointGone => {
+            "Your endpoint answered 410 Gone, so Herald stopped retrying this webhook.".to_string()
+        }
+    };
+    format!(
+        "Hello,\n\n\
+         {what}\n\n\
+         Endpoint URL: {url}\n\
+         Endpoint:     {endpoint}\n\
+         Task id:      {task}\n\
+         Attempts:     {attempts}\n\
+         Last error:   {error}\n\
+         Failed at:    {at}\n\n\
+         What to do:\n\
+         - Check that the endpoint is up and answers 2xx to a POST within its timeout.\n\
+         - Check that it does not redirect (Herald does not follow redirects).\n\
+         - Then look at the task's attempts with GET /users/{user}/tasks/{task}.\n\n\
+         -- Herald\n",
+        url = job.url,
+        endpoint = job.endpoint,
+        task = job.task,
+        attempts = job.attempts,
+        error = if job.last_error.is_empty() {
+            "(none)"
+        } else {
+            &job.last_error
+        },
+        at = herald_core::rfc3339(job.failed_at_ms),
+        user = job.user,
+    )
+}
+
+#[async_trait::async_trait]
+impl MessageHandler for MailWorker {
+    async fn handle(&self, message: Message) {
+        let job: MailJob = match decode(&message.payload) {
+            Ok(job) => job,
+            Err(e) => {
+                tracing::error!(subject = %message.subject, error = %e, "terminating unreadable mail job");
+                // Term: it will never parse; retrying is pointless.
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let attempt = delivery_count(&message);
+        match self.send(&job).await {
+            Ok(()) => {
+                tracing::info!(task = %job.task, to = %job.to, "failure mail sent");
+                // Ack once the outcome is recorded.
+                self.record(&message, &job, attempt, None, AckKind::Ack)
+                    .await;
+            }
+            Err(SendFailure::Transient(error)) if self.schedule.delay_after(attempt).is_some() => {
+                let delay = self.schedule.delay_after(attempt);
+                tracing::warn!(task = %job.task, %error, ?delay, "mail not sent; retrying");
+                // Nak with the mail schedule's delay.
+                let _ = message.ack_with(AckKind::Nak(delay)).await;
+            }
+            Err(SendFailure::Transient(error) | SendFailure::Permanent(error)) => {
+                tracing::error!(task = %job.task, to = %job.to, %error, "mail failed for good");
+                // Term: recorded as failed; no further attempts.
+                self.record(&message, &job, attempt, Some(error), AckKind::Term)
+                    .await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_core::{EndpointId, TaskId, UserId};
+
+    #[test]
+    fn the_mail_names_everything_the_owner_needs() {
+        let job = MailJob {
+            v: 1,
+            task: TaskId::new("t-1").unwrap(),
+            user: UserId::new("7").unwrap(),
+            endpoint: EndpointId::new("default_hooks").unwrap(),
+            url: "https://example.com/hooks".into(),
+            to: "ops@example.com".into(),
+            reason: MailReason::AttemptsExhausted,
+            attempts: 8,
+            last_error: "HTTP 500".into(),
+            failed_at_ms: 0,
+        };
+        let text = body(&job);
+        for needle in [
+            "https://example.com/hooks",
+            "t-1",
+            "8 attempts",
+            "HTTP 500",
+            "What to do",
+        ] {
+            assert!(text.contains(needle), "mail body lacks {needle:?}:\n{text}");
+        }
+        assert!(subject(&job).contains("https://example.com/hooks"));
+    }
+}

@@ -1,0 +1,200 @@
+//! The task worker: runs the handler for a task's type, then publishes one
+//! delivery job per subscribed endpoint and the task's record, and only then
+//! acks the task.
+//!
+//! Every publish carries a `Nats-Msg-Id`, so a task redelivered after a crash
+//! cannot fan out twice within the duplicate window. The record is a KV put
+//! sent on the bucket's subject alongside the jobs, so all of a task's
+//! writes cost one round trip.
+
+use std::{panic::AssertUnwindSafe, time::Duration};
+
+use async_nats::jetstream::{AckKind, Message};
+use futures::FutureExt;
+use herald_core::{
+    names,
+    payload::{
+        DeliveryJob, HandlerOutcome, TaskMessage, TaskRecord, VERSION, WebhookBody, WebhookData,
+        decode, encode,
+    },
+};
+use herald_queue::{
+    Broker,
+    consume::{MessageHandler, with_progress},
+    endpoints::EndpointCache,
+    publish::Outgoing,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::handlers::{HandlerRegistry, TaskInput};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskWorkerConfig {
+    /// Tasks handled at once by one process.
+    pub concurrency: usize,
+    /// How long the demo `transcode` handler pretends to work.
+    #[serde(with = "crate::duration_serde")]
+    pub transcode_duration: Duration,
+}
+
+impl Default for TaskWorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            transcode_duration: Duration::from_secs(1),
+        }
+    }
+}
+
+pub struct TaskWorker {
+    broker: Broker,
+    endpoints: EndpointCache,
+    handlers: HandlerRegistry,
+    /// How often to tell JetStream a slow handler is still working.
+    progress_interval: Duration,
+}
+
+impl TaskWorker {
+    pub fn new(
+        broker: Broker,
+        endpoints: EndpointCache,
+        handlers: HandlerRegistry,
+        ack_wait: Duration,
+    ) -> Self {
+        Self {
+            broker,
+            endpoints,
+            handlers,
+            progress_interval: ack_wait / 3,
+        }
+    }
+
+    /// Runs the handler, catching a panic as a failure so a bad handler
+    /// cannot make a task come back forever.
+    async fn run_handler(&self, task: &TaskMessage) -> Result<Value, String> {
+        let Some(handler) = self.handlers.get(&task.task_type) else {
+            return Err(format!("unknown task type {:?}", task.task_type.as_str()));
+        };
+        let input: Value = serde_json::from_str(task.input.get()).unwrap_or(Value::Null);
+        let run = handler.run(TaskInput {
+            id: &task.id,
+            user: &task.user,
+            task_type: &task.task_type,
+            input: &input,
+        });
+        match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the task handler panicked".to_string()),
+        }
+    }
+
+    /// Everything a finished task produces: its delivery jobs and record.
+    fn outputs(&self, task: &TaskMessage, outcome: Result<Value, String>) -> Vec<Outgoing> {
+        let (handler_outcome, suffix) = match outcome {
+            Ok(_) => (HandlerOutcome::Completed, "completed"),
+            Err(_) => (HandlerOutcome::Failed, "failed"),
+        };
+        let event_type = format!("{}.{suffix}", task.task_type);
+        let finished_at_ms = herald_core::now_ms();
+        let (result, error) = match outcome {
+            Ok(result) => (Some(result), None),
+            Err(error) => (None, Some(error)),
+        };
+        let body = serde_json::to_string(&WebhookBody {
+            event_type: &event_type,
+            timestamp: herald_core::rfc3339(finished_at_ms),
+            data: WebhookData {
+                task_id: task.id.as_str(),
+                user: task.user.as_str(),
+                task_type: task.task_type.as_str(),
+                result: result.as_ref(),
+                error: error.as_deref(),
+            },
+        })
+        .expect("webhook bodies always serialize");
+
+        let endpoints: Vec<_> = self
+            .endpoints
+            .for_user(&task.user)
+            .into_iter()
+            .filter(|e| e.wants(&event_type))
+            .collect();
+        let mut outgoing: Vec<Outgoing> = endpoints
+            .iter()
+            .map(|endpoint| {
+                let job = DeliveryJob {
+                    v: VERSION,
+                    task: task.id.clone(),
+                    user: task.user.clone(),
+                    endpoint: endpoint.id.clone(),
+                    event_type: event_type.clone(),
+                    body: body.clone(),
+                    accepted_at_ms: task.accepted_at_ms,
+                };
+                Outgoing::new(
+                    names::webhook_subject(&task.user, &endpoint.id),
+                    names::delivery_msg_id(&task.id, &endpoint.id),
+                    encode(&job),
+                )
+            })
+            .collect();
+        let record = TaskRecord {
+            v: VERSION,
+            id: task.id.clone(),
+            user: task.user.clone(),
+            task_type: task.task_type.clone(),
+            accepted_at_ms: task.accepted_at_ms,
+            finished_at_ms,
+            outcome: handler_outcome,
+            result,
+            error,
+            endpoints: endpoints.iter().map(|e| e.id.clone()).collect(),
+        };
+        // A KV put is a publish to `$KV.<bucket>.<key>`.
+        outgoing.push(Outgoing::new(
+            format!("$KV.{}.{}", names::TASKS_BUCKET, names::task_key(&task.id)),
+            None,
+            encode(&record),
+        ));
+        outgoing
+    }
+}
+
+#[async_trait::async_trait]
+impl MessageHandler for TaskWorker {
+    async fn handle(&self, message: Message) {
+        let task: TaskMessage = match decode(&message.payload) {
+            Ok(task) => task,
+            Err(e) => {
+                tracing::error!(subject = %message.subject, error = %e, "terminating unreadable task");
+                // Term: an unreadable task will never parse; retrying is pointless.
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let outcome =
+            with_progress(&message, self.progress_interval, self.run_handler(&task)).await;
+        if let Err(error) = &outcome {
+            tracing::info!(task = %task.id, %error, "task failed");
+        }
+        let outgoing = self.outputs(&task, outcome);
+        match self.broker.publish_all(outgoing).await {
+            // Ack: the jobs and the record are stored.
+            Ok(_) => {
+                if let Err(e) = message.ack().await {
+                    tracing::warn!(task = %task.id, error = %e, "ack failed; the task will be redelivered and deduplicated");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(task = %task.id, error = %e, "could not store task outputs; retrying");
+                // Nak with a delay: NATS is struggling, so do not spin.
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+}
