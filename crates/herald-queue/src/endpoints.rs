@@ -102,7 +102,7 @@ async fn follow(
         .values()
         == 0;
     let mut watch = bucket
-        .watch_all()
+        .watch_with_history(">")
         .await
         .map_err(|e| QueueError::request("watch endpoints", e))?;
 

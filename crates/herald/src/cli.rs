@@ -1,0 +1,112 @@
+//! The command line: `herald <role> [flags]`.
+
+use std::{collections::BTreeSet, path::PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use crate::{config, dev, receiver, roles, shutdown};
+
+#[derive(Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Webhook and notification delivery over NATS JetStream"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    Api {
+        #[command(flatten)]
+        common: CommonFlags,
+        /// Address to listen on (api.listen).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run one or more workers: tasks, webhooks, mail.
+    Worker {
+        #[command(flatten)]
+        common: CommonFlags,
+        #[arg(required = true, value_delimiter = ',')]
+        kinds: Vec<WorkerKind>,
+    },
+    /// Everything in one process, with a local nats-server and endpoints
+    /// from a file: the laptop setup.
+    Dev(dev::DevArgs),
+    /// A demo webhook receiver that verifies signatures and prints what
+    /// arrives.
+    Receiver(receiver::ReceiverArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct CommonFlags {
+    /// TOML configuration file (see config.example.toml).
+    #[arg(long, env = "HERALD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// NATS server URL (nats.url).
+    #[arg(long)]
+    pub nats_url: Option<String>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum WorkerKind {
+    Tasks,
+    Webhooks,
+    Mail,
+}
+
+impl CommonFlags {
+    /// The flags that were given, as a partial configuration.
+    pub fn overrides(&self) -> Value {
+        let mut overrides = json!({});
+        if let Some(url) = &self.nats_url {
+            overrides["nats"] = json!({ "url": url });
+        }
+        overrides
+    }
+
+    pub fn load(&self, mut extra: Value) -> anyhow::Result<config::Config> {
+        let mut overrides = self.overrides();
+        if let (Some(base), Some(more)) = (overrides.as_object_mut(), extra.as_object_mut()) {
+            base.append(more);
+        }
+        config::load(self.config.as_deref(), overrides)
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Api { common, listen } => {
+            let extra = listen.map_or(json!({}), |l| json!({ "api": { "listen": l } }));
+            let config = common.load(extra)?;
+            init_logging(&config.log);
+            let shutdown = shutdown::on_signal().context("cannot install signal handlers")?;
+            roles::run(config, roles::Roles::api_only(), shutdown).await
+        }
+        Command::Worker { common, kinds } => {
+            let config = common.load(json!({}))?;
+            init_logging(&config.log);
+            let shutdown = shutdown::on_signal().context("cannot install signal handlers")?;
+            let kinds: BTreeSet<_> = kinds.into_iter().collect();
+            roles::run(config, roles::Roles::workers(kinds), shutdown).await
+        }
+        Command::Dev(args) => dev::run(args).await,
+        Command::Receiver(args) => receiver::run(args).await,
+    }
+}
+
+pub fn init_logging(log: &config::LogConfig) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.filter));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match log.format {
+        config::LogFormat::Json => builder.json().try_init(),
+        config::LogFormat::Text => builder.try_init(),
+    };
+}

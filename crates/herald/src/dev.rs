@@ -1,0 +1,205 @@
+//! `herald dev`: the whole system in one process for a laptop. Starts a
+//! `nats-server` child with JetStream in a temporary store, loads endpoints
+//! from a file, and runs the API and every worker.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use herald_queue::{endpoints, topology};
+use serde_json::json;
+use tokio::process::{Child, Command};
+
+use crate::{
+    cli::{CommonFlags, init_logging},
+    endpoints_file,
+    roles::{self, Roles},
+    shutdown,
+};
+
+#[derive(Args)]
+pub struct DevArgs {
+    #[command(flatten)]
+    common: CommonFlags,
+    /// WebhookEndpoint (and Secret) documents to load into herald-endpoints.
+    #[arg(long, default_value = "examples/endpoints.yaml")]
+    endpoints: PathBuf,
+    /// The nats-server binary; by default from PATH or `make tools`' cache.
+    #[arg(long, env = "HERALD_NATS_SERVER")]
+    nats_server: Option<PathBuf>,
+    /// Port for the local nats-server.
+    #[arg(long, default_value_t = 4222)]
+    nats_port: u16,
+    /// JetStream store directory; a temporary one (removed on exit) if unset.
+    #[arg(long)]
+    store_dir: Option<PathBuf>,
+    /// Address of the API.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: String,
+    /// Webhook retry delays, short so the demo reaches its email quickly.
+    #[arg(long, value_delimiter = ',', default_value = "1s,2s,4s,8s")]
+    retry_schedule: Vec<String>,
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let overrides = json!({
+        "nats": { "url": format!("nats://127.0.0.1:{}", args.nats_port) },
+        "api": { "listen": args.listen },
+        "webhooks": { "retry_schedule": args.retry_schedule },
+    });
+    let config = args.common.load(overrides)?;
+    init_logging(&config.log);
+    let shutdown = shutdown::on_signal().context("cannot install signal handlers")?;
+
+    // Read the endpoints before starting anything: a bad file fails fast.
+    let file_endpoints = endpoints_file::load(&args.endpoints)?;
+    let nats_server = find_nats_server(args.nats_server.as_deref())?;
+    let temporary_store;
+    let store = match &args.store_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temporary_store = tempfile::Builder::new().prefix("herald-dev-").tempdir()?;
+            temporary_store.path().to_path_buf()
+        }
+    };
+    let mut nats = start_nats(&nats_server, args.nats_port, &store).await?;
+
+    let result = async {
+        let broker = herald_queue::connect(&config.nats.url, "herald-dev").await?;
+        topology::ensure(&broker, &config.topology).await?;
+        sync_endpoints(&broker, &file_endpoints).await?;
+        println!(
+            "herald dev: NATS on {} (store {})",
+            config.nats.url,
+            store.display()
+        );
+        println!("herald dev: API on http://{}", config.api.listen);
+        for endpoint in &file_endpoints {
+            let c = &endpoint.config;
+            println!(
+                "herald dev: user {} -> {} (email {})",
+                c.user,
+                c.url,
+                c.email.as_deref().unwrap_or("none")
+            );
+            if endpoint.generated_secret {
+                println!(
+                    "herald dev:   generated signing secret {}",
+                    c.secrets[0].expose()
+                );
+            }
+        }
+        let listener = tokio::net::TcpListener::bind(&config.api.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.api.listen))?;
+        roles::run_with(
+            config,
+            Roles::all(),
+            broker,
+            Some(listener),
+            herald_worker::handlers::HandlerRegistry::with_builtins,
+            shutdown,
+        )
+        .await
+    }
+    .await;
+
+    stop_nats(&mut nats).await;
+    result
+}
+
+/// Makes the bucket hold exactly the file's endpoints.
+async fn sync_endpoints(
+    broker: &herald_queue::Broker,
+    file: &[endpoints_file::FileEndpoint],
+) -> anyhow::Result<()> {
+    let wanted: Vec<String> = file
+        .iter()
+        .map(|e| herald_core::names::endpoint_key(&e.config.user, &e.config.id))
+        .collect();
+    for key in endpoints::keys(broker).await? {
+        if !wanted.contains(&key)
+            && let Some((user, id)) = key.split_once('.')
+            && let (Ok(user), Ok(id)) = (user.parse(), id.parse())
+        {
+            endpoints::delete(broker, &user, &id).await?;
+        }
+    }
+    for endpoint in file {
+        endpoints::put(broker, &endpoint.config).await?;
+    }
+    Ok(())
+}
+
+fn find_nats_server(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        if path.is_file() {
+            return Ok(path.to_path_buf());
+        }
+        bail!("nats-server not found at {}", path.display());
+    }
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join("nats-server"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let tools = std::env::var_os("HERALD_TOOLS")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/herald-tools"))
+        });
+    if let Some(tools) = tools {
+        candidates.push(tools.join("bin/nats-server"));
+    }
+    candidates.into_iter().find(|p| p.is_file()).context(
+        "nats-server not found in PATH or in the tools cache: run `make tools` (scripts/install-tools.sh) or pass --nats-server",
+    )
+}
+
+async fn start_nats(binary: &Path, port: u16, store: &Path) -> anyhow::Result<Child> {
+    let mut child = Command::new(binary)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("nats-server exited at start ({status}); is port {port} in use?");
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(child);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("nats-server did not accept connections on port {port} within 10s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn stop_nats(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}

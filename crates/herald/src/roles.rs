@@ -1,0 +1,214 @@
+//! Starting roles: the API and the three workers, alone or together.
+
+use std::{collections::BTreeSet, sync::Arc};
+
+use anyhow::Context;
+use herald_api::AppState;
+use herald_core::names;
+use herald_queue::{
+    Broker,
+    consume::{self, ConsumerSettings},
+    endpoints::EndpointCache,
+    topology,
+};
+use herald_worker::{handlers::HandlerRegistry, mail::MailWorker, tasks::TaskWorker, webhooks};
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{cli::WorkerKind, config::Config};
+
+/// Which roles a process runs.
+#[derive(Debug, Clone, Default)]
+pub struct Roles {
+    pub api: bool,
+    pub workers: BTreeSet<WorkerKind>,
+}
+
+impl Roles {
+    pub fn api_only() -> Self {
+        Self {
+            api: true,
+            workers: BTreeSet::new(),
+        }
+    }
+
+    pub fn workers(workers: BTreeSet<WorkerKind>) -> Self {
+        Self {
+            api: false,
+            workers,
+        }
+    }
+
+    pub fn all() -> Self {
+        Self {
+            api: true,
+            workers: [WorkerKind::Tasks, WorkerKind::Webhooks, WorkerKind::Mail].into(),
+        }
+    }
+}
+
+/// Connects to NATS, binds the API address, and runs `roles` until
+/// `shutdown` fires.
+pub async fn run(config: Config, roles: Roles, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = if roles.api {
+        Some(
+            TcpListener::bind(&config.api.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.api.listen))?,
+        )
+    } else {
+        None
+    };
+    let broker = herald_queue::connect(&config.nats.url, "herald").await?;
+    run_with(
+        config,
+        roles,
+        broker,
+        listener,
+        HandlerRegistry::with_builtins,
+        shutdown,
+    )
+    .await
+}
+
+/// Runs `roles` on an existing connection and listener. `handlers` builds
+/// the task handler registry from the configured transcode duration, so
+/// embedders can add their own task types.
+pub async fn run_with(
+    config: Config,
+    roles: Roles,
+    broker: Broker,
+    listener: Option<TcpListener>,
+    handlers: impl FnOnce(std::time::Duration) -> HandlerRegistry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut running = JoinSet::new();
+
+    // The API starts at once and answers 503 until the topology exists.
+    let api_state = listener.map(|listener| {
+        let state = AppState::new(broker.clone(), config.api.clone());
+        let serving = state.clone();
+        let stop = shutdown.clone();
+        running.spawn(async move {
+            herald_api::serve(listener, serving, stop)
+                .await
+                .context("API server failed")
+        });
+        state
+    });
+
+    let mail_worker = if roles.workers.contains(&WorkerKind::Mail) {
+        Some(Arc::new(MailWorker::new(broker.clone(), &config.mail)?))
+    } else {
+        None
+    };
+
+    if topology::ensure_with_retry(&broker, &config.topology, &shutdown)
+        .await
+        .is_err()
+    {
+        return drain(running).await; // shut down before NATS was ever reachable
+    }
+    if let Some(state) = &api_state {
+        state.set_topology_ready();
+    }
+
+    let needs_endpoints =
+        roles.workers.contains(&WorkerKind::Tasks) || roles.workers.contains(&WorkerKind::Webhooks);
+    if needs_endpoints {
+        let cache = EndpointCache::start(broker.clone(), shutdown.clone());
+        tokio::select! {
+            _ = shutdown.cancelled() => return drain(running).await,
+            _ = cache.wait_loaded() => {}
+        }
+        let ack_wait = config.topology.ack_wait;
+        let grace = config.shutdown.grace;
+        if roles.workers.contains(&WorkerKind::Tasks) {
+            let worker = Arc::new(TaskWorker::new(
+                broker.clone(),
+                cache.clone(),
+                handlers(config.tasks.transcode_duration),
+                ack_wait,
+            ));
+            let settings = ConsumerSettings {
+                stream: names::TASKS_STREAM,
+                consumer: names::TASKS_CONSUMER,
+                concurrency: config.tasks.concurrency,
+                grace,
+            };
+            running.spawn(consume_until(
+                broker.clone(),
+                config.clone(),
+                settings,
+                worker,
+                shutdown.clone(),
+            ));
+        }
+        if roles.workers.contains(&WorkerKind::Webhooks) {
+            let worker = webhooks::start(
+                broker.clone(),
+                cache.clone(),
+                config.webhooks.clone(),
+                ack_wait,
+                shutdown.clone(),
+            );
+            let settings = ConsumerSettings {
+                stream: names::WEBHOOKS_STREAM,
+                consumer: names::WEBHOOKS_CONSUMER,
+                concurrency: config.webhooks.concurrency,
+                grace,
+            };
+            running.spawn(consume_until(
+                broker.clone(),
+                config.clone(),
+                settings,
+                worker,
+                shutdown.clone(),
+            ));
+        }
+    }
+    if let Some(worker) = mail_worker {
+        let settings = ConsumerSettings {
+            stream: names::MAIL_STREAM,
+            consumer: names::MAIL_CONSUMER,
+            concurrency: config.mail.concurrency,
+            grace: config.shutdown.grace,
+        };
+        running.spawn(consume_until(
+            broker.clone(),
+            config.clone(),
+            settings,
+            worker,
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!(api = roles.api, workers = ?roles.workers, "herald running");
+    let result = drain(running).await;
+    // Acks and naks are buffered by the client: send them before exiting.
+    let _ = broker.client.flush().await;
+    result
+}
+
+async fn consume_until<H: consume::MessageHandler>(
+    broker: Broker,
+    config: Config,
+    settings: ConsumerSettings,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    consume::run(broker, config.topology, settings, handler, shutdown).await;
+    Ok(())
+}
+
+/// Waits for every role; the first failure is the process's failure.
+async fn drain(mut running: JoinSet<anyhow::Result<()>>) -> anyhow::Result<()> {
+    let mut first_error = None;
+    while let Some(result) = running.join_next().await {
+        let result = result.context("a role panicked").and_then(|r| r);
+        if let Err(e) = result {
+            tracing::error!(error = %e, "role failed");
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
