@@ -34,6 +34,7 @@ struct Metadata {
 }
 
 /// An endpoint read from the file, with where it came from.
+#[derive(Debug)]
 pub struct FileEndpoint {
     pub config: EndpointConfig,
     /// The secret was generated because the document has no `secretRef`.
