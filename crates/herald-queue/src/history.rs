@@ -31,6 +31,9 @@ pub async fn find_task(
     user: &UserId,
     task: &TaskId,
 ) -> Result<Option<StoredTask>, QueueError> {
+    if !broker.is_connected() {
+        return Err(QueueError::Disconnected);
+    }
     if let Some(record) = task_record(broker, task).await? {
         return Ok((&record.user == user).then_some(StoredTask::Recorded(record)));
     }
