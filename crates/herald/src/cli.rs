@@ -42,6 +42,14 @@ enum Command {
     /// A demo webhook receiver that verifies signatures and prints what
     /// arrives.
     Receiver(receiver::ReceiverArgs),
+    /// Make herald-endpoints hold exactly the endpoints of a YAML file
+    /// (without Kubernetes; the operator does this in a cluster).
+    Endpoints {
+        #[command(flatten)]
+        common: CommonFlags,
+        /// WebhookEndpoint (and Secret) documents.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -98,6 +106,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Dev(args) => dev::run(args).await,
         Command::Receiver(args) => receiver::run(args).await,
+        Command::Endpoints { common, file } => {
+            let config = common.load(json!({}))?;
+            init_logging(&config.log);
+            let endpoints = crate::endpoints_file::load(&file)?;
+            let broker = herald_queue::connect(&config.nats.url, "herald-endpoints").await?;
+            herald_queue::topology::ensure(&broker, &config.topology).await?;
+            dev::sync_endpoints(&broker, &endpoints).await?;
+            broker.client.flush().await?;
+            println!("{} endpoints in herald-endpoints", endpoints.len());
+            Ok(())
+        }
     }
 }
 

@@ -113,7 +113,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 }
 
 /// Makes the bucket hold exactly the file's endpoints.
-async fn sync_endpoints(
+pub(crate) async fn sync_endpoints(
     broker: &herald_queue::Broker,
     file: &[endpoints_file::FileEndpoint],
 ) -> anyhow::Result<()> {
