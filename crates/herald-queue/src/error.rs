@@ -20,7 +20,7 @@ pub enum QueueError {
 }
 
 impl QueueError {
-    pub(crate) fn request(operation: &'static str, err: impl fmt::Display) -> Self {
+    pub fn request(operation: &'static str, err: impl fmt::Display) -> Self {
         QueueError::Request {
             operation,
             message: err.to_string(),

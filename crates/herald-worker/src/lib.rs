@@ -5,6 +5,7 @@
 
 pub mod handlers;
 pub mod mail;
+pub mod max_deliveries;
 pub mod tasks;
 pub mod webhooks;
 

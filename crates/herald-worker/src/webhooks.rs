@@ -410,8 +410,8 @@ impl MessageHandler for WebhookWorker {
     }
 }
 
-/// Builds the worker's shared parts: the health tracker flushes until
-/// `shutdown`.
+/// Builds the worker and its companions, which run until `shutdown`: the
+/// health tracker's flusher and the max-deliveries safety net.
 pub fn start(
     broker: Broker,
     endpoints: EndpointCache,
@@ -419,7 +419,8 @@ pub fn start(
     ack_wait: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Arc<WebhookWorker> {
-    let health = HealthTracker::start(broker.clone(), config.health_flush_interval, shutdown);
+    let health = HealthTracker::start(broker.clone(), config.health_flush_interval, shutdown.clone());
+    tokio::spawn(crate::max_deliveries::watch(broker.clone(), endpoints.clone(), shutdown));
     Arc::new(WebhookWorker::new(
         broker, endpoints, health, config, ack_wait,
     ))
