@@ -1,23 +1,42 @@
 //! The pull-consumer loop every worker runs.
 //!
-//! A semaphore caps the messages being handled at once; a new message is
-//! taken only when a slot is free. On shutdown the loop stops taking
-//! messages, hands back (naks) what the client had buffered, and waits for
-//! in-flight handlers within a grace period. A missing heartbeat, a deleted
-//! consumer or a server restart recreates the subscription instead of ending
-//! the worker.
+//! A semaphore caps the messages being handled at once, and the loop only
+//! asks JetStream for as many messages as it has free slots: each pull
+//! request is a bounded batch sized to the free slots, never a standing
+//! prefetch. So a message this process holds is a message being worked on;
+//! its `ack_wait` clock never runs while it waits in a buffer, and on
+//! shutdown there is at most one batch to hand back (nak, once each) before
+//! the subscription goes and the server stops sending. In-flight handlers
+//! then finish within a grace period. A deleted consumer, an error or a
+//! reconnect to the server starts a fresh pull instead of ending the worker.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use async_nats::jetstream::{
     AckKind, Message,
-    consumer::{PullConsumer, pull::MessagesErrorKind},
+    consumer::{PullConsumer, pull::Batch},
 };
 use futures::StreamExt;
-use tokio::{sync::Semaphore, task::JoinSet};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Broker, TopologyConfig, topology};
+
+/// How long the server keeps an unfilled pull request. Short, because a
+/// request made before a server restart is forgotten by the server and the
+/// client notices only when this runs out (or on the reconnect check
+/// below); an idle consumer costs one small request per period.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// How often an open pull checks whether the connection was re-established.
+const RECONNECT_CHECK: Duration = Duration::from_millis(250);
+/// The most messages one pull request asks for.
+const MAX_BATCH: usize = 256;
 
 /// What a worker does with one message. The handler acknowledges it itself
 /// (ack, nak with delay, or term), each a deliberate choice at its call site.
@@ -64,61 +83,73 @@ pub async fn run<H: MessageHandler>(
                 continue;
             }
         };
-        let mut messages = match consumer
-            .stream()
-            .max_messages_per_batch(settings.concurrency.clamp(1, 1000))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(consumer = consumer_name, error = %e, "cannot subscribe");
-                tokio::time::sleep(retry_delay).await;
-                continue;
-            }
-        };
-        retry_delay = Duration::from_millis(100);
 
         loop {
             // Reap finished handlers so the set does not grow.
             while in_flight.try_join_next().is_some() {}
-            let slot = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    hand_back_buffered(&mut messages).await;
-                    break 'subscribe;
-                }
-                slot = slots.clone().acquire_owned() => slot.expect("semaphore is never closed"),
+            let mut permits = tokio::select! {
+                _ = shutdown.cancelled() => break 'subscribe,
+                permits = free_slots(&slots) => permits,
             };
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    hand_back_buffered(&mut messages).await;
-                    break 'subscribe;
+            let connects = broker.client.statistics().connects.load(Ordering::Relaxed);
+            let mut batch = match consumer
+                .batch()
+                .max_messages(permits.len())
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await
+            {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(consumer = consumer_name, error = %e, "cannot pull");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'subscribe,
+                        _ = tokio::time::sleep(retry_delay) => {}
+                    }
+                    retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
+                    continue 'subscribe;
                 }
-                next = messages.next() => next,
             };
-            match next {
-                Some(Ok(message)) => {
-                    let handler = handler.clone();
-                    in_flight.spawn(async move {
-                        handler.handle(message).await;
-                        drop(slot);
-                    });
-                }
-                Some(Err(e)) => {
-                    let resubscribe = matches!(
-                        e.kind(),
-                        MessagesErrorKind::MissingHeartbeat
-                            | MessagesErrorKind::ConsumerDeleted
-                            | MessagesErrorKind::NoResponders
-                    );
-                    tracing::warn!(consumer = consumer_name, error = %e, resubscribe, "pull consumer error");
-                    if resubscribe {
+            retry_delay = Duration::from_millis(100);
+            let mut reconnect_check = tokio::time::interval(RECONNECT_CHECK);
+
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        hand_back(batch, consumer_name).await;
+                        break 'subscribe;
+                    }
+                    _ = reconnect_check.tick() => {
+                        let now = broker.client.statistics().connects.load(Ordering::Relaxed);
+                        if now != connects {
+                            // The server forgot this pull when the
+                            // connection dropped: ask again.
+                            break;
+                        }
+                        continue;
+                    }
+                    next = batch.next() => next,
+                };
+                match next {
+                    Some(Ok(message)) => {
+                        let slot = permits
+                            .pop()
+                            .expect("a pull never returns more messages than it asked for");
+                        let handler = handler.clone();
+                        in_flight.spawn(async move {
+                            handler.handle(message).await;
+                            drop(slot);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        // A status from the server (consumer deleted, leader
+                        // change...): look the consumer up again.
+                        tracing::warn!(consumer = consumer_name, error = %e, "pull ended with an error");
                         continue 'subscribe;
                     }
+                    // Filled or expired; unused slots go back with `permits`.
+                    None => break,
                 }
-                None => continue 'subscribe,
             }
         }
     }
@@ -142,6 +173,24 @@ pub async fn run<H: MessageHandler>(
     }
 }
 
+/// Waits for one free slot, then takes every other slot free right now
+/// (up to a batch): the size of the next pull.
+async fn free_slots(slots: &Arc<Semaphore>) -> Vec<OwnedSemaphorePermit> {
+    let first = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("semaphore is never closed");
+    let mut permits = vec![first];
+    while permits.len() < MAX_BATCH {
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => permits.push(permit),
+            Err(_) => break,
+        }
+    }
+    permits
+}
+
 async fn pull_consumer(
     broker: &Broker,
     settings: &ConsumerSettings,
@@ -157,19 +206,21 @@ async fn pull_consumer(
         .map_err(|e| crate::QueueError::request("get consumer", e))
 }
 
-/// Naks the messages the client fetched but no handler took, so another
-/// worker gets them now instead of after `ack_wait`.
-async fn hand_back_buffered(messages: &mut async_nats::jetstream::consumer::pull::Stream) {
+/// Naks what the open pull delivers in the next moments, so another worker
+/// gets it now instead of after `ack_wait`, then drops the pull: the server
+/// checks for a subscriber before sending, so nothing more arrives. The pull
+/// is bounded by the free slots, so this hands back at most one batch.
+async fn hand_back(mut batch: Batch, consumer: &str) {
     let mut handed_back = 0;
     while let Ok(Some(Ok(message))) =
-        tokio::time::timeout(Duration::from_millis(20), messages.next()).await
+        tokio::time::timeout(Duration::from_millis(20), batch.next()).await
     {
         // Nak without delay: shutting down is no reason to postpone the work.
         let _ = message.ack_with(AckKind::Nak(None)).await;
         handed_back += 1;
     }
     if handed_back > 0 {
-        tracing::info!(handed_back, "returned buffered messages");
+        tracing::info!(consumer, handed_back, "returned messages to the stream");
     }
 }
 
