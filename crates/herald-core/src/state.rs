@@ -77,14 +77,16 @@ pub fn endpoint_state(endpoint: &EndpointId, events: &[TaskEvent]) -> EndpointDe
                     AttemptOutcome::EndpointRemoved => EndpointDeliveryState::EndpointRemoved,
                 };
             }
-            TaskEvent::Mail(mail) if &mail.endpoint == endpoint => {
-                if state != EndpointDeliveryState::Delivered {
-                    state = if mail.sent {
-                        EndpointDeliveryState::Mailed
-                    } else {
-                        EndpointDeliveryState::MailFailed
-                    };
-                }
+            // A mail after a late success (a duplicate delivery) changes
+            // nothing either.
+            TaskEvent::Mail(mail)
+                if &mail.endpoint == endpoint && state != EndpointDeliveryState::Delivered =>
+            {
+                state = if mail.sent {
+                    EndpointDeliveryState::Mailed
+                } else {
+                    EndpointDeliveryState::MailFailed
+                };
             }
             _ => {}
         }

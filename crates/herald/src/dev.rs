@@ -46,6 +46,11 @@ pub struct DevArgs {
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    if args.common.nats_url.is_some() {
+        bail!(
+            "herald dev runs its own nats-server: choose its port with --nats-port, not --nats-url"
+        );
+    }
     let overrides = json!({
         "nats": { "url": format!("nats://127.0.0.1:{}", args.nats_port) },
         "api": { "listen": args.listen },
