@@ -3,6 +3,9 @@
 //! here points at a port where nothing listens, so any request that got past
 //! validation would have to answer 503, never 201.
 
+// Helpers as well as tests panic on an unexpected answer: that is the failure.
+#![allow(clippy::unwrap_used)]
+
 use axum::{
     body::{Body, to_bytes},
     http::{Request, StatusCode},

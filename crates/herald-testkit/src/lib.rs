@@ -1,0 +1,22 @@
+//! Real servers for Herald's tests, started on free loopback ports and
+//! stopped when dropped, also when a test fails.
+//!
+//! The programs come from `scripts/install-tools.sh` (`make tools`), which
+//! installs pinned versions into `$HERALD_TOOLS` (default
+//! `~/.cache/herald-tools`). A missing program fails the test with a message
+//! that says how to install it; nothing here skips.
+
+mod mailpit;
+mod nats;
+mod process;
+mod receiver;
+mod tools;
+mod verify;
+mod wait;
+
+pub use mailpit::{MailMessage, Mailpit};
+pub use nats::NatsServer;
+pub use receiver::{ReceivedWebhook, ReceiverBehaviour, TestReceiver};
+pub use tools::{free_port, http_client, tool, tools_dir};
+pub use verify::verify_with_standardwebhooks;
+pub use wait::wait_until;

@@ -1,0 +1,147 @@
+//! A webhook receiver on loopback that records every request and answers
+//! as the test tells it to.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode, Uri},
+};
+use tokio::task::JoinHandle;
+
+use crate::wait_until;
+
+/// How the receiver answers.
+#[derive(Debug, Clone, Copy)]
+pub enum ReceiverBehaviour {
+    /// 200 to everything.
+    Ok,
+    /// This status to everything.
+    Status(u16),
+    /// `status` to the first `times` requests for each `webhook-id`, then
+    /// 200: an endpoint that recovers.
+    FailFirst { times: usize, status: u16 },
+    /// 410 Gone: the endpoint asks never to be called again.
+    Gone,
+}
+
+/// One request as it arrived.
+#[derive(Debug, Clone)]
+pub struct ReceivedWebhook {
+    pub path: String,
+    /// Header names in lowercase.
+    pub headers: HashMap<String, String>,
+    pub body: String,
+    pub received_at: SystemTime,
+}
+
+pub struct TestReceiver {
+    base: String,
+    state: Arc<ReceiverState>,
+    server: JoinHandle<()>,
+}
+
+struct ReceiverState {
+    behaviour: ReceiverBehaviour,
+    received: Mutex<Vec<ReceivedWebhook>>,
+    seen_per_webhook_id: Mutex<HashMap<String, usize>>,
+}
+
+impl TestReceiver {
+    pub async fn start(behaviour: ReceiverBehaviour) -> TestReceiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("cannot bind a loopback port");
+        let base = format!("http://{}", listener.local_addr().expect("bound address"));
+        let state = Arc::new(ReceiverState {
+            behaviour,
+            received: Mutex::default(),
+            seen_per_webhook_id: Mutex::default(),
+        });
+        let app = Router::new().fallback(record).with_state(state.clone());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .await
+                .expect("test receiver stopped");
+        });
+        TestReceiver {
+            base,
+            state,
+            server,
+        }
+    }
+
+    /// The URL of `path` on this receiver.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn received(&self) -> Vec<ReceivedWebhook> {
+        lock(&self.state.received).clone()
+    }
+
+    /// Waits until at least `count` requests have arrived; returns them all.
+    pub async fn wait_for(&self, count: usize, deadline: Duration) -> Vec<ReceivedWebhook> {
+        let what = format!("{count} webhooks at {}", self.base);
+        wait_until(&what, deadline, || async {
+            let received = self.received();
+            (received.len() >= count).then_some(received)
+        })
+        .await
+    }
+}
+
+impl Drop for TestReceiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn record(
+    State(state): State<Arc<ReceiverState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let headers: HashMap<String, String> = headers
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.as_str().to_string(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let webhook_id = headers.get("webhook-id").cloned().unwrap_or_default();
+    lock(&state.received).push(ReceivedWebhook {
+        path: uri.path().to_string(),
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        received_at: SystemTime::now(),
+    });
+    let status = match state.behaviour {
+        ReceiverBehaviour::Ok => 200,
+        ReceiverBehaviour::Status(status) => status,
+        ReceiverBehaviour::Gone => 410,
+        ReceiverBehaviour::FailFirst { times, status } => {
+            let mut seen = lock(&state.seen_per_webhook_id);
+            let count = seen.entry(webhook_id).or_default();
+            *count += 1;
+            if *count <= times { status } else { 200 }
+        }
+    };
+    StatusCode::from_u16(status).expect("a valid HTTP status")
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Installs the pinned external programs Herald's tests run against (nats-server,
+# mailpit, a Python venv with the reference Standard Webhooks verifier) into a
+# cache outside the repository, so every clone and every CI run shares one build.
+#
+# Idempotent: a tool already at its pinned version is left alone, so a second
+# run takes seconds. Override the cache with HERALD_TOOLS.
+set -euo pipefail
+
+NATS_SERVER_VERSION=v2.15.2
+MAILPIT_VERSION=v1.33.1
+STANDARDWEBHOOKS_VERSION=1.1.0
+# Both Go modules above declare `go 1.26.0`; GOTOOLCHAIN=local means we never
+# download a toolchain, so the installed go must be at least this.
+GO_MIN_MINOR=26
+
+TOOLS=${HERALD_TOOLS:-$HOME/.cache/herald-tools}
+BIN=$TOOLS/bin
+STAMPS=$TOOLS/stamps
+VENV=$TOOLS/venv
+
+log() { printf 'install-tools: %s\n' "$*"; }
+die() { printf 'install-tools: ERROR: %s\n' "$*" >&2; exit 1; }
+
+# Debian packages are the fallback for a missing go or python venv support; on
+# anything else (or without root) we stop and say what is missing.
+apt_install() {
+    if ! command -v apt-get >/dev/null || [ "$(id -u)" -ne 0 ]; then
+        die "need $* but cannot apt-get install it here (not Debian or not root): install it and re-run"
+    fi
+    log "apt-get install $*"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_go() {
+    # The official tarball lives here and is not always on a non-login PATH.
+    if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then
+        PATH=/usr/local/go/bin:$PATH
+    fi
+    command -v go >/dev/null || apt_install golang-go
+    command -v go >/dev/null || die "go not found after installing golang-go"
+    local minor
+    minor=$(GOTOOLCHAIN=local go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')
+    if [ "$minor" -lt "$GO_MIN_MINOR" ]; then
+        die "$(go version) is too old: nats-server $NATS_SERVER_VERSION and mailpit $MAILPIT_VERSION need go >= 1.$GO_MIN_MINOR"
+    fi
+}
+
+go_install() { # <module>@<version>
+    ensure_go
+    log "go install $1 (this takes a few minutes the first time)"
+    GOTOOLCHAIN=local GOBIN=$BIN go install "$1"
+}
+
+# The version a Go binary was built from, read from its embedded build info
+# (`go version -m`), which works without running the program.
+go_module_version() { # <binary> <module path>
+    [ -x "$1" ] || return 0
+    command -v go >/dev/null || return 0
+    go version -m "$1" 2>/dev/null | awk -v m="$2" '$1 == "mod" && $2 == m { print $3 }'
+}
+
+install_nats_server() {
+    local have=""
+    [ -x "$BIN/nats-server" ] && have=$("$BIN/nats-server" --version 2>/dev/null || true)
+    if [ "$have" = "nats-server: $NATS_SERVER_VERSION" ]; then
+        log "nats-server $NATS_SERVER_VERSION already installed"
+    else
+        go_install "github.com/nats-io/nats-server/v2@$NATS_SERVER_VERSION"
+        have=$("$BIN/nats-server" --version)
+        [ "$have" = "nats-server: $NATS_SERVER_VERSION" ] || die "installed nats-server reports '$have'"
+        log "installed nats-server $NATS_SERVER_VERSION"
+    fi
+    touch "$STAMPS/nats-server-$NATS_SERVER_VERSION"
+}
+
+install_mailpit() {
+    # Never run `mailpit version`: it calls home to check for updates.
+    local stamp=$STAMPS/mailpit-$MAILPIT_VERSION
+    if [ -f "$stamp" ] && [ -x "$BIN/mailpit" ]; then
+        log "mailpit $MAILPIT_VERSION already installed"
+        return
+    fi
+    ensure_go
+    if [ "$(go_module_version "$BIN/mailpit" github.com/axllent/mailpit)" = "$MAILPIT_VERSION" ]; then
+        log "mailpit $MAILPIT_VERSION found without a stamp (build info matches), recording it"
+    else
+        go_install "github.com/axllent/mailpit@$MAILPIT_VERSION"
+        [ "$(go_module_version "$BIN/mailpit" github.com/axllent/mailpit)" = "$MAILPIT_VERSION" ] \
+            || die "installed mailpit is not $MAILPIT_VERSION"
+        log "installed mailpit $MAILPIT_VERSION"
+    fi
+    touch "$stamp"
+}
+
+install_venv() {
+    local stamp=$STAMPS/venv-standardwebhooks-$STANDARDWEBHOOKS_VERSION
+    # The import check also catches a venv whose base python has since vanished.
+    if [ -f "$stamp" ] && "$VENV/bin/python" -c 'import standardwebhooks' 2>/dev/null; then
+        log "python venv with standardwebhooks $STANDARDWEBHOOKS_VERSION already installed"
+        return
+    fi
+    command -v python3 >/dev/null || apt_install python3 python3-venv
+    command -v python3 >/dev/null || die "python3 not found after installing it"
+    rm -rf "$VENV" # a venv without a stamp may be half-built: start clean
+    if ! python3 -m venv "$VENV" 2>/dev/null; then
+        # Debian's python3 ships venv's ensurepip separately.
+        rm -rf "$VENV"
+        apt_install python3-venv
+        python3 -m venv "$VENV" || die "python3 -m venv failed even with python3-venv installed"
+    fi
+    log "pip install standardwebhooks==$STANDARDWEBHOOKS_VERSION"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "standardwebhooks==$STANDARDWEBHOOKS_VERSION"
+    "$VENV/bin/python" -c 'import standardwebhooks' || die "standardwebhooks does not import"
+    rm -f "$STAMPS"/venv-standardwebhooks-*
+    touch "$stamp"
+    log "installed python venv with standardwebhooks $STANDARDWEBHOOKS_VERSION"
+}
+
+# `make test` checks formatting and lints: the toolchain needs both.
+ensure_rust_components() {
+    command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs)"
+    local component
+    for component in rustfmt clippy; do
+        local probe=fmt
+        [ "$component" = clippy ] && probe=clippy
+        if ! cargo "$probe" --version >/dev/null 2>&1; then
+            command -v rustup >/dev/null || die "cargo $probe is missing and there is no rustup to add $component"
+            log "rustup component add $component"
+            rustup component add "$component"
+        fi
+    done
+}
+
+mkdir -p "$BIN" "$STAMPS"
+ensure_rust_components
+log "tools directory: $TOOLS"
+install_nats_server
+install_mailpit
+install_venv
+log "done: nats-server $NATS_SERVER_VERSION, mailpit $MAILPIT_VERSION, standardwebhooks $STANDARDWEBHOOKS_VERSION"
