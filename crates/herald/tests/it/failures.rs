@@ -1,0 +1,118 @@
+//! Endpoints that fail: retries on the schedule, then mail.
+
+use herald::roles::Roles;
+use herald_testkit::{Mailpit, NatsServer, ReceiverBehaviour, TestReceiver};
+use serde_json::json;
+
+use crate::harness::{DEADLINE, Herald, add_endpoint, test_config};
+
+#[tokio::test]
+async fn a_failing_endpoint_gets_every_attempt_then_its_owner_an_email() {
+    let nats = NatsServer::start().await;
+    let mail = Mailpit::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Status(500)).await;
+    add_endpoint(
+        &nats,
+        "5",
+        "hooks",
+        &receiver.url("/hooks"),
+        Some("owner5@example.com"),
+    )
+    .await;
+    // Schedule 10ms, 20ms, 30ms: four attempts in all.
+    let herald = Herald::start(test_config(&nats, Some(&mail)), Roles::all()).await;
+
+    let id = herald.accept("5", "echo", json!({})).await;
+    let task = herald.wait_for_state("5", &id, "mailed").await;
+    let attempts = task["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 4, "{task}");
+    assert_eq!(
+        attempts
+            .iter()
+            .map(|a| a["outcome"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["retrying", "retrying", "retrying", "exhausted"]
+    );
+    assert!(attempts.iter().all(|a| a["status"] == 500), "{task}");
+    assert_eq!(receiver.received().len(), 4);
+
+    let mails = mail
+        .wait_for_messages("owner5@example.com", 1, DEADLINE)
+        .await;
+    let text = &mails[0].text;
+    assert!(
+        mails[0].subject.contains(&receiver.url("/hooks")),
+        "{}",
+        mails[0].subject
+    );
+    for needle in [
+        id.as_str(),
+        "4 attempts",
+        "HTTP 500",
+        &receiver.url("/hooks"),
+    ] {
+        assert!(text.contains(needle), "mail lacks {needle:?}:\n{text}");
+    }
+    assert_eq!(task["mails"][0]["sent"], true, "{task}");
+    herald.stop().await;
+}
+
+#[tokio::test]
+async fn an_endpoint_that_recovers_gets_the_webhook_without_an_email() {
+    let nats = NatsServer::start().await;
+    let mail = Mailpit::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::FailFirst {
+        times: 2,
+        status: 503,
+    })
+    .await;
+    add_endpoint(
+        &nats,
+        "6",
+        "hooks",
+        &receiver.url("/hooks"),
+        Some("owner6@example.com"),
+    )
+    .await;
+    let herald = Herald::start(test_config(&nats, Some(&mail)), Roles::all()).await;
+
+    let id = herald.accept("6", "echo", json!({})).await;
+    let task = herald.wait_for_state("6", &id, "delivered").await;
+    let attempts = task["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3, "{task}");
+    assert_eq!(attempts[2]["attempt"], 3);
+    assert_eq!(attempts[2]["outcome"], "delivered");
+    assert_eq!(task["mails"], json!([]));
+    assert!(
+        mail.messages().await.is_empty(),
+        "an email was sent for a recovered endpoint"
+    );
+    herald.stop().await;
+}
+
+#[tokio::test]
+async fn gone_stops_at_once_and_emails() {
+    let nats = NatsServer::start().await;
+    let mail = Mailpit::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Gone).await;
+    add_endpoint(
+        &nats,
+        "7",
+        "hooks",
+        &receiver.url("/hooks"),
+        Some("owner7@example.com"),
+    )
+    .await;
+    let herald = Herald::start(test_config(&nats, Some(&mail)), Roles::all()).await;
+
+    let id = herald.accept("7", "echo", json!({})).await;
+    let task = herald.wait_for_state("7", &id, "mailed").await;
+    assert_eq!(task["attempts"].as_array().unwrap().len(), 1, "{task}");
+    assert_eq!(task["attempts"][0]["outcome"], "gone");
+    let mails = mail
+        .wait_for_messages("owner7@example.com", 1, DEADLINE)
+        .await;
+    assert!(mails[0].text.contains("410"), "{}", mails[0].text);
+    assert_eq!(receiver.received().len(), 1);
+    herald.stop().await;
+}

@@ -1,0 +1,189 @@
+//! Starting Herald against the testkit's servers.
+
+use std::time::Duration;
+
+use herald::{
+    config::Config,
+    roles::{self, Roles},
+};
+use herald_core::{
+    endpoint::WebhookEndpointSpec, payload::EndpointConfig, schedule::RetrySchedule,
+    signing::SigningSecret,
+};
+use herald_queue::Broker;
+use herald_testkit::{Mailpit, NatsServer, wait_until};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Herald's roles running in this process.
+pub struct Herald {
+    pub api: String,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    running: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A configuration for tests: millisecond retries, local SMTP.
+pub fn test_config(nats: &NatsServer, mail: Option<&Mailpit>) -> Config {
+    let mut config = Config::default();
+    config.nats.url = nats.url();
+    config.webhooks.retry_schedule = schedule(&[10, 20, 30]);
+    config.webhooks.timeout = Duration::from_secs(5);
+    config.webhooks.health_flush_interval = Duration::from_millis(100);
+    config.mail.retry_schedule = schedule(&[50, 100]);
+    config.shutdown.grace = Duration::from_secs(5);
+    if let Some(mail) = mail {
+        config.mail.smtp_port = mail.smtp_port();
+    }
+    config
+}
+
+pub fn schedule(ms: &[u64]) -> RetrySchedule {
+    RetrySchedule::new(ms.iter().map(|m| Duration::from_millis(*m)).collect()).unwrap()
+}
+
+impl Herald {
+    pub async fn start(config: Config, roles: Roles) -> Herald {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = format!("http://{}", listener.local_addr().unwrap());
+        let broker = herald_queue::connect(&config.nats.url, "herald-test")
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(roles::run_with(
+            config,
+            roles,
+            broker,
+            Some(listener),
+            herald_worker::handlers::HandlerRegistry::with_builtins,
+            shutdown.clone(),
+        ));
+        let herald = Herald {
+            api,
+            http: herald_testkit::http_client(),
+            shutdown,
+            running: Some(running),
+        };
+        let http = herald.http.clone();
+        let ready = format!("{}/readyz", herald.api);
+        wait_until("the API to be ready", DEADLINE, || {
+            let http = http.clone();
+            let ready = ready.clone();
+            async move {
+                let response = http.get(&ready).send().await.ok()?;
+                response.status().is_success().then_some(())
+            }
+        })
+        .await;
+        herald
+    }
+
+    /// Posts a task; returns the status and the JSON body.
+    pub async fn post_task(&self, user: &str, task_type: &str, body: Value) -> (u16, Value) {
+        self.post_task_with(user, task_type, body, None).await
+    }
+
+    pub async fn post_task_with(
+        &self,
+        user: &str,
+        task_type: &str,
+        body: Value,
+        idempotency_key: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}/users/{user}/tasks/{task_type}", self.api))
+            .json(&body);
+        if let Some(key) = idempotency_key {
+            request = request.header("idempotency-key", key);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Posts a task that must be accepted; returns its id.
+    pub async fn accept(&self, user: &str, task_type: &str, body: Value) -> String {
+        let (status, response) = self.post_task(user, task_type, body).await;
+        assert_eq!(status, 201, "task not accepted: {response}");
+        response["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn get_task(&self, user: &str, id: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}/users/{user}/tasks/{id}", self.api))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the task reaches `state`; returns the task.
+    pub async fn wait_for_state(&self, user: &str, id: &str, state: &str) -> Value {
+        let what = format!("task {id} to reach state {state}");
+        wait_until(&what, DEADLINE, || async {
+            let (status, task) = self.get_task(user, id).await;
+            (status == 200 && task["state"] == state).then_some(task)
+        })
+        .await
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            running.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            running.abort();
+        }
+    }
+}
+
+/// Registers an endpoint for `user` in herald-endpoints (before Herald
+/// starts, so the workers' first load has it).
+pub async fn add_endpoint(
+    nats: &NatsServer,
+    user: &str,
+    name: &str,
+    url: &str,
+    email: Option<&str>,
+) -> (EndpointConfig, SigningSecret) {
+    let broker = broker(nats).await;
+    let secret = SigningSecret::generate();
+    let spec: WebhookEndpointSpec = serde_json::from_value(json!({
+        "userId": user, "url": url, "email": email,
+    }))
+    .unwrap();
+    let config = spec
+        .to_config("default", name, vec![secret.clone()])
+        .unwrap();
+    herald_queue::topology::ensure(&broker, &Default::default())
+        .await
+        .unwrap();
+    herald_queue::endpoints::put(&broker, &config)
+        .await
+        .unwrap();
+    (config, secret)
+}
+
+pub async fn broker(nats: &NatsServer) -> Broker {
+    let broker = herald_queue::connect(&nats.url(), "herald-test-setup")
+        .await
+        .unwrap();
+    wait_until("NATS to connect", DEADLINE, || async {
+        broker.is_connected().then_some(())
+    })
+    .await;
+    broker
+}

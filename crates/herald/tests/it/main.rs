@@ -1,0 +1,13 @@
+//! Whole-system tests: a real nats-server with JetStream, a real SMTP server
+//! (mailpit), real HTTP receivers on loopback, and Herald's roles started
+//! in-process (or as a child process where a test kills it).
+
+// Helpers as well as tests panic on an unexpected answer: that is the failure.
+#![allow(clippy::unwrap_used)]
+
+mod harness;
+
+mod delivery;
+mod failures;
+mod inputs;
+mod resilience;
