@@ -16,7 +16,10 @@ use async_nats::jetstream::stream::DirectGetErrorKind;
 use futures::StreamExt;
 use herald_core::{
     names,
-    payload::{AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailReason, TaskEvent, VERSION, decode, encode},
+    payload::{
+        AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailReason, TaskEvent, VERSION,
+        decode, encode,
+    },
 };
 use herald_queue::{Broker, QueueError, endpoints::EndpointCache, publish::Outgoing};
 use serde::Deserialize;
@@ -76,7 +79,11 @@ pub async fn watch(broker: Broker, endpoints: EndpointCache, shutdown: Cancellat
 }
 
 /// Records the abandoned job as exhausted, queues the mail, deletes the job.
-pub async fn handle(broker: &Broker, endpoints: &EndpointCache, advisory: &MaxDeliveriesAdvisory) -> Result<(), QueueError> {
+pub async fn handle(
+    broker: &Broker,
+    endpoints: &EndpointCache,
+    advisory: &MaxDeliveriesAdvisory,
+) -> Result<(), QueueError> {
     let stream = broker
         .jetstream
         .get_stream_no_info(names::WEBHOOKS_STREAM)
@@ -98,7 +105,10 @@ pub async fn handle(broker: &Broker, endpoints: &EndpointCache, advisory: &MaxDe
     let endpoint = endpoints.get(&job.user, &job.endpoint);
     let url = endpoint.as_ref().map(|e| e.url.clone()).unwrap_or_default();
     let email = endpoint.as_ref().and_then(|e| e.email.clone());
-    let error = format!("gave up after {} deliveries without an outcome (max_deliver)", advisory.deliveries);
+    let error = format!(
+        "gave up after {} deliveries without an outcome (max_deliver)",
+        advisory.deliveries
+    );
     let attempts = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
     let mut outgoing = vec![task_event(
         &job.user,

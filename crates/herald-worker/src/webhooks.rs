@@ -419,8 +419,16 @@ pub fn start(
     ack_wait: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Arc<WebhookWorker> {
-    let health = HealthTracker::start(broker.clone(), config.health_flush_interval, shutdown.clone());
-    tokio::spawn(crate::max_deliveries::watch(broker.clone(), endpoints.clone(), shutdown));
+    let health = HealthTracker::start(
+        broker.clone(),
+        config.health_flush_interval,
+        shutdown.clone(),
+    );
+    tokio::spawn(crate::max_deliveries::watch(
+        broker.clone(),
+        endpoints.clone(),
+        shutdown,
+    ));
     Arc::new(WebhookWorker::new(
         broker, endpoints, health, config, ack_wait,
     ))
