@@ -78,7 +78,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         topology::ensure(&broker, &config.topology).await?;
         sync_endpoints(&broker, &file_endpoints).await?;
         println!(
-            "herald dev: NATS on {} (store {})",
+            "herald dev: NATS on {} (store and nats-server.log in {})",
             config.nats.url,
             store.display()
         );
@@ -167,31 +167,73 @@ fn find_nats_server(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Starts nats-server with its log in `<store>/nats-server.log` (its
+/// start-up banner would bury Herald's own output); on a failed start the
+/// error carries the log's end.
 async fn start_nats(binary: &Path, port: u16, store: &Path) -> anyhow::Result<Child> {
+    std::fs::create_dir_all(store)
+        .with_context(|| format!("cannot create the store {}", store.display()))?;
+    let log_path = store.join("nats-server.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    // A name of its own, so the readiness check below knows it reached this
+    // server and not something else already listening on the port.
+    let server_name = format!("herald-dev-{}", std::process::id());
     let mut child = Command::new(binary)
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
         .arg(store)
+        .args(["--server_name", &server_name])
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {}", binary.display()))?;
+    let log_tail = || {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(status) = child.try_wait()? {
-            bail!("nats-server exited at start ({status}); is port {port} in use?");
+            bail!(
+                "nats-server exited at start ({status}); is port {port} in use? Its log:\n{}",
+                log_tail()
+            );
         }
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(child);
+        if let Some(name) = server_name_at(port).await {
+            if name == server_name {
+                return Ok(child);
+            }
+            bail!(
+                "port {port} is already taken by another NATS server ({name}): choose another with --nats-port"
+            );
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("nats-server did not accept connections on port {port} within 10s");
+            bail!(
+                "nats-server did not accept connections on port {port} within 10s. Its log:\n{}",
+                log_tail()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The `server_name` a NATS server on `port` announces in the INFO line it
+/// sends on connect; None if nothing answers like a NATS server.
+async fn server_name_at(port: u16) -> Option<String> {
+    use tokio::io::AsyncBufReadExt;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(stream);
+    tokio::time::timeout(Duration::from_secs(1), reader.read_line(&mut line))
+        .await
+        .ok()?
+        .ok()?;
+    let info: serde_json::Value = serde_json::from_str(line.strip_prefix("INFO ")?.trim()).ok()?;
+    info["server_name"].as_str().map(String::from)
 }
 
 async fn stop_nats(child: &mut Child) {
