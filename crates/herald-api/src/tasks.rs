@@ -209,6 +209,8 @@ struct AttemptView {
 struct MailView {
     endpoint: String,
     to: String,
+    /// Which try at the SMTP server this outcome came from.
+    attempts: u32,
     at: String,
     sent: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -296,6 +298,7 @@ fn split_events(events: Vec<TaskEvent>) -> (Vec<AttemptView>, Vec<MailView>) {
             TaskEvent::Mail(m) => mails.push(MailView {
                 endpoint: m.endpoint.to_string(),
                 to: m.to,
+                attempts: m.attempt,
                 at: rfc3339(m.at_ms),
                 sent: m.sent,
                 error: m.error,

@@ -1,7 +1,7 @@
 //! Endpoints that fail: retries on the schedule, then mail.
 
 use herald::roles::Roles;
-use herald_testkit::{Mailpit, NatsServer, ReceiverBehaviour, TestReceiver};
+use herald_testkit::{Mailpit, NatsServer, ReceiverBehaviour, TestReceiver, free_port};
 use serde_json::json;
 
 use crate::harness::{DEADLINE, Herald, add_endpoint, test_config};
@@ -114,5 +114,38 @@ async fn gone_stops_at_once_and_emails() {
         .await;
     assert!(mails[0].text.contains("410"), "{}", mails[0].text);
     assert_eq!(receiver.received().len(), 1);
+    herald.stop().await;
+}
+
+#[tokio::test]
+async fn a_mail_that_cannot_be_sent_is_retried_then_recorded_as_failed() {
+    let nats = NatsServer::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Gone).await;
+    add_endpoint(
+        &nats,
+        "11",
+        "hooks",
+        &receiver.url("/hooks"),
+        Some("owner11@example.com"),
+    )
+    .await;
+    let mut config = test_config(&nats, None);
+    // An SMTP port where nothing listens: every send is a transient failure.
+    config.mail.smtp_port = free_port();
+    let herald = Herald::start(config, Roles::all()).await;
+
+    let id = herald.accept("11", "echo", json!({})).await;
+    let task = herald.wait_for_state("11", &id, "undelivered").await;
+    let mails = task["mails"].as_array().unwrap();
+    assert_eq!(mails.len(), 1, "{task}");
+    assert_eq!(mails[0]["sent"], false);
+    assert_eq!(mails[0]["to"], "owner11@example.com");
+    // The mail schedule has two delays: three tries in all.
+    assert_eq!(mails[0]["attempts"], 3, "{task}");
+    assert!(
+        mails[0]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{task}"
+    );
+    assert_eq!(task["endpoints"][0]["state"], "mail_failed", "{task}");
     herald.stop().await;
 }

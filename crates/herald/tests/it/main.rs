@@ -8,6 +8,7 @@
 mod harness;
 
 mod delivery;
+mod dev;
 mod failures;
 mod inputs;
 mod resilience;
