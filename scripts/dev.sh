@@ -42,7 +42,8 @@ trap 'exit 130' INT TERM
     --database "$STATE/mailpit.db" --disable-version-check --quiet &
 children+=($!)
 "$HERALD" receiver --port 8080 --secret "$DEMO_SECRET" &
-children+=($!)
+RECEIVER_PID=$!
+children+=($RECEIVER_PID)
 HERALD_NATS_SERVER="$TOOLS/bin/nats-server" "$HERALD" dev \
     --endpoints examples/endpoints.yaml --store-dir "$STATE/jetstream" &
 children+=($!)
@@ -52,8 +53,12 @@ make dev: starting
   API        http://127.0.0.1:9000   curl -X POST localhost:9000/users/1/tasks/transcode -H 'content-type: application/json' -d '{"file":"movie.mp4"}'
   receiver   http://127.0.0.1:8080   (prints each webhook and whether its signature is valid)
   mail       http://127.0.0.1:8025   (mailpit: the failure emails; API at /api/v1/messages)
+  To see retries and the failure email, stop only the receiver: kill $RECEIVER_PID
   Ctrl-C stops everything.
 BANNER
 
-# Whichever stops first (Ctrl-C, or one failing to start) stops the rest.
-wait -n
+# Runs until Ctrl-C, or until mailpit or herald dev stops (a failed start:
+# its message is above). The receiver may be stopped alone, for the demo.
+while kill -0 "${children[0]}" 2>/dev/null && kill -0 "${children[2]}" 2>/dev/null; do
+    wait -n || true
+done
