@@ -18,6 +18,7 @@ Only loopback is used; every run is bounded in count and time.
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -66,6 +67,18 @@ def rss_mib(pid):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time a process has used so far, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 of stat(5); fields[0] is field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def last_json(output):
@@ -130,8 +143,19 @@ def main():
         ]
         results = {}
         print(f"bench: closed loop, {TASKS} tasks, 50 in flight")
+        # Where the two cores go during the closed loop: CPU seconds of each
+        # process (the load driver, which also runs the receiver, counted as
+        # a finished child).
+        measured = {"nats-server": nats, "api": api, "worker-tasks": tasks, "worker-webhooks": hooks}
+        cpu_before = {name: cpu_seconds(p.pid) for name, p in measured.items()}
+        driver_before = children_cpu_seconds()
+        started = time.monotonic()
         run = subprocess.run([str(e2e), "run", "-n", str(TASKS), "-c", "50", *common], capture_output=True, text=True, check=True)
+        wall = time.monotonic() - started
         results["closed"] = last_json(run.stdout)
+        cpu = {name: cpu_seconds(p.pid) - cpu_before[name] for name, p in measured.items()}
+        cpu["load driver + receiver"] = children_cpu_seconds() - driver_before
+        results["closed_cpu_seconds"] = {"wall": wall, **cpu}
         print(f"bench: open loop, {RATE} tasks/s for {TASKS // RATE}s")
         run = subprocess.run(
             [str(e2e), "run", "-n", str(TASKS), "--rate", str(RATE), "-c", "200", *common], capture_output=True, text=True, check=True
@@ -166,6 +190,15 @@ def main():
     print(f"  deliveries        {c['e2e_deliveries_per_s']:10.0f} /s   ({c['e2e_deliveries_per_s'] / base:.2f} x bare JetStream two-hop)")
     print(f"  latency p50/p99   {c['latency_ms']['p50']:.1f} / {c['latency_ms']['p99']:.1f} ms (accept -> webhook, under backlog)")
     print(f"  missing/duplicates {c['missing']} / {c['duplicates']}")
+    cpu = dict(results["closed_cpu_seconds"])
+    cpu.pop("wall")
+    # The driver's run also includes its start-up and a grace period after
+    # the last webhook; the busy cores are reckoned over the measured span.
+    span = c["e2e_s"]
+    print(f"  CPU (whole run; {sum(cpu.values()) / span:.2f} cores busy over the {span:.1f} s from first accept to last webhook):")
+    for name, seconds in cpu.items():
+        per_delivery = seconds / TASKS * 1e6
+        print(f"    {name:24s} {seconds:6.2f} s  {100 * seconds / sum(cpu.values()):4.0f}%  {per_delivery:5.0f} us/delivery")
     print(f"open loop ({RATE} tasks/s)")
     print(f"  deliveries        {o['e2e_deliveries_per_s']:10.0f} /s, late sends {o.get('late_sends')}")
     print(f"  latency p50/p99   {o['latency_ms']['p50']:.1f} / {o['latency_ms']['p99']:.1f} ms (accept -> webhook)")
