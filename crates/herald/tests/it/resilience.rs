@@ -47,6 +47,19 @@ async fn the_api_answers_503_while_nats_is_down_and_recovers_without_restart() {
     herald.stop().await;
 }
 
+/// `herald worker tasks,webhooks` as a child process (killed if dropped),
+/// configured through `HERALD_*` variables as a Deployment would be.
+fn worker_process(nats: &NatsServer, env: &[(&str, &str)]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["worker", "tasks,webhooks", "--nats-url", &nats.url()])
+        .envs(env.iter().copied())
+        .env("HERALD_LOG__FILTER", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start herald worker")
+}
+
 /// A worker process killed with SIGKILL while it holds messages: after a
 /// restart every accepted task is delivered, and any duplicate carries the
 /// same webhook-id as the first delivery.
@@ -64,17 +77,15 @@ async fn a_killed_worker_loses_nothing() {
     // 800 tasks/s, so the kill lands mid-stream with held messages in both
     // consumers rather than after the last delivery.
     let spawn_worker = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["worker", "tasks,webhooks", "--nats-url", &nats.url()])
-            .env("HERALD_TOPOLOGY__ACK_WAIT", "2s")
-            .env("HERALD_TASKS__TRANSCODE_DURATION", "20ms")
-            .env("HERALD_TASKS__CONCURRENCY", "16")
-            .env("HERALD_WEBHOOKS__TIMEOUT", "500ms")
-            .env("HERALD_LOG__FILTER", "warn")
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start herald worker")
+        worker_process(
+            &nats,
+            &[
+                ("HERALD_TOPOLOGY__ACK_WAIT", "2s"),
+                ("HERALD_TASKS__TRANSCODE_DURATION", "20ms"),
+                ("HERALD_TASKS__CONCURRENCY", "16"),
+                ("HERALD_WEBHOOKS__TIMEOUT", "500ms"),
+            ],
+        )
     };
     let mut worker = spawn_worker();
 
@@ -150,16 +161,14 @@ async fn a_worker_stopped_with_sigterm_finishes_its_work_and_exits_cleanly() {
     let herald = Herald::start(test_config(&nats, None), Roles::api_only()).await;
     // 8 tasks of 300 ms at a time: about 1.5 s of work in all.
     let spawn_worker = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["worker", "tasks,webhooks", "--nats-url", &nats.url()])
-            .env("HERALD_TASKS__TRANSCODE_DURATION", "300ms")
-            .env("HERALD_TASKS__CONCURRENCY", "8")
-            .env("HERALD_SHUTDOWN__GRACE", "10s")
-            .env("HERALD_LOG__FILTER", "warn")
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start herald worker")
+        worker_process(
+            &nats,
+            &[
+                ("HERALD_TASKS__TRANSCODE_DURATION", "300ms"),
+                ("HERALD_TASKS__CONCURRENCY", "8"),
+                ("HERALD_SHUTDOWN__GRACE", "10s"),
+            ],
+        )
     };
     let mut worker = spawn_worker();
     let mut ids = Vec::new();
