@@ -44,6 +44,22 @@ async fn the_api_answers_503_while_nats_is_down_and_recovers_without_restart() {
     .await;
     herald.wait_for_state("8", &after, "delivered").await;
     assert!(receiver.received().iter().any(|w| w.body.contains(&after)));
+
+    // The workers' endpoint watch came back with the server: an endpoint
+    // added now is used for the next task.
+    let second = TestReceiver::start(ReceiverBehaviour::Ok).await;
+    add_endpoint(&nats, "8", "second", &second.url("/second"), None).await;
+    let both = wait_until(
+        "a task delivered to the new endpoint too",
+        DEADLINE,
+        || async {
+            let id = herald.accept("8", "echo", json!({ "n": "both" })).await;
+            let task = herald.wait_for_state("8", &id, "delivered").await;
+            (task["endpoints"].as_array().unwrap().len() == 2).then_some(id)
+        },
+    )
+    .await;
+    assert!(second.received().iter().any(|w| w.body.contains(&both)));
     herald.stop().await;
 }
 
