@@ -1,7 +1,12 @@
 //! Probes: `/healthz` says the process runs; `/readyz` says it can accept
-//! tasks (NATS connected, streams present).
+//! tasks (NATS connected, streams present). And `/metrics` for Prometheus.
 
-use axum::{Json, extract::State, http::StatusCode};
+use axum::{
+    Json,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+};
 use serde_json::{Value, json};
 
 use crate::AppState;
@@ -23,5 +28,17 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<V
     (
         status,
         Json(json!({ "ready": streams, "nats_connected": connected, "streams": streams })),
+    )
+}
+
+/// Every metric of this process (`herald_core::metrics`), in the OpenMetrics
+/// text format.
+pub async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        herald_core::metrics::render(),
     )
 }

@@ -76,6 +76,7 @@ pub(crate) async fn create(
                 encode(&message),
             ))
             .await?;
+        herald_core::metrics::metrics().tasks_accepted.inc();
     }
     let location = format!("/users/{user}/tasks/{id}");
     let mut response = (

@@ -7,6 +7,7 @@
 
 pub mod endpoint;
 pub mod ids;
+pub mod metrics;
 pub mod names;
 pub mod payload;
 pub mod schedule;

@@ -117,6 +117,18 @@ pub enum AttemptOutcome {
 }
 
 impl AttemptOutcome {
+    /// The name used on the wire and as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Delivered => "delivered",
+            AttemptOutcome::Retrying => "retrying",
+            AttemptOutcome::Exhausted => "exhausted",
+            AttemptOutcome::Gone => "gone",
+            AttemptOutcome::EndpointRemoved => "endpoint_removed",
+            AttemptOutcome::Abandoned => "abandoned",
+        }
+    }
+
     /// True when no further attempt follows this one.
     pub fn is_final(self) -> bool {
         !matches!(self, AttemptOutcome::Retrying)
@@ -284,6 +296,21 @@ pub struct WebhookData<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcome_names_match_the_wire_names() {
+        use AttemptOutcome::*;
+        for outcome in [
+            Delivered,
+            Retrying,
+            Exhausted,
+            Gone,
+            EndpointRemoved,
+            Abandoned,
+        ] {
+            assert_eq!(serde_json::to_value(outcome).unwrap(), outcome.as_str());
+        }
+    }
 
     #[test]
     fn decode_refuses_unknown_versions_and_garbage() {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
 use herald_core::{
+    metrics::{Metrics, metrics},
     payload::{MailJob, MailOutcome, MailReason, TaskEvent, decode},
     schedule::RetrySchedule,
 };
@@ -261,18 +262,21 @@ impl MessageHandler for MailWorker {
         let attempt = delivery_count(&message);
         match self.send(&job).await {
             Ok(()) => {
+                Metrics::count(&metrics().mails, "sent");
                 tracing::info!(task = %job.task, to = %job.to, "failure mail sent");
                 // Ack once the outcome is recorded.
                 self.record(&message, &job, attempt, None, AckKind::Ack)
                     .await;
             }
             Err(SendFailure::Transient(error)) if self.schedule.delay_after(attempt).is_some() => {
+                Metrics::count(&metrics().mails, "retrying");
                 let delay = self.schedule.delay_after(attempt);
                 tracing::warn!(task = %job.task, %error, ?delay, "mail not sent; retrying");
                 // Nak with the mail schedule's delay.
                 let _ = message.ack_with(AckKind::Nak(delay)).await;
             }
             Err(SendFailure::Transient(error) | SendFailure::Permanent(error)) => {
+                Metrics::count(&metrics().mails, "failed");
                 tracing::error!(task = %job.task, to = %job.to, %error, "mail failed for good");
                 // Term: recorded as failed; no further attempts.
                 self.record(&message, &job, attempt, Some(error), AckKind::Term)

@@ -12,6 +12,7 @@ use std::{panic::AssertUnwindSafe, time::Duration};
 use async_nats::jetstream::{AckKind, Message};
 use futures::FutureExt;
 use herald_core::{
+    metrics::Metrics,
     names,
     payload::{
         DeliveryJob, HandlerOutcome, TaskMessage, TaskRecord, VERSION, WebhookBody, WebhookData,
@@ -97,6 +98,7 @@ impl TaskWorker {
             Ok(_) => (HandlerOutcome::Completed, "completed"),
             Err(_) => (HandlerOutcome::Failed, "failed"),
         };
+        Metrics::count(&herald_core::metrics::metrics().tasks_handled, suffix);
         let event_type = format!("{}.{suffix}", task.task_type);
         let finished_at_ms = herald_core::now_ms();
         let (result, error) = match outcome {

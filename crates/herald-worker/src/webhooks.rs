@@ -17,6 +17,7 @@ use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{AckKind, Message};
 use herald_core::{
+    metrics::Metrics,
     names,
     payload::{
         AttemptOutcome, DeliveryAttempt, DeliveryJob, EndpointConfig, MailJob, MailReason,
@@ -275,6 +276,12 @@ impl WebhookWorker {
                 &response,
             ));
         }
+
+        let metrics = herald_core::metrics::metrics();
+        Metrics::count(&metrics.webhook_attempts, outcome.as_str());
+        metrics
+            .webhook_duration
+            .observe(response.latency.as_secs_f64());
 
         let ack = match outcome {
             // Ack: delivered.

@@ -28,6 +28,7 @@ pub struct Config {
     pub mail: MailConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub health: HealthConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +62,15 @@ impl Default for ShutdownConfig {
     }
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Where workers (and the operator) serve `/healthz`, `/readyz` and
+    /// `/metrics`, such as `0.0.0.0:8081`; empty: not served. The API serves
+    /// them on its own address.
+    pub listen: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -89,8 +99,8 @@ impl Default for LogConfig {
 
 /// Top-level sections; other `HERALD_*` variables (`HERALD_CONFIG`,
 /// `HERALD_TOOLS`...) are not configuration keys.
-const SECTIONS: [&str; 8] = [
-    "nats", "topology", "api", "tasks", "webhooks", "mail", "shutdown", "log",
+const SECTIONS: [&str; 9] = [
+    "nats", "topology", "api", "tasks", "webhooks", "mail", "shutdown", "log", "health",
 ];
 
 /// Builds the configuration from every layer. `overrides` are the flags,
@@ -143,6 +153,17 @@ impl Config {
                 "invalid configuration: api.max_body_bytes must be between 1 and topology.max_message_bytes ({})",
                 self.topology.max_message_bytes
             );
+        }
+        if !self.health.listen.is_empty() {
+            self.health
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .with_context(|| {
+                    format!(
+                        "invalid configuration: health.listen {:?} is not host:port",
+                        self.health.listen
+                    )
+                })?;
         }
         for (name, value) in [
             ("tasks.concurrency", self.tasks.concurrency),
@@ -201,6 +222,12 @@ mod tests {
             serde_json::to_value(from_file).unwrap(),
             defaults,
             "config.example.toml drifted from the defaults"
+        );
+        // Every key is written out in the file, not filled in by a default.
+        let file_only: serde_json::Value = Figment::from(Toml::file(&file)).extract().unwrap();
+        assert_eq!(
+            file_only, defaults,
+            "config.example.toml does not list every key"
         );
     }
 }

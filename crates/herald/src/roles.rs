@@ -15,7 +15,11 @@ use herald_worker::{handlers::HandlerRegistry, mail::MailWorker, tasks::TaskWork
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::{cli::WorkerKind, config::Config};
+use crate::{
+    cli::WorkerKind,
+    config::Config,
+    probes::{self, Readiness},
+};
 
 /// Which roles a process runs.
 #[derive(Debug, Clone, Default)]
@@ -96,6 +100,22 @@ pub async fn run_with(
         });
         state
     });
+
+    // Probes for roles without the API, ready once the workers consume.
+    let readiness = Readiness::default();
+    if !config.health.listen.is_empty() {
+        let listener = TcpListener::bind(&config.health.listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {} (health.listen)", config.health.listen)
+            })?;
+        running.spawn(probes::serve(
+            listener,
+            broker.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+    }
 
     let mail_worker = if roles.workers.contains(&WorkerKind::Mail) {
         Some(Arc::new(MailWorker::new(broker.clone(), &config.mail)?))
@@ -182,6 +202,7 @@ pub async fn run_with(
             shutdown.clone(),
         ));
     }
+    readiness.set_ready();
     tracing::info!(api = roles.api, workers = ?roles.workers, "herald running");
     let result = drain(running).await;
     // Acks and naks are buffered by the client: send them before exiting.

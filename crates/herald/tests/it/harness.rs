@@ -1,6 +1,6 @@
 //! Starting Herald against the testkit's servers.
 
-use std::time::Duration;
+use std::{process::Stdio, time::Duration};
 
 use herald::{
     config::Config,
@@ -186,4 +186,17 @@ pub async fn broker(nats: &NatsServer) -> Broker {
     })
     .await;
     broker
+}
+
+/// `herald worker tasks,webhooks` as a child process (killed if dropped),
+/// configured through `HERALD_*` variables as a Deployment would be.
+pub fn worker_process(nats: &NatsServer, env: &[(&str, &str)]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["worker", "tasks,webhooks", "--nats-url", &nats.url()])
+        .envs(env.iter().copied())
+        .env("HERALD_LOG__FILTER", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start herald worker")
 }

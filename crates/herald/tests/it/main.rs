@@ -11,4 +11,5 @@ mod delivery;
 mod dev;
 mod failures;
 mod inputs;
+mod probes;
 mod resilience;

@@ -1,6 +1,6 @@
 //! NATS restarts and worker crashes lose nothing.
 
-use std::{collections::HashMap, process::Stdio, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use futures::{StreamExt, stream};
 use herald::roles::Roles;
@@ -11,7 +11,7 @@ use nix::{
 };
 use serde_json::json;
 
-use crate::harness::{DEADLINE, Herald, add_endpoint, test_config};
+use crate::harness::{DEADLINE, Herald, add_endpoint, test_config, worker_process};
 
 #[tokio::test]
 async fn the_api_answers_503_while_nats_is_down_and_recovers_without_restart() {
@@ -61,19 +61,6 @@ async fn the_api_answers_503_while_nats_is_down_and_recovers_without_restart() {
     .await;
     assert!(second.received().iter().any(|w| w.body.contains(&both)));
     herald.stop().await;
-}
-
-/// `herald worker tasks,webhooks` as a child process (killed if dropped),
-/// configured through `HERALD_*` variables as a Deployment would be.
-fn worker_process(nats: &NatsServer, env: &[(&str, &str)]) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["worker", "tasks,webhooks", "--nats-url", &nats.url()])
-        .envs(env.iter().copied())
-        .env("HERALD_LOG__FILTER", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start herald worker")
 }
 
 /// A worker process killed with SIGKILL while it holds messages: after a

@@ -1,0 +1,113 @@
+//! The Prometheus metrics every role records, served at `/metrics`.
+//!
+//! One process-wide set: a process that runs several roles reports them
+//! together, as one scrape target.
+
+use std::sync::LazyLock;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: &'static str,
+}
+
+pub struct Metrics {
+    /// Tasks the API stored (idempotent replays excluded).
+    pub tasks_accepted: Counter,
+    /// Tasks whose handler ran, by `completed` or `failed`.
+    pub tasks_handled: Family<Outcome, Counter>,
+    /// Webhook attempts by outcome (`delivered`, `retrying`, `exhausted`...).
+    pub webhook_attempts: Family<Outcome, Counter>,
+    /// Time from sending a webhook to its response (or failure), seconds.
+    pub webhook_duration: Histogram,
+    /// Failure mails by `sent`, `retrying` or `failed`.
+    pub mails: Family<Outcome, Counter>,
+    registry: Registry,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let tasks_accepted = Counter::default();
+    let tasks_handled = Family::default();
+    let webhook_attempts = Family::default();
+    // 1 ms to about 33 s.
+    let webhook_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+    let mails = Family::default();
+    let mut registry = Registry::with_prefix("herald");
+    registry.register(
+        "tasks_accepted",
+        "Tasks stored by the API",
+        tasks_accepted.clone(),
+    );
+    registry.register(
+        "tasks_handled",
+        "Tasks whose handler ran, by outcome",
+        tasks_handled.clone(),
+    );
+    registry.register(
+        "webhook_attempts",
+        "Webhook delivery attempts, by outcome",
+        webhook_attempts.clone(),
+    );
+    registry.register(
+        "webhook_duration_seconds",
+        "Time from sending a webhook to its answer or failure",
+        webhook_duration.clone(),
+    );
+    registry.register("mails", "Failure mails, by outcome", mails.clone());
+    Metrics {
+        tasks_accepted,
+        tasks_handled,
+        webhook_attempts,
+        webhook_duration,
+        mails,
+        registry,
+    }
+});
+
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    let mut text = String::new();
+    encode(&mut text, &METRICS.registry).expect("writing to a String cannot fail");
+    text
+}
+
+impl Metrics {
+    pub fn count(family: &Family<Outcome, Counter>, outcome: &'static str) {
+        family.get_or_create(&Outcome { outcome }).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorded_values_appear_in_the_exposition() {
+        Metrics::count(&metrics().webhook_attempts, "delivered");
+        metrics().webhook_duration.observe(0.02);
+        let text = render();
+        assert!(
+            text.contains("herald_webhook_attempts_total{outcome=\"delivered\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("herald_webhook_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.contains("herald_tasks_accepted_total"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}
