@@ -183,6 +183,31 @@ pub async fn put(broker: &Broker, config: &EndpointConfig) -> Result<(), QueueEr
     Ok(())
 }
 
+/// Writes an endpoint record unless the bucket already holds exactly it;
+/// true when it wrote. The operator re-reconciles periodically, and an
+/// unchanged write would wake every worker's watch for nothing.
+pub async fn put_if_changed(broker: &Broker, config: &EndpointConfig) -> Result<bool, QueueError> {
+    let bucket = broker
+        .jetstream
+        .get_key_value(names::ENDPOINTS_BUCKET)
+        .await
+        .map_err(|e| QueueError::request("open endpoints bucket", e))?;
+    let key = names::endpoint_key(&config.user, &config.id);
+    let wanted = herald_core::payload::encode(config);
+    let current = bucket
+        .get(&key)
+        .await
+        .map_err(|e| QueueError::request("read endpoint", e))?;
+    if current.as_deref() == Some(wanted.as_slice()) {
+        return Ok(false);
+    }
+    bucket
+        .put(key, wanted.into())
+        .await
+        .map_err(|e| QueueError::request("put endpoint", e))?;
+    Ok(true)
+}
+
 /// Removes an endpoint record.
 pub async fn delete(
     broker: &Broker,

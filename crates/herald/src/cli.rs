@@ -42,6 +42,13 @@ enum Command {
     /// A demo webhook receiver that verifies signatures and prints what
     /// arrives.
     Receiver(receiver::ReceiverArgs),
+    /// Reconcile WebhookEndpoint resources into herald-endpoints and report
+    /// endpoint health in their status (leader-elected; uses KUBECONFIG or
+    /// the in-cluster service account).
+    Operator {
+        #[command(flatten)]
+        common: CommonFlags,
+    },
     /// Print the WebhookEndpoint CustomResourceDefinition (YAML), as
     /// committed in crds/ and the Helm chart.
     Crd,
@@ -108,6 +115,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             roles::run(config, roles::Roles::workers(kinds), shutdown).await
         }
         Command::Dev(args) => dev::run(args).await,
+        Command::Operator { common } => {
+            let config = common.load(json!({}))?;
+            init_logging(&config.log);
+            let shutdown = shutdown::on_signal().context("cannot install signal handlers")?;
+            crate::operator::run(config, shutdown).await
+        }
         Command::Crd => {
             print!("{}", crd_yaml());
             Ok(())

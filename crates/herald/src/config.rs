@@ -13,6 +13,7 @@ use figment::{
     providers::{Env, Format, Serialized, Toml},
 };
 use herald_api::ApiConfig;
+use herald_operator::OperatorConfig;
 use herald_queue::TopologyConfig;
 use herald_worker::{mail::MailConfig, tasks::TaskWorkerConfig, webhooks::WebhookWorkerConfig};
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
     pub health: HealthConfig,
+    pub operator: OperatorConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,8 +101,8 @@ impl Default for LogConfig {
 
 /// Top-level sections; other `HERALD_*` variables (`HERALD_CONFIG`,
 /// `HERALD_TOOLS`...) are not configuration keys.
-const SECTIONS: [&str; 9] = [
-    "nats", "topology", "api", "tasks", "webhooks", "mail", "shutdown", "log", "health",
+const SECTIONS: [&str; 10] = [
+    "nats", "topology", "api", "tasks", "webhooks", "mail", "shutdown", "log", "health", "operator",
 ];
 
 /// Builds the configuration from every layer. `overrides` are the flags,
@@ -189,6 +191,9 @@ impl Config {
         if self.webhooks.timeout >= self.topology.ack_wait * 3 {
             bail!("invalid configuration: webhooks.timeout must be well below topology.ack_wait");
         }
+        self.operator
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         self.mail
             .from_mailbox()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;

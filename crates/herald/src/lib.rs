@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod endpoints_file;
+pub mod operator;
 pub mod probes;
 pub mod receiver;
 pub mod roles;

@@ -1,0 +1,189 @@
+//! The `WebhookEndpoint` operator: reconciles each resource into the
+//! `herald-endpoints` bucket the workers read, and reflects the health the
+//! webhook workers record (`herald-endpoint-health`) into its status.
+//!
+//! One replica leads at a time (a Lease); the others wait to take over.
+
+mod leader;
+pub mod reconcile;
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use herald_core::endpoint::WebhookEndpoint;
+use herald_queue::Broker;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{Controller, events::Recorder, reflector::ObjectRef, watcher},
+};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+pub use leader::{LeaderElector, LeaseSettings};
+use reconcile::{Context, error_policy, generated_secret_name, reconcile};
+
+mod duration_serde {
+    pub use herald_queue::topology::{
+        deserialize_duration as deserialize, serialize_duration as serialize,
+    };
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// The namespace whose WebhookEndpoints are reconciled; empty: every
+    /// namespace (needs cluster-wide permissions).
+    pub watch_namespace: String,
+    /// Namespace of the leader-election Lease; empty: `POD_NAMESPACE`, else
+    /// `default`.
+    pub lease_namespace: String,
+    pub lease_name: String,
+    /// How long a leader's lease lasts without renewal.
+    #[serde(with = "duration_serde")]
+    pub lease_duration: Duration,
+    /// How often the leader renews (and a candidate retries).
+    #[serde(with = "duration_serde")]
+    pub renew_interval: Duration,
+    /// How often each resource's status is refreshed from endpoint health.
+    #[serde(with = "duration_serde")]
+    pub health_resync: Duration,
+    /// Delay before retrying a reconcile that failed (API or NATS error).
+    #[serde(with = "duration_serde")]
+    pub error_backoff: Duration,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            watch_namespace: String::new(),
+            lease_namespace: String::new(),
+            lease_name: "herald-operator".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_interval: Duration::from_secs(5),
+            health_resync: Duration::from_secs(30),
+            error_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl OperatorConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.renew_interval >= self.lease_duration {
+            return Err(
+                "operator.renew_interval must be shorter than operator.lease_duration".into(),
+            );
+        }
+        if self.lease_name.is_empty() {
+            return Err("operator.lease_name is empty".into());
+        }
+        Ok(())
+    }
+
+    fn lease_namespace(&self) -> String {
+        if !self.lease_namespace.is_empty() {
+            return self.lease_namespace.clone();
+        }
+        std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into())
+    }
+}
+
+/// Who this process is, in the Lease and in Events: the pod name when the
+/// chart sets `POD_NAME`, else the host name and process id.
+pub fn identity() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "herald".into());
+        format!("{host}-{}", std::process::id())
+    })
+}
+
+/// Waits for leadership, then reconciles until `shutdown` fires or the
+/// lease is lost (an error: the process should exit and start over as a
+/// candidate). `on_leading` is called once this process leads.
+pub async fn run(
+    config: OperatorConfig,
+    client: Client,
+    broker: Broker,
+    shutdown: CancellationToken,
+    on_leading: impl FnOnce(),
+) -> anyhow::Result<()> {
+    let identity = identity();
+    let mut elector = LeaderElector::new(
+        client.clone(),
+        LeaseSettings {
+            namespace: config.lease_namespace(),
+            name: config.lease_name.clone(),
+            identity: identity.clone(),
+            lease_duration: config.lease_duration,
+            renew_interval: config.renew_interval,
+        },
+    );
+    if !elector.acquire(&shutdown).await {
+        return Ok(());
+    }
+    on_leading();
+    // Leading ends with shutdown, or when the lease is lost: then stop
+    // reconciling at once.
+    let leading = shutdown.child_token();
+    let holding = tokio::spawn({
+        let leading = leading.clone();
+        async move {
+            let held = elector.hold(leading.clone()).await;
+            leading.cancel();
+            held
+        }
+    });
+
+    let (endpoints, secrets): (Api<WebhookEndpoint>, Api<Secret>) =
+        if config.watch_namespace.is_empty() {
+            (Api::all(client.clone()), Api::all(client.clone()))
+        } else {
+            (
+                Api::namespaced(client.clone(), &config.watch_namespace),
+                Api::namespaced(client.clone(), &config.watch_namespace),
+            )
+        };
+    let recorder = Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: reconcile::MANAGER.into(),
+            instance: Some(identity),
+        },
+    );
+    let context = Arc::new(Context {
+        client,
+        broker,
+        recorder,
+        config,
+    });
+    let controller = Controller::new(endpoints, watcher::Config::default());
+    let store = controller.store();
+    let stop = leading.clone();
+    controller
+        // A Secret change reconciles every resource that uses it: the one
+        // it names in secretRef, or the one whose generated Secret it is.
+        .watches(secrets, watcher::Config::default(), move |secret| {
+            let namespace = secret.namespace();
+            let name = secret.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|endpoint| endpoint.namespace() == namespace)
+                .filter(|endpoint| match &endpoint.spec.secret_ref {
+                    Some(reference) => reference.name == name,
+                    None => generated_secret_name(&endpoint.name_any()) == name,
+                })
+                .map(|endpoint| ObjectRef::from_obj(&*endpoint))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile error");
+            }
+        })
+        .await;
+    leading.cancel();
+    holding.await?
+}

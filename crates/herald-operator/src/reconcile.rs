@@ -1,0 +1,698 @@
+//! One `WebhookEndpoint` into `herald-endpoints`, and its health into status.
+//!
+//! | situation | record in herald-endpoints | status |
+//! |---|---|---|
+//! | valid spec, secret resolved | written (if changed) | Ready=True; state from health |
+//! | `secretRef` Secret or key missing, bad secret | left as it was | Ready=False, reason says which |
+//! | spec the schema let through but Herald refuses | left as it was | Ready=False, `InvalidSpec` |
+//! | deleted | removed, then the finalizer | gone |
+//!
+//! A problem is a status and an Event, never an error loop: the resource is
+//! looked at again when it or a Secret it uses changes, and every
+//! `health_resync` to refresh the health it reports.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use herald_core::{
+    EndpointId, UserId,
+    endpoint::{EndpointState, WebhookEndpoint, WebhookEndpointStatus},
+    names,
+    payload::EndpointHealth,
+    signing::SigningSecret,
+};
+use herald_queue::{Broker, endpoints, health};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::Secret,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder},
+        finalizer::{Event as Finalizer, finalizer},
+    },
+};
+
+use crate::OperatorConfig;
+
+pub const FINALIZER: &str = "herald.dev/endpoint-record";
+/// The field manager of the operator's server-side applies.
+pub const MANAGER: &str = "herald-operator";
+/// The key of a generated Secret holding the signing secret.
+pub const GENERATED_SECRET_KEY: &str = "secret";
+
+pub struct Context {
+    pub client: Client,
+    pub broker: Broker,
+    pub recorder: Recorder,
+    pub config: OperatorConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("NATS: {0}")]
+    Queue(#[from] herald_queue::QueueError),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("the resource has no namespace")]
+    NoNamespace,
+}
+
+/// Why an endpoint cannot be written: shown as Ready=False.
+#[derive(Debug, Clone, PartialEq)]
+struct Problem {
+    reason: &'static str,
+    message: String,
+}
+
+pub async fn reconcile(endpoint: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = endpoint.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, endpoint, |event| async {
+        match event {
+            Finalizer::Apply(endpoint) => apply(&endpoint, &api, &ctx).await,
+            Finalizer::Cleanup(endpoint) => cleanup(&endpoint, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+pub fn error_policy(endpoint: Arc<WebhookEndpoint>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(endpoint = %endpoint.name_any(), %error, "reconcile failed; retrying");
+    Action::requeue(ctx.config.error_backoff)
+}
+
+async fn apply(
+    endpoint: &WebhookEndpoint,
+    api: &Api<WebhookEndpoint>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let namespace = endpoint.namespace().ok_or(Error::NoNamespace)?;
+    let name = endpoint.name_any();
+    let old_status = endpoint.status.clone().unwrap_or_default();
+
+    let written = match signing_secrets(endpoint, &namespace, ctx).await? {
+        Err(problem) => Err(problem),
+        Ok(secrets) => match endpoint.spec.to_config(&namespace, &name, secrets) {
+            Err(e) => Err(Problem {
+                reason: "InvalidSpec",
+                message: e.to_string(),
+            }),
+            Ok(config) => {
+                // The user changed: the record under the old key must go.
+                let key = names::endpoint_key(&config.user, &config.id);
+                if let Some(old_key) = recorded_key(endpoint)
+                    && old_key != key
+                {
+                    delete_key(&ctx.broker, &old_key).await?;
+                }
+                if endpoints::put_if_changed(&ctx.broker, &config).await? {
+                    tracing::info!(%namespace, %name, url = %config.url, "endpoint written to herald-endpoints");
+                }
+                Ok((config.user, config.id))
+            }
+        },
+    };
+
+    let mut status = WebhookEndpointStatus {
+        observed_generation: endpoint.metadata.generation,
+        ..old_status.clone()
+    };
+    let ready = match &written {
+        Ok((user, id)) => {
+            let health = health::read(&ctx.broker, user, id).await?;
+            reflect_health(&mut status, endpoint.spec.paused, health.as_ref());
+            condition(
+                &old_status,
+                "Ready",
+                true,
+                "Synced",
+                "the endpoint is in herald-endpoints",
+            )
+        }
+        Err(problem) => condition(
+            &old_status,
+            "Ready",
+            false,
+            problem.reason,
+            &problem.message,
+        ),
+    };
+    let healthy = match status.state {
+        Some(EndpointState::Failing) => condition(
+            &old_status,
+            "Healthy",
+            false,
+            "DeliveriesFailing",
+            &format!(
+                "{} consecutive failed attempts",
+                status.consecutive_failures.unwrap_or(0)
+            ),
+        ),
+        Some(EndpointState::Disabled) => condition(
+            &old_status,
+            "Healthy",
+            false,
+            "Disabled",
+            "deliveries are disabled",
+        ),
+        _ => condition(
+            &old_status,
+            "Healthy",
+            true,
+            "Delivering",
+            "no failed attempts since the last success",
+        ),
+    };
+    status.conditions = vec![ready, healthy];
+    // An annotation names the record written, so a later change of user or
+    // a deletion removes exactly that one.
+    let annotations = written
+        .as_ref()
+        .ok()
+        .map(|(user, id)| names::endpoint_key(user, id));
+
+    publish_transitions(endpoint, &old_status, &status, written.as_ref().err(), ctx).await;
+    if status != old_status {
+        let patch = serde_json::json!({
+            "apiVersion": "herald.dev/v1alpha1",
+            "kind": "WebhookEndpoint",
+            "status": status,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+    if let Some(key) = annotations
+        && recorded_key(endpoint).as_deref() != Some(key.as_str())
+    {
+        record_key(api, &name, &key).await?;
+    }
+    Ok(Action::requeue(ctx.config.health_resync))
+}
+
+async fn cleanup(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Action, Error> {
+    let namespace = endpoint.namespace().ok_or(Error::NoNamespace)?;
+    if let Some(key) = recorded_key(endpoint) {
+        delete_key(&ctx.broker, &key).await?;
+    }
+    // Also the key the current spec maps to, in case the status never
+    // recorded it.
+    if let (Ok(user), Ok(id)) = (
+        UserId::new(endpoint.spec.user_id.clone()),
+        EndpointId::from_resource(&namespace, &endpoint.name_any()),
+    ) {
+        endpoints::delete(&ctx.broker, &user, &id).await?;
+    }
+    tracing::info!(%namespace, name = %endpoint.name_any(), "endpoint removed from herald-endpoints");
+    Ok(Action::await_change())
+}
+
+/// The annotation naming the herald-endpoints key this resource wrote.
+const RECORD_ANNOTATION: &str = "herald.dev/endpoint-key";
+
+fn recorded_key(endpoint: &WebhookEndpoint) -> Option<String> {
+    endpoint.annotations().get(RECORD_ANNOTATION).cloned()
+}
+
+async fn record_key(api: &Api<WebhookEndpoint>, name: &str, key: &str) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "apiVersion": "herald.dev/v1alpha1",
+        "kind": "WebhookEndpoint",
+        "metadata": { "annotations": { RECORD_ANNOTATION: key } },
+    });
+    api.patch(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn delete_key(broker: &Broker, key: &str) -> Result<(), Error> {
+    if let Some((user, id)) = key.split_once('.')
+        && let (Ok(user), Ok(id)) = (UserId::new(user), EndpointId::new(id))
+    {
+        endpoints::delete(broker, &user, &id).await?;
+    }
+    Ok(())
+}
+
+/// The endpoint's signing secrets: from `secretRef`, or from (and, the
+/// first time, into) a generated Secret the resource owns.
+async fn signing_secrets(
+    endpoint: &WebhookEndpoint,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<Result<Vec<SigningSecret>, Problem>, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let (secret_name, key) = match &endpoint.spec.secret_ref {
+        Some(reference) => (reference.name.clone(), reference.key.clone()),
+        None => (
+            generated_secret_name(&endpoint.name_any()),
+            GENERATED_SECRET_KEY.to_string(),
+        ),
+    };
+    let secret = match secrets.get_opt(&secret_name).await? {
+        Some(secret) => secret,
+        None if endpoint.spec.secret_ref.is_some() => {
+            return Ok(Err(Problem {
+                reason: "SecretNotFound",
+                message: format!("Secret {secret_name} does not exist in {namespace}"),
+            }));
+        }
+        None => {
+            let generated = create_generated_secret(endpoint, &secrets, &secret_name).await?;
+            ctx.recorder
+                .publish(
+                    &Event {
+                        type_: EventType::Normal,
+                        reason: "SecretGenerated".into(),
+                        note: Some(format!("generated signing secret in Secret {secret_name}")),
+                        action: "GenerateSecret".into(),
+                        secondary: None,
+                    },
+                    &endpoint.object_ref(&()),
+                )
+                .await
+                .ok();
+            generated
+        }
+    };
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(&key))
+        .map(|bytes| String::from_utf8_lossy(&bytes.0).trim().to_string());
+    let Some(value) = value else {
+        return Ok(Err(Problem {
+            reason: "SecretKeyMissing",
+            message: format!("Secret {secret_name} has no key {key}"),
+        }));
+    };
+    Ok(match SigningSecret::parse(&value) {
+        Ok(secret) => Ok(vec![secret]),
+        Err(e) => Err(Problem {
+            reason: "InvalidSecret",
+            message: format!("Secret {secret_name} key {key}: {e}"),
+        }),
+    })
+}
+
+pub fn generated_secret_name(endpoint: &str) -> String {
+    format!("{endpoint}-signing-secret")
+}
+
+async fn create_generated_secret(
+    endpoint: &WebhookEndpoint,
+    secrets: &Api<Secret>,
+    name: &str,
+) -> Result<Secret, Error> {
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            owner_references: endpoint.controller_owner_ref(&()).map(|r| vec![r]),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_string(),
+                MANAGER.to_string(),
+            )])),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            GENERATED_SECRET_KEY.to_string(),
+            ByteString(SigningSecret::generate().expose().into_bytes()),
+        )])),
+        ..Default::default()
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(created) => Ok(created),
+        // Created concurrently (a previous reconcile): use that one.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(secrets.get(name).await?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// State, last delivery, failing since and failures, from the record the
+/// webhook workers keep.
+fn reflect_health(
+    status: &mut WebhookEndpointStatus,
+    paused: bool,
+    health: Option<&EndpointHealth>,
+) {
+    let failures = health.map_or(0, |h| h.consecutive_failures);
+    status.state = Some(if paused {
+        EndpointState::Paused
+    } else if health.is_some_and(|h| h.disabled) {
+        EndpointState::Disabled
+    } else if failures > 0 {
+        EndpointState::Failing
+    } else {
+        EndpointState::Active
+    });
+    status.consecutive_failures = Some(failures);
+    status.last_delivery = health
+        .and_then(|h| h.last_success_ms)
+        .map(herald_core::rfc3339);
+    status.failing_since = health
+        .filter(|_| failures > 0)
+        .and_then(|h| h.failing_since_ms)
+        .map(herald_core::rfc3339);
+}
+
+/// A condition, keeping its transition time when its status is unchanged
+/// (so an unchanged status patches nothing).
+fn condition(
+    old: &WebhookEndpointStatus,
+    kind: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last_transition_time = old
+        .conditions
+        .iter()
+        .find(|c| c.type_ == kind && c.status == status)
+        .map_or_else(
+            || Time(Timestamp::now()),
+            |c| c.last_transition_time.clone(),
+        );
+    Condition {
+        type_: kind.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message: message.to_string(),
+        last_transition_time,
+        observed_generation: None,
+    }
+}
+
+/// Events when readiness or the delivery state changes.
+async fn publish_transitions(
+    endpoint: &WebhookEndpoint,
+    old: &WebhookEndpointStatus,
+    new: &WebhookEndpointStatus,
+    problem: Option<&Problem>,
+    ctx: &Context,
+) {
+    let was = |kind: &str| {
+        old.conditions
+            .iter()
+            .find(|c| c.type_ == kind)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let mut events = Vec::new();
+    match problem {
+        Some(problem) if was("Ready") != Some(("False".into(), problem.reason.into())) => {
+            events.push(Event {
+                type_: EventType::Warning,
+                reason: problem.reason.into(),
+                note: Some(problem.message.clone()),
+                action: "Reconcile".into(),
+                secondary: None,
+            });
+        }
+        None if was("Ready").is_none_or(|(status, _)| status != "True") => {
+            events.push(Event {
+                type_: EventType::Normal,
+                reason: "Synced".into(),
+                note: Some(format!("delivering to {}", endpoint.spec.url)),
+                action: "Reconcile".into(),
+                secondary: None,
+            });
+        }
+        _ => {}
+    }
+    if old.state.is_some() && new.state != old.state {
+        let (type_, reason) = match new.state {
+            Some(EndpointState::Failing) => (EventType::Warning, "Failing"),
+            Some(EndpointState::Disabled) => (EventType::Warning, "Disabled"),
+            Some(EndpointState::Paused) => (EventType::Normal, "Paused"),
+            _ => (EventType::Normal, "Recovered"),
+        };
+        events.push(Event {
+            type_,
+            reason: reason.into(),
+            note: Some(format!(
+                "state {:?} -> {:?}",
+                old.state.unwrap_or(EndpointState::Active),
+                new.state.unwrap_or(EndpointState::Active)
+            )),
+            action: "Deliver".into(),
+            secondary: None,
+        });
+    }
+    for event in events {
+        if let Err(e) = ctx
+            .recorder
+            .publish(&event, &endpoint.object_ref(&()))
+            .await
+        {
+            tracing::warn!(error = %e, "could not publish an event");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(failures: u64) -> EndpointHealth {
+        EndpointHealth {
+            v: 1,
+            consecutive_failures: failures,
+            failing_since_ms: (failures > 0).then_some(1_000),
+            last_success_ms: Some(500),
+            last_failure_ms: None,
+            last_error: None,
+            disabled: false,
+        }
+    }
+
+    #[test]
+    fn health_becomes_state() {
+        let mut status = WebhookEndpointStatus::default();
+        reflect_health(&mut status, false, None);
+        assert_eq!(status.state, Some(EndpointState::Active));
+        assert_eq!(status.last_delivery, None);
+
+        reflect_health(&mut status, false, Some(&health(3)));
+        assert_eq!(status.state, Some(EndpointState::Failing));
+        assert_eq!(status.consecutive_failures, Some(3));
+        assert_eq!(
+            status.failing_since.as_deref(),
+            Some("1970-01-01T00:00:01Z")
+        );
+
+        reflect_health(&mut status, false, Some(&health(0)));
+        assert_eq!(status.state, Some(EndpointState::Active));
+        assert_eq!(status.failing_since, None);
+        assert!(status.last_delivery.is_some());
+
+        reflect_health(&mut status, true, Some(&health(3)));
+        assert_eq!(status.state, Some(EndpointState::Paused));
+    }
+
+    #[test]
+    fn an_unchanged_condition_keeps_its_transition_time() {
+        let first = condition(
+            &WebhookEndpointStatus::default(),
+            "Ready",
+            true,
+            "Synced",
+            "",
+        );
+        let old = WebhookEndpointStatus {
+            conditions: vec![first.clone()],
+            ..Default::default()
+        };
+        let again = condition(&old, "Ready", true, "Synced", "");
+        assert_eq!(again, first);
+        let flipped = condition(&old, "Ready", false, "SecretNotFound", "x");
+        assert_eq!(flipped.status, "False");
+    }
+}
+
+/// The reconciler against a scripted API server (no cluster): each request
+/// it makes is checked and answered in turn.
+#[cfg(test)]
+mod scripted_api_server {
+    use http::{Method, Request, Response};
+    use kube::{client::Body, runtime::events::Reporter};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    type Server = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn endpoint(secret: &str) -> WebhookEndpoint {
+        let mut endpoint = WebhookEndpoint::new(
+            "orders",
+            serde_json::from_value(json!({
+                "userId": "7",
+                "url": "https://example.com/hooks",
+                "secretRef": { "name": secret },
+            }))
+            .unwrap(),
+        );
+        endpoint.metadata.namespace = Some("default".into());
+        endpoint.metadata.uid = Some("5c1b2e5e-0000-4000-8000-000000000001".into());
+        endpoint.metadata.generation = Some(3);
+        endpoint.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        endpoint
+    }
+
+    async fn context(client: Client) -> Arc<Context> {
+        // Nothing listens on port 9: a NATS call would fail the test.
+        let broker = herald_queue::connect("nats://127.0.0.1:9", "scripted")
+            .await
+            .unwrap();
+        Arc::new(Context {
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: MANAGER.into(),
+                    instance: None,
+                },
+            ),
+            client,
+            broker,
+            config: OperatorConfig::default(),
+        })
+    }
+
+    /// Takes the next request, checks its method and path, answers it.
+    async fn expect(
+        server: &mut Server,
+        method: Method,
+        path: &str,
+        status: u16,
+        answer: Value,
+    ) -> Value {
+        let (request, respond) = server
+            .next_request()
+            .await
+            .unwrap_or_else(|| panic!("no {method} {path}"));
+        assert_eq!(request.method(), method);
+        assert_eq!(request.uri().path(), path);
+        let body = request.into_body().collect_bytes().await.unwrap();
+        respond.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap(),
+        );
+        serde_json::from_slice(&body).unwrap_or(Value::Null)
+    }
+
+    #[tokio::test]
+    async fn a_missing_secret_is_ready_false_with_an_event_and_no_error() {
+        let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let ctx = context(client).await;
+        let api_server = tokio::spawn(async move {
+            let not_found = json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "NotFound", "code": 404, "message": "secrets \"later\" not found",
+            });
+            expect(
+                &mut server,
+                Method::GET,
+                "/api/v1/namespaces/default/secrets/later",
+                404,
+                not_found,
+            )
+            .await;
+            let event = expect(
+                &mut server,
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/default/events",
+                201,
+                json!({}),
+            )
+            .await;
+            assert_eq!(event["reason"], "SecretNotFound");
+            assert_eq!(event["type"], "Warning");
+            assert_eq!(event["regarding"]["name"], "orders");
+            let patch = expect(
+                &mut server,
+                Method::PATCH,
+                "/apis/herald.dev/v1alpha1/namespaces/default/webhookendpoints/orders/status",
+                200,
+                serde_json::to_value(endpoint("later")).unwrap(),
+            )
+            .await;
+            let ready = &patch["status"]["conditions"][0];
+            assert_eq!(ready["type"], "Ready");
+            assert_eq!(ready["status"], "False");
+            assert_eq!(ready["reason"], "SecretNotFound");
+            assert_eq!(patch["status"]["observedGeneration"], 3);
+            // No state while nothing is delivered to.
+            assert!(patch["status"].get("state").is_none(), "{patch}");
+        });
+        let action = reconcile(Arc::new(endpoint("later")), ctx.clone())
+            .await
+            .unwrap();
+        assert_eq!(action, Action::requeue(ctx.config.health_resync));
+        api_server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_secret_that_is_not_whsec_is_reported_as_invalid() {
+        let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let ctx = context(client).await;
+        let api_server = tokio::spawn(async move {
+            let secret = json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": { "name": "plain", "namespace": "default" },
+                "data": { "secret": "aHVudGVyMg==" },
+            });
+            expect(
+                &mut server,
+                Method::GET,
+                "/api/v1/namespaces/default/secrets/plain",
+                200,
+                secret,
+            )
+            .await;
+            let event = expect(
+                &mut server,
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/default/events",
+                201,
+                json!({}),
+            )
+            .await;
+            assert_eq!(event["reason"], "InvalidSecret");
+            // The message says where to look, and never shows the value.
+            let note = event["note"].as_str().unwrap();
+            assert!(
+                note.contains("plain") && !note.contains("hunter2"),
+                "{note}"
+            );
+            let patch = expect(
+                &mut server,
+                Method::PATCH,
+                "/apis/herald.dev/v1alpha1/namespaces/default/webhookendpoints/orders/status",
+                200,
+                serde_json::to_value(endpoint("plain")).unwrap(),
+            )
+            .await;
+            assert_eq!(patch["status"]["conditions"][0]["reason"], "InvalidSecret");
+        });
+        reconcile(Arc::new(endpoint("plain")), ctx).await.unwrap();
+        api_server.await.unwrap();
+    }
+}

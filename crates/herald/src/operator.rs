@@ -1,0 +1,56 @@
+//! `herald operator`: the operator role with its probes.
+
+use anyhow::Context;
+use herald_queue::topology;
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Config,
+    probes::{self, Readiness},
+};
+
+/// Connects to Kubernetes and NATS and runs the operator until `shutdown`.
+/// The probes report ready once the topology exists; a standby replica is
+/// ready too, waiting for the lease.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot configure a Kubernetes client (KUBECONFIG or in-cluster)")?;
+    let broker = herald_queue::connect(&config.nats.url, "herald-operator").await?;
+    let mut running = JoinSet::new();
+    let readiness = Readiness::default();
+    if !config.health.listen.is_empty() {
+        let listener = TcpListener::bind(&config.health.listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {} (health.listen)", config.health.listen)
+            })?;
+        running.spawn(probes::serve(
+            listener,
+            broker.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if topology::ensure_with_retry(&broker, &config.topology, &shutdown)
+        .await
+        .is_ok()
+    {
+        readiness.set_ready();
+        let result = herald_operator::run(
+            config.operator.clone(),
+            client,
+            broker.clone(),
+            shutdown.clone(),
+            || tracing::info!("leading: reconciling WebhookEndpoints"),
+        )
+        .await;
+        // Losing the lease ends the process: it starts again as a candidate.
+        shutdown.cancel();
+        result?;
+    }
+    while running.join_next().await.is_some() {}
+    let _ = broker.client.flush().await;
+    Ok(())
+}
