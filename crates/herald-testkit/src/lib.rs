@@ -6,6 +6,7 @@
 //! `~/.cache/herald-tools`). A missing program fails the test with a message
 //! that says how to install it; nothing here skips.
 
+mod control_plane;
 mod mailpit;
 mod nats;
 mod process;
@@ -14,6 +15,7 @@ mod tools;
 mod verify;
 mod wait;
 
+pub use control_plane::ControlPlane;
 pub use mailpit::{MailMessage, Mailpit};
 pub use nats::NatsServer;
 pub use receiver::{ReceivedWebhook, ReceiverBehaviour, TestReceiver};
