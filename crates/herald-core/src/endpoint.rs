@@ -129,6 +129,7 @@ pub struct WebhookEndpointStatus {
     /// `Ready` (the endpoint is in herald-endpoints) and `Healthy`
     /// (deliveries succeed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Active, Failing, Disabled or Paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# Lints and renders the Helm chart (deploy/helm/herald) the way CI does, and
+# fails loudly on any error or lint warning:
+#   - helm lint --strict with the default values and with ci/all-features-values.yaml
+#   - helm template with the defaults, all features, and all features with
+#     operator.clusterWide=false, plus checks on what was rendered
+#   - values that values.schema.json or the templates must refuse are refused
+#
+# Uses $HERALD_TOOLS/bin/helm (default ~/.cache/herald-tools); HELM overrides it.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+TOOLS=${HERALD_TOOLS:-$HOME/.cache/herald-tools}
+HELM=${HELM:-$TOOLS/bin/helm}
+CHART=deploy/helm/herald
+ALL=$CHART/ci/all-features-values.yaml
+RELEASE=herald
+NAMESPACE=herald
+
+log() { printf 'check-chart: %s\n' "$*"; }
+die() { printf 'check-chart: FAIL: %s\n' "$*" >&2; exit 1; }
+
+[ -x "$HELM" ] || die "helm not found at $HELM (set HERALD_TOOLS or HELM)"
+log "using $("$HELM" version --short 2>/dev/null || echo "$HELM")"
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+# The official NATS chart is an optional dependency (nats.enabled). Helm
+# refuses to render a chart whose declared dependency is not in charts/, even
+# when its condition is false, and fetching it needs the chart repository. So
+# without `helm dependency build`, the real chart is linted (the missing
+# dependency must be its only warning) and everything else runs on a copy
+# whose Chart.yaml leaves the dependency out; templates and values are the same.
+HAVE_NATS=""
+if ! grep -q '^dependencies:' "$CHART/Chart.yaml"; then
+    log "Chart.yaml declares no dependencies: checking $CHART as is"
+elif compgen -G "$CHART/charts/nats-*.tgz" >/dev/null || [ -f "$CHART/charts/nats/Chart.yaml" ]; then
+    HAVE_NATS=1
+    log "NATS dependency present: checking $CHART as is, nats.enabled=true included"
+else
+    "$HELM" lint "$CHART" --namespace "$NAMESPACE" >"$WORK/lint-raw.out" 2>&1 || { cat "$WORK/lint-raw.out" >&2; die "helm lint $CHART failed"; }
+    others=$(grep -E '\[(WARNING|ERROR)\]' "$WORK/lint-raw.out" | grep -v 'chart directory is missing these dependencies: nats$' || true)
+    [ -z "$others" ] || { cat "$WORK/lint-raw.out" >&2; die "helm lint $CHART: problems besides the missing nats dependency"; }
+    log "NATS dependency not downloaded (helm dependency build $CHART): its only lint warning is that; checking a copy without the dependency"
+    mkdir -p "$WORK/chart"
+    cp -R "$CHART" "$WORK/chart/herald"
+    awk '/^dependencies:/ { skip = 1; next } skip && /^[^ #-]/ { skip = 0 } !skip' "$CHART/Chart.yaml" >"$WORK/chart/herald/Chart.yaml"
+    ! grep -q 'dependencies' "$WORK/chart/herald/Chart.yaml" || die "could not drop the dependency from the copy's Chart.yaml"
+    CHART=$WORK/chart/herald
+    ALL=$CHART/ci/all-features-values.yaml
+fi
+
+# Runs a helm command; any output on stderr (deprecation or lint warnings,
+# schema notes) counts as a failure, as does a non-zero exit.
+helm_clean() { # <name> <helm args...>
+    local name=$1
+    shift
+    if ! "$HELM" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err"; then
+        cat "$WORK/$name.out" "$WORK/$name.err" >&2
+        die "helm $* failed"
+    fi
+    if [ -s "$WORK/$name.err" ]; then
+        cat "$WORK/$name.err" >&2
+        die "helm $* printed warnings"
+    fi
+}
+
+lint() { # <name> <extra args...>
+    local name=$1
+    shift
+    helm_clean "lint-$name" lint --strict "$CHART" --namespace "$NAMESPACE" "$@"
+    if grep -Eq '\[(WARNING|ERROR)\]' "$WORK/lint-$name.out"; then
+        cat "$WORK/lint-$name.out" >&2
+        die "helm lint ($name) reported problems"
+    fi
+    log "lint $name: $(grep -E 'linted' "$WORK/lint-$name.out")"
+}
+
+render() { # <name> <extra args...>: renders into $WORK/<name>.yaml
+    local name=$1
+    shift
+    helm_clean "template-$name" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" "$@"
+    cp "$WORK/template-$name.out" "$WORK/$name.yaml"
+    log "template $name: $(grep -c '^kind:' "$WORK/$name.yaml") objects ($(grep '^kind:' "$WORK/$name.yaml" | sort | uniq -c | awk '{printf "%s%s %s", sep, $1, $3; sep=", "}'))"
+}
+
+count() { # <file> <extended regex>: matching lines
+    grep -Ec -- "$2" "$1" || true
+}
+
+expect_count() { # <file> <what> <expected> <regex>
+    local got
+    got=$(count "$1" "$4")
+    [ "$got" -eq "$3" ] || die "$(basename "$1"): expected $3 $2, found $got"
+}
+
+# Checks every rendering must pass.
+check_common() { # <name> <deployments>
+    local f=$WORK/$1.yaml deployments=$2
+    expect_count "$f" "Deployments" "$deployments" '^kind: Deployment$'
+    expect_count "$f" "checksum/config annotations (one per pod template)" "$deployments" '^ +checksum/config: [0-9a-f]{64}$'
+    expect_count "$f" "checksum/secrets annotations" "$deployments" '^ +checksum/secrets: [0-9a-f]{64}$'
+    expect_count "$f" "containers" "$deployments" '^ +- name: (api|worker-tasks|worker-webhooks|worker-mail|operator)$'
+    expect_count "$f" "readOnlyRootFilesystem" "$deployments" '^ +readOnlyRootFilesystem: true$'
+    expect_count "$f" "allowPrivilegeEscalation: false" "$deployments" '^ +allowPrivilegeEscalation: false$'
+    expect_count "$f" "capabilities drop ALL" "$deployments" '^ +- ALL$'
+    expect_count "$f" "runAsNonRoot (pod and container)" "$((2 * deployments))" '^ +runAsNonRoot: true$'
+    expect_count "$f" "RuntimeDefault seccomp (pod and container)" "$((2 * deployments))" '^ +type: RuntimeDefault$'
+    expect_count "$f" "/tmp emptyDir mounts" "$deployments" '^ +mountPath: /tmp$'
+    expect_count "$f" "startup probes" "$deployments" '^ +startupProbe:$'
+    expect_count "$f" "liveness probes" "$deployments" '^ +livenessProbe:$'
+    expect_count "$f" "readiness probes" "$deployments" '^ +readinessProbe:$'
+    expect_count "$f" "terminationGracePeriodSeconds: 40" "$deployments" '^ +terminationGracePeriodSeconds: 40$'
+    expect_count "$f" "config.toml mounts" "$deployments" '^ +mountPath: /etc/herald/config.toml$'
+    # Probes of the API use its port; everything else the health port.
+    expect_count "$f" "probes on the API port" 3 '^ +port: http$'
+    expect_count "$f" "probes on the health port" "$((3 * (deployments - 1)))" '^ +port: health$'
+    expect_count "$f" "HERALD_HEALTH__LISTEN (workers and operator)" "$((deployments - 1))" '^ +- name: HERALD_HEALTH__LISTEN$'
+    expect_count "$f" "tokenless ServiceAccount pods" "$((deployments - 1))" '^ +automountServiceAccountToken: false$'
+    grep -q '^    format = "json"$' "$f" || die "$1: config.toml does not set log.format = \"json\""
+    expect_count "$f" "operator lease name matching the RBAC" 1 '^ +value: "herald-operator"$'
+    grep -q -- '- name: POD_NAMESPACE' "$f" || die "$1: the operator does not get POD_NAMESPACE (its lease namespace)"
+    grep -q '^    grace = "25s"$' "$f" || die "$1: config.toml does not set shutdown.grace = \"25s\""
+    grep -q 'image: "\{0,1\}ghcr.io/herald-dev/herald:0.1.0' "$f" || die "$1: image tag is not the appVersion"
+    # No wildcard in any RBAC rule.
+    ! grep -Eq '^ +(verbs|resources|apiGroups): \[[^]]*"\*"' "$f" || die "$1: wildcard in an RBAC rule"
+    # The operator's rules, exactly.
+    local rules
+    rules=$(awk '/^kind: (Cluster)?Role$/{r=1} /^---/{r=0} r && /^  - apiGroups|^    (resources|resourceNames|verbs):/' "$f")
+    [ "$rules" = "$(cat <<'EOF'
+  - apiGroups: ["herald.dev"]
+    resources: ["webhookendpoints"]
+    verbs: ["get", "list", "watch", "patch"]
+  - apiGroups: ["herald.dev"]
+    resources: ["webhookendpoints/status"]
+    verbs: ["patch"]
+  - apiGroups: ["herald.dev"]
+    resources: ["webhookendpoints/finalizers"]
+    verbs: ["update"]
+  - apiGroups: [""]
+    resources: ["secrets"]
+    verbs: ["get", "list", "watch", "create"]
+  - apiGroups: ["events.k8s.io"]
+    resources: ["events"]
+    verbs: ["create", "patch"]
+  - apiGroups: [""]
+    resources: ["events"]
+    verbs: ["create", "patch"]
+  - apiGroups: ["coordination.k8s.io"]
+    resources: ["leases"]
+    verbs: ["create"]
+  - apiGroups: ["coordination.k8s.io"]
+    resources: ["leases"]
+    resourceNames: ["herald-operator"]
+    verbs: ["get", "update"]
+EOF
+)" ] || { printf '%s\n' "$rules" >&2; die "$1: operator RBAC rules differ from the reviewed list"; }
+}
+
+# Values that must be refused, and the message that says why.
+expect_refused() { # <what> <expected message regex> <helm template args...>
+    local what=$1 pattern=$2
+    shift 2
+    if "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" "$@" >"$WORK/neg.out" 2>"$WORK/neg.err"; then
+        die "$what: accepted, but must be refused"
+    fi
+    grep -Eq -- "$pattern" "$WORK/neg.err" || { cat "$WORK/neg.err" >&2; die "$what: refused, but not with /$pattern/"; }
+    log "refused as expected: $what"
+}
+
+log "helm lint"
+lint default
+lint all-features -f "$ALL"
+lint all-features-namespaced -f "$ALL" --set operator.clusterWide=false
+
+log "helm template"
+render default
+check_common default 5
+expect_count "$WORK/default.yaml" "namespaced operator Roles (watch + leader election)" 2 '^kind: Role$'
+expect_count "$WORK/default.yaml" "ClusterRoles" 0 '^kind: ClusterRole$'
+expect_count "$WORK/default.yaml" "chart-created Secrets" 0 '^kind: Secret$'
+expect_count "$WORK/default.yaml" "PodDisruptionBudgets" 5 '^kind: PodDisruptionBudget$'
+
+render all-features -f "$ALL"
+check_common all-features 5
+f=$WORK/all-features.yaml
+expect_count "$f" "ClusterRoles" 1 '^kind: ClusterRole$'
+expect_count "$f" "ClusterRoleBindings" 1 '^kind: ClusterRoleBinding$'
+expect_count "$f" "leader-election Roles" 1 '^kind: Role$'
+expect_count "$f" "chart-created Secrets" 3 '^kind: Secret$'
+expect_count "$f" "Ingresses" 1 '^kind: Ingress$'
+expect_count "$f" "HPAs (api only: KEDA owns the workers')" 1 '^kind: HorizontalPodAutoscaler$'
+expect_count "$f" "KEDA ScaledObjects" 3 '^kind: ScaledObject$'
+expect_count "$f" "nats-jetstream triggers" 3 '^ +- type: nats-jetstream$'
+expect_count "$f" "ServiceMonitors" 1 '^kind: ServiceMonitor$'
+expect_count "$f" "metrics Services" 5 '^  name: herald-.*-metrics$'
+expect_count "$f" "PodDisruptionBudgets" 5 '^kind: PodDisruptionBudget$'
+for pair in HERALD_TASKS:tasks HERALD_WEBHOOKS:webhooks HERALD_MAIL:mail; do
+    grep -A1 "stream: ${pair%%:*}$" "$f" | grep -q "consumer: ${pair##*:}$" || die "all-features: no trigger for stream ${pair%%:*} / consumer ${pair##*:}"
+done
+expect_count "$f" "API tokens file (api)" 1 '^ +value: /etc/herald/tokens/tokens.toml$'
+expect_count "$f" "encryption key file (operator, worker-webhooks)" 2 '^ +value: /etc/herald/keys/key$'
+expect_count "$f" "SMTP credentials (worker-mail)" 1 '^ +- name: HERALD_MAIL__PASSWORD$'
+
+render all-features-namespaced -f "$ALL" --set operator.clusterWide=false
+check_common all-features-namespaced 5
+expect_count "$WORK/all-features-namespaced.yaml" "ClusterRoles" 0 '^kind: ClusterRole$'
+expect_count "$WORK/all-features-namespaced.yaml" "Roles" 2 '^kind: Role$'
+
+render other-watch-namespace --set operator.watchNamespace=tenants
+grep -A3 '^kind: Role$' "$WORK/other-watch-namespace.yaml" | grep -q 'namespace: tenants$' \
+    || die "operator.watchNamespace=tenants: no Role in namespace tenants"
+
+if [ -n "$HAVE_NATS" ]; then
+    render bundled-nats --set nats.enabled=true --set workers.webhooks.keda.enabled=true
+    grep -q '^    url = "nats://herald-nats.herald.svc:4222"$' "$WORK/bundled-nats.yaml" || die "nats.enabled: Herald does not point at the bundled NATS"
+    grep -q 'natsServerMonitoringEndpoint: "herald-nats-headless.herald.svc.cluster.local:8222"' "$WORK/bundled-nats.yaml" || die "nats.enabled: KEDA does not point at the bundled NATS monitoring endpoint"
+    grep -q '^kind: StatefulSet$' "$WORK/bundled-nats.yaml" || die "nats.enabled: no NATS StatefulSet rendered"
+fi
+
+log "refused values"
+expect_refused "api.replicas=abc (schema: type)" 'values don.t meet the specifications of the schema|schema' --set api.replicas=abc
+expect_refused "image.pullPolicy=Sometimes (schema: enum)" 'schema' --set image.pullPolicy=Sometimes
+expect_refused "config.log.format=xml (schema: enum)" 'schema' --set config.log.format=xml
+expect_refused "an unknown top-level value (schema: additionalProperties)" 'schema' --set replicaCount=3
+expect_refused "an unknown config key (schema: additionalProperties)" 'schema' --set config.webhooks.concurency=8
+expect_refused "SMTP password in config (schema: use secrets.smtp)" 'schema' --set config.mail.password=x
+expect_refused "config.operator.lease_name (schema: set by the chart)" 'schema' --set config.operator.lease_name=x
+expect_refused "a malformed duration (schema: pattern)" 'schema' --set config.webhooks.timeout=soon
+expect_refused "a Secret both existing and inline" 'not both' --set secrets.apiTokens.existingSecret=x --set secrets.apiTokens.tokens=y
+expect_refused "terminationGracePeriodSeconds below the shutdown grace" 'must exceed shutdown.graceSeconds' --set shutdown.terminationGracePeriodSeconds=20
+expect_refused "KEDA without a NATS monitoring endpoint" 'nats.monitoringEndpoint' --set workers.webhooks.keda.enabled=true
+
+log "OK"
