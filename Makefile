@@ -1,25 +1,32 @@
 # The two commands of the README: `make dev` runs Herald, `make test` runs
-# every test. Both install what they need first (`make tools`).
+# every test. Both install what they need first.
 SHELL := /bin/bash
 export HERALD_TOOLS ?= $(HOME)/.cache/herald-tools
 
-.PHONY: tools dev test lint unit bench
+.PHONY: tools control-plane dev test lint bench
 
 ## tools: pinned nats-server, mailpit and the Standard Webhooks verifier, into $(HERALD_TOOLS)
 tools:
 	scripts/install-tools.sh
 
+## control-plane: etcd, kube-apiserver, kubectl and helm built from pinned Go
+## modules, for the Kubernetes tests (about 12 minutes the first time)
+control-plane:
+	scripts/install-control-plane.sh
+
 ## dev: mailpit, the demo receiver and `herald dev` on 127.0.0.1 (Ctrl-C stops them)
 dev: tools
 	scripts/dev.sh
 
-## test: formatting, clippy, then every test against real servers
-test: tools lint
+## test: formatting, clippy, the Helm chart's checks, then every test against
+## real servers (NATS, SMTP, receivers, a Kubernetes API server)
+test: tools control-plane lint
 	cargo test --workspace --locked
 
-lint:
+lint: control-plane
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	scripts/check-chart.sh
 
 ## bench: the whole pipeline under load (docs/benchmarks.md)
 bench: tools

@@ -125,10 +125,15 @@ impl Herald {
 
     /// Waits until the task reaches `state`; returns the task.
     pub async fn wait_for_state(&self, user: &str, id: &str, state: &str) -> Value {
-        let what = format!("task {id} to reach state {state}");
+        self.wait_for_state_in(user, id, &[state]).await
+    }
+
+    /// Waits until the task reaches one of `states`; returns the task.
+    pub async fn wait_for_state_in(&self, user: &str, id: &str, states: &[&str]) -> Value {
+        let what = format!("task {id} to reach a state in {states:?}");
         wait_until(&what, DEADLINE, || async {
             let (status, task) = self.get_task(user, id).await;
-            (status == 200 && task["state"] == state).then_some(task)
+            (status == 200 && states.iter().any(|s| task["state"] == *s)).then_some(task)
         })
         .await
     }

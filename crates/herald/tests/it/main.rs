@@ -7,9 +7,11 @@
 
 mod harness;
 
+mod chart;
 mod delivery;
 mod dev;
 mod failures;
 mod inputs;
+mod operator;
 mod probes;
 mod resilience;
