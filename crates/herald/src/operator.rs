@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use herald_queue::topology;
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -20,19 +20,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let broker = herald_queue::connect(&config.nats.url, "herald-operator").await?;
     let mut running = JoinSet::new();
     let readiness = Readiness::default();
-    if !config.health.listen.is_empty() {
-        let listener = TcpListener::bind(&config.health.listen)
-            .await
-            .with_context(|| {
-                format!("cannot listen on {} (health.listen)", config.health.listen)
-            })?;
-        running.spawn(probes::serve(
-            listener,
-            broker.clone(),
-            readiness.clone(),
-            shutdown.clone(),
-        ));
-    }
+    probes::start(
+        &config.health.listen,
+        &broker,
+        &readiness,
+        &shutdown,
+        &mut running,
+    )
+    .await?;
     if topology::ensure_with_retry(&broker, &config.topology, &shutdown)
         .await
         .is_ok()

@@ -11,7 +11,7 @@ use anyhow::Context;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use herald_queue::Broker;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 /// Whether the process has started its work; `/readyz` also needs NATS.
@@ -34,8 +34,33 @@ struct ProbeState {
     readiness: Readiness,
 }
 
+/// Binds `listen` (`health.listen`; empty: no probes) and serves the probes
+/// as one of the process's `running` tasks. A bad or taken address fails
+/// here, at start-up, not later in the background.
+pub async fn start(
+    listen: &str,
+    broker: &Broker,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+    running: &mut JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    if listen.is_empty() {
+        return Ok(());
+    }
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (health.listen)"))?;
+    running.spawn(serve(
+        listener,
+        broker.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+    Ok(())
+}
+
 /// Serves the probes on `listener` until `shutdown` fires.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     broker: Broker,
     readiness: Readiness,

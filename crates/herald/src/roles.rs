@@ -103,19 +103,14 @@ pub async fn run_with(
 
     // Probes for roles without the API, ready once the workers consume.
     let readiness = Readiness::default();
-    if !config.health.listen.is_empty() {
-        let listener = TcpListener::bind(&config.health.listen)
-            .await
-            .with_context(|| {
-                format!("cannot listen on {} (health.listen)", config.health.listen)
-            })?;
-        running.spawn(probes::serve(
-            listener,
-            broker.clone(),
-            readiness.clone(),
-            shutdown.clone(),
-        ));
-    }
+    probes::start(
+        &config.health.listen,
+        &broker,
+        &readiness,
+        &shutdown,
+        &mut running,
+    )
+    .await?;
 
     let mail_worker = if roles.workers.contains(&WorkerKind::Mail) {
         Some(Arc::new(MailWorker::new(broker.clone(), &config.mail)?))
