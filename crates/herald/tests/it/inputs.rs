@@ -77,3 +77,35 @@ async fn a_task_is_invisible_to_other_users() {
     assert!(!body.to_string().contains("secret"));
     herald.stop().await;
 }
+
+/// Bad configuration stops a role at start, naming the key, with a
+/// non-zero exit: nothing half-starts.
+#[tokio::test]
+async fn bad_configuration_stops_the_process_with_a_message() {
+    for (variable, value, mentions) in [
+        ("HERALD_API__LISTEN", "nowhere", "api.listen"),
+        ("HERALD_WEBHOOKS__RETRY_SCHEDULE", "[\"soon\"]", "soon"),
+        ("HERALD_TASKS__CONCURRENCY", "0", "tasks.concurrency"),
+        ("HERALD_HEALTH__LISTEN", "not-an-address", "health.listen"),
+    ] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["worker", "tasks", "--nats-url", "nats://127.0.0.1:9"])
+            .env(variable, value)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{variable}={value} was accepted");
+        assert!(
+            stderr.contains(mentions) && stderr.contains("invalid configuration"),
+            "{variable}={value}: {stderr}"
+        );
+    }
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["api", "--config", "/nonexistent/herald.toml"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("does not exist"));
+}
