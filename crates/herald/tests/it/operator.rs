@@ -8,8 +8,8 @@ use std::{path::Path, process::Stdio};
 use herald::roles::Roles;
 use herald_core::signing::SigningSecret;
 use herald_testkit::{
-    ControlPlane, NatsServer, ReceivedWebhook, ReceiverBehaviour, TestReceiver,
-    verify_with_standardwebhooks, wait_until,
+    ControlPlane, NatsServer, ReceivedWebhook, ReceiverBehaviour, TestReceiver, free_port,
+    http_client, verify_with_standardwebhooks, wait_until,
 };
 use serde_json::json;
 
@@ -76,8 +76,18 @@ fn endpoint_yaml(name: &str, user: &str, url: &str, extra: &str) -> String {
 
 /// `herald operator` as a process, with short timings for tests.
 fn operator_process(cp: &ControlPlane, nats: &NatsServer, identity: &str) -> tokio::process::Child {
+    operator_process_with(cp, nats, identity, &[])
+}
+
+fn operator_process_with(
+    cp: &ControlPlane,
+    nats: &NatsServer,
+    identity: &str,
+    env: &[(&str, &str)],
+) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .arg("operator")
+        .envs(env.iter().copied())
         .env("KUBECONFIG", cp.kubeconfig_path())
         .env("HERALD_NATS__URL", nats.url())
         .env("HERALD_OPERATOR__HEALTH_RESYNC", "300ms")
@@ -304,8 +314,28 @@ async fn two_operators_one_leads_and_the_other_takes_over_when_it_dies() {
     let cp = ControlPlane::start().await;
     let nats = NatsServer::start().await;
     install_crd(&cp);
-    let mut a = operator_process(&cp, &nats, "operator-a");
+    let probes = format!("127.0.0.1:{}", free_port());
+    let mut a = operator_process_with(
+        &cp,
+        &nats,
+        "operator-a",
+        &[("HERALD_HEALTH__LISTEN", &probes)],
+    );
     let mut b = operator_process(&cp, &nats, "operator-b");
+    // Operator a serves probes and metrics, leading or standing by.
+    let http = http_client();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let url = format!("http://{probes}{path}");
+        wait_until(
+            &format!("operator a to answer {path}"),
+            DEADLINE,
+            || async {
+                let response = http.get(&url).send().await.ok()?;
+                response.status().is_success().then_some(())
+            },
+        )
+        .await;
+    }
     let holder = || {
         let output = cp.kubectl([
             "get",
