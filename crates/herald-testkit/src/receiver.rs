@@ -29,6 +29,8 @@ pub enum ReceiverBehaviour {
     FailFirst { times: usize, status: u16 },
     /// 410 Gone: the endpoint asks never to be called again.
     Gone,
+    /// Never answers: the request stays open until the client gives up.
+    Hang,
 }
 
 /// One request as it arrived.
@@ -126,10 +128,14 @@ async fn record(
         body: String::from_utf8_lossy(&body).into_owned(),
         received_at: SystemTime::now(),
     });
+    if matches!(state.behaviour, ReceiverBehaviour::Hang) {
+        std::future::pending::<()>().await;
+    }
     let status = match state.behaviour {
         ReceiverBehaviour::Ok => 200,
         ReceiverBehaviour::Status(status) => status,
         ReceiverBehaviour::Gone => 410,
+        ReceiverBehaviour::Hang => unreachable!("a hanging receiver never answers"),
         ReceiverBehaviour::FailFirst { times, status } => {
             let mut seen = lock(&state.seen_per_webhook_id);
             let count = seen.entry(webhook_id).or_default();

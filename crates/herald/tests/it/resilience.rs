@@ -3,15 +3,15 @@
 use std::{collections::HashMap, time::Duration};
 
 use futures::{StreamExt, stream};
-use herald::roles::Roles;
-use herald_testkit::{NatsServer, ReceiverBehaviour, TestReceiver, wait_until};
+use herald::{cli::WorkerKind, roles::Roles};
+use herald_testkit::{Mailpit, NatsServer, ReceiverBehaviour, TestReceiver, wait_until};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
 use serde_json::json;
 
-use crate::harness::{DEADLINE, Herald, add_endpoint, test_config, worker_process};
+use crate::harness::{DEADLINE, Herald, add_endpoint, schedule, test_config, worker_process};
 
 #[tokio::test]
 async fn the_api_answers_503_while_nats_is_down_and_recovers_without_restart() {
@@ -212,5 +212,68 @@ async fn a_worker_stopped_with_sigterm_finishes_its_work_and_exits_cleanly() {
     eprintln!("stopped at {at_stop}/{TASKS} delivered");
     worker.start_kill().unwrap();
     let _ = worker.wait().await;
+    herald.stop().await;
+}
+
+/// A job whose deliveries keep ending without an outcome (here: the worker
+/// is killed mid-request, twice) reaches the consumer's max_deliver; the
+/// safety net turns it into an exhausted attempt and a mail, never a
+/// silent drop.
+#[tokio::test]
+async fn a_job_that_reaches_max_deliver_is_recorded_and_mailed() {
+    let nats = NatsServer::start().await;
+    let mail = Mailpit::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Hang).await;
+    add_endpoint(
+        &nats,
+        "13",
+        "hooks",
+        &receiver.url("/hooks"),
+        Some("owner13@example.com"),
+    )
+    .await;
+    let settings = [
+        ("HERALD_TOPOLOGY__MAX_DELIVER", "2"),
+        ("HERALD_TOPOLOGY__ACK_WAIT", "1s"),
+        ("HERALD_WEBHOOKS__RETRY_SCHEDULE", "[]"),
+        ("HERALD_MAIL__RETRY_SCHEDULE", "[]"),
+        ("HERALD_WEBHOOKS__TIMEOUT", "2s"),
+    ];
+    let mut config = test_config(&nats, Some(&mail));
+    config.topology.max_deliver = 2;
+    config.topology.ack_wait = Duration::from_secs(1);
+    config.webhooks.retry_schedule = schedule(&[]);
+    config.mail.retry_schedule = schedule(&[]);
+    config.webhooks.timeout = Duration::from_secs(2);
+    // Webhook delivery only in the worker processes killed below.
+    let roles = Roles {
+        api: true,
+        workers: [WorkerKind::Tasks, WorkerKind::Mail].into(),
+    };
+    let herald = Herald::start(config, roles).await;
+
+    let id = herald.accept("13", "echo", json!({})).await;
+    for delivery in 1..=2 {
+        let mut worker = worker_process(&nats, &settings);
+        receiver.wait_for(delivery, DEADLINE).await;
+        worker.start_kill().unwrap();
+        worker.wait().await.unwrap();
+    }
+    // A live webhook worker hears the advisory when the job runs out.
+    let _worker = worker_process(&nats, &settings);
+    let task = herald.wait_for_state("13", &id, "mailed").await;
+    let attempts = task["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{task}");
+    assert_eq!(attempts[0]["outcome"], "exhausted");
+    assert!(
+        attempts[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 2 deliveries"),
+        "{task}"
+    );
+    mail.wait_for_messages("owner13@example.com", 1, DEADLINE)
+        .await;
+    assert_eq!(receiver.received().len(), 2, "delivered past max_deliver");
     herald.stop().await;
 }
