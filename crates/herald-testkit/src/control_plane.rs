@@ -26,7 +26,7 @@ use tempfile::TempDir;
 use time::OffsetDateTime;
 use yasna::{DERWriter, Tag, models::ObjectIdentifier, models::UTCTime};
 
-use crate::{free_port, process::ChildProcess, tools_dir, wait_until};
+use crate::{free_port, process::ChildProcess, tools::installed, wait_until};
 
 /// How many times `start` tries again on fresh ports when a port it picked
 /// was taken before the server could bind it (envtest tries 5 times too).
@@ -245,13 +245,10 @@ impl Binaries {
 
 /// Like [`crate::tool`], naming the script that builds the control plane.
 fn control_plane_tool(name: &str) -> PathBuf {
-    let path = tools_dir().join("bin").join(name);
-    assert!(
-        path.is_file(),
-        "{name} is not installed at {}: run `make tools` (scripts/install-control-plane.sh) first",
-        path.display()
-    );
-    path
+    installed(
+        name,
+        "`make control-plane` (scripts/install-control-plane.sh)",
+    )
 }
 
 /// One attempt. `Err` only for a lost port race (worth another attempt);

@@ -15,10 +15,15 @@ pub fn tools_dir() -> PathBuf {
 /// The installed program `name`; panics with the way to install it when it
 /// is not there.
 pub fn tool(name: &str) -> PathBuf {
+    installed(name, "`make tools` (scripts/install-tools.sh)")
+}
+
+/// `name` in the tools cache; panics naming `installer` when it is missing.
+pub(crate) fn installed(name: &str, installer: &str) -> PathBuf {
     let path = tools_dir().join("bin").join(name);
     assert!(
         path.is_file(),
-        "{name} is not installed at {}: run `make tools` (scripts/install-tools.sh) first",
+        "{name} is not installed at {}: run {installer} first",
         path.display()
     );
     path
