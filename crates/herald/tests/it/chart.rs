@@ -100,11 +100,20 @@ async fn the_chart_installs_and_the_operator_may_do_what_it_needs_and_no_more() 
         &cp.kubectl(["get", "crd", "webhookendpoints.herald.dev"]),
     );
 
+    // "yes" or "no" from kubectl; anything else (a typo in a resource, an
+    // unreachable server) fails the test rather than counting as "no".
     let can = |args: &[&str]| {
         let mut full = vec!["auth", "can-i", "--as", OPERATOR];
         full.extend_from_slice(args);
         let output = cp.kubectl(&full);
-        String::from_utf8_lossy(&output.stdout).trim() == "yes"
+        match String::from_utf8_lossy(&output.stdout).trim() {
+            "yes" => true,
+            "no" => false,
+            other => panic!(
+                "kubectl auth can-i {args:?} answered {other:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        }
     };
     let may = [
         &["watch", "webhookendpoints.herald.dev", "-n", NAMESPACE][..],
