@@ -174,7 +174,7 @@ async fn apply(
     status.conditions = vec![ready, healthy];
     // An annotation names the record written, so a later change of user or
     // a deletion removes exactly that one.
-    let annotations = written
+    let written_key = written
         .as_ref()
         .ok()
         .map(|(user, id)| names::endpoint_key(user, id));
@@ -193,7 +193,7 @@ async fn apply(
         )
         .await?;
     }
-    if let Some(key) = annotations
+    if let Some(key) = written_key
         && recorded_key(endpoint).as_deref() != Some(key.as_str())
     {
         record_key(api, &name, &key).await?;
@@ -596,6 +596,31 @@ mod scripted_api_server {
         serde_json::from_slice(&body).unwrap_or(Value::Null)
     }
 
+    /// The requests every problem ends with: a Warning Event, then the
+    /// status patch. Returns both bodies.
+    async fn expect_event_then_status(
+        server: &mut Server,
+        answer: &WebhookEndpoint,
+    ) -> (Value, Value) {
+        let event = expect(
+            server,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/default/events",
+            201,
+            json!({}),
+        )
+        .await;
+        let patch = expect(
+            server,
+            Method::PATCH,
+            "/apis/herald.dev/v1alpha1/namespaces/default/webhookendpoints/orders/status",
+            200,
+            serde_json::to_value(answer).unwrap(),
+        )
+        .await;
+        (event, patch)
+    }
+
     #[tokio::test]
     async fn a_missing_secret_is_ready_false_with_an_event_and_no_error() {
         let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -614,25 +639,10 @@ mod scripted_api_server {
                 not_found,
             )
             .await;
-            let event = expect(
-                &mut server,
-                Method::POST,
-                "/apis/events.k8s.io/v1/namespaces/default/events",
-                201,
-                json!({}),
-            )
-            .await;
+            let (event, patch) = expect_event_then_status(&mut server, &endpoint("later")).await;
             assert_eq!(event["reason"], "SecretNotFound");
             assert_eq!(event["type"], "Warning");
             assert_eq!(event["regarding"]["name"], "orders");
-            let patch = expect(
-                &mut server,
-                Method::PATCH,
-                "/apis/herald.dev/v1alpha1/namespaces/default/webhookendpoints/orders/status",
-                200,
-                serde_json::to_value(endpoint("later")).unwrap(),
-            )
-            .await;
             let ready = &patch["status"]["conditions"][0];
             assert_eq!(ready["type"], "Ready");
             assert_eq!(ready["status"], "False");
@@ -667,14 +677,7 @@ mod scripted_api_server {
                 secret,
             )
             .await;
-            let event = expect(
-                &mut server,
-                Method::POST,
-                "/apis/events.k8s.io/v1/namespaces/default/events",
-                201,
-                json!({}),
-            )
-            .await;
+            let (event, patch) = expect_event_then_status(&mut server, &endpoint("plain")).await;
             assert_eq!(event["reason"], "InvalidSecret");
             // The message says where to look, and never shows the value.
             let note = event["note"].as_str().unwrap();
@@ -682,14 +685,6 @@ mod scripted_api_server {
                 note.contains("plain") && !note.contains("hunter2"),
                 "{note}"
             );
-            let patch = expect(
-                &mut server,
-                Method::PATCH,
-                "/apis/herald.dev/v1alpha1/namespaces/default/webhookendpoints/orders/status",
-                200,
-                serde_json::to_value(endpoint("plain")).unwrap(),
-            )
-            .await;
             assert_eq!(patch["status"]["conditions"][0]["reason"], "InvalidSecret");
         });
         reconcile(Arc::new(endpoint("plain")), ctx).await.unwrap();
