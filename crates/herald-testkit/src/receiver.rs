@@ -11,14 +11,15 @@ use axum::{
     Router,
     body::Bytes,
     extract::State,
-    http::{HeaderMap, StatusCode, Uri},
+    http::{HeaderMap, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
 };
 use tokio::task::JoinHandle;
 
 use crate::wait_until;
 
 /// How the receiver answers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum ReceiverBehaviour {
     /// 200 to everything.
     Ok,
@@ -31,6 +32,8 @@ pub enum ReceiverBehaviour {
     Gone,
     /// Never answers: the request stays open until the client gives up.
     Hang,
+    /// 307 Temporary Redirect to this URL.
+    RedirectTo(String),
 }
 
 /// One request as it arrived.
@@ -111,7 +114,7 @@ async fn record(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
+) -> Response {
     let headers: HashMap<String, String> = headers
         .iter()
         .map(|(name, value)| {
@@ -128,22 +131,28 @@ async fn record(
         body: String::from_utf8_lossy(&body).into_owned(),
         received_at: SystemTime::now(),
     });
-    if matches!(state.behaviour, ReceiverBehaviour::Hang) {
-        std::future::pending::<()>().await;
-    }
-    let status = match state.behaviour {
+    let status = match &state.behaviour {
         ReceiverBehaviour::Ok => 200,
-        ReceiverBehaviour::Status(status) => status,
+        ReceiverBehaviour::Status(status) => *status,
         ReceiverBehaviour::Gone => 410,
-        ReceiverBehaviour::Hang => unreachable!("a hanging receiver never answers"),
+        ReceiverBehaviour::Hang => std::future::pending().await,
+        ReceiverBehaviour::RedirectTo(location) => {
+            return (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, location.clone())],
+            )
+                .into_response();
+        }
         ReceiverBehaviour::FailFirst { times, status } => {
             let mut seen = lock(&state.seen_per_webhook_id);
             let count = seen.entry(webhook_id).or_default();
             *count += 1;
-            if *count <= times { status } else { 200 }
+            if *count <= *times { *status } else { 200 }
         }
     };
-    StatusCode::from_u16(status).expect("a valid HTTP status")
+    StatusCode::from_u16(status)
+        .expect("a valid HTTP status")
+        .into_response()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

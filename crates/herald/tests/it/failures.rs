@@ -4,7 +4,7 @@ use herald::roles::Roles;
 use herald_testkit::{Mailpit, NatsServer, ReceiverBehaviour, TestReceiver, free_port};
 use serde_json::json;
 
-use crate::harness::{DEADLINE, Herald, add_endpoint, test_config};
+use crate::harness::{DEADLINE, Herald, add_endpoint, add_endpoint_spec, test_config};
 
 #[tokio::test]
 async fn a_failing_endpoint_gets_every_attempt_then_its_owner_an_email() {
@@ -147,5 +147,63 @@ async fn a_mail_that_cannot_be_sent_is_retried_then_recorded_as_failed() {
         "{task}"
     );
     assert_eq!(task["endpoints"][0]["state"], "mail_failed", "{task}");
+    herald.stop().await;
+}
+
+#[tokio::test]
+async fn a_redirect_is_a_failed_attempt_and_is_never_followed() {
+    let nats = NatsServer::start().await;
+    let mail = Mailpit::start().await;
+    let elsewhere = TestReceiver::start(ReceiverBehaviour::Ok).await;
+    let redirecting =
+        TestReceiver::start(ReceiverBehaviour::RedirectTo(elsewhere.url("/landed"))).await;
+    add_endpoint(
+        &nats,
+        "14",
+        "hooks",
+        &redirecting.url("/hooks"),
+        Some("owner14@example.com"),
+    )
+    .await;
+    let herald = Herald::start(test_config(&nats, Some(&mail)), Roles::all()).await;
+
+    let id = herald.accept("14", "echo", json!({})).await;
+    let task = herald.wait_for_state("14", &id, "mailed").await;
+    let attempts = task["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 4, "{task}");
+    assert!(attempts.iter().all(|a| a["status"] == 307), "{task}");
+    assert!(elsewhere.received().is_empty(), "the redirect was followed");
+    herald.stop().await;
+}
+
+#[tokio::test]
+async fn an_endpoints_own_timeout_bounds_each_attempt() {
+    let nats = NatsServer::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Hang).await;
+    // timeoutSeconds 1, under the global 5 s of test_config; one retry.
+    add_endpoint_spec(
+        &nats,
+        "hooks",
+        json!({
+            "userId": "15",
+            "url": receiver.url("/hooks"),
+            "timeoutSeconds": 1,
+            "retry": { "schedule": ["10ms"] },
+        }),
+    )
+    .await;
+    let herald = Herald::start(test_config(&nats, None), Roles::all()).await;
+
+    let id = herald.accept("15", "echo", json!({})).await;
+    // No email to tell: the endpoint ends undelivered.
+    let task = herald.wait_for_state("15", &id, "undelivered").await;
+    let attempts = task["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{task}");
+    for attempt in attempts {
+        assert_eq!(attempt["error"], "timed out", "{task}");
+        let latency = attempt["latency_ms"].as_u64().unwrap();
+        // The endpoint's 1 s applied, not the global 5 s.
+        assert!((1000..5000).contains(&latency), "{task}");
+    }
     herald.stop().await;
 }

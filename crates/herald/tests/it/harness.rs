@@ -164,12 +164,23 @@ pub async fn add_endpoint(
     url: &str,
     email: Option<&str>,
 ) -> (EndpointConfig, SigningSecret) {
+    add_endpoint_spec(
+        nats,
+        name,
+        json!({ "userId": user, "url": url, "email": email }),
+    )
+    .await
+}
+
+/// Like [`add_endpoint`], with any WebhookEndpoint spec.
+pub async fn add_endpoint_spec(
+    nats: &NatsServer,
+    name: &str,
+    spec: Value,
+) -> (EndpointConfig, SigningSecret) {
     let broker = broker(nats).await;
     let secret = SigningSecret::generate();
-    let spec: WebhookEndpointSpec = serde_json::from_value(json!({
-        "userId": user, "url": url, "email": email,
-    }))
-    .unwrap();
+    let spec: WebhookEndpointSpec = serde_json::from_value(spec).unwrap();
     let config = spec
         .to_config("default", name, vec![secret.clone()])
         .unwrap();
