@@ -18,6 +18,9 @@ pub const HEALTH_BUCKET: &str = "herald-endpoint-health";
 
 pub const TASKS_SUBJECTS: &str = "herald.tasks.>";
 pub const WEBHOOKS_SUBJECTS: &str = "herald.webhooks.>";
+/// Scheduled retries and deferrals of deliveries, held in `HERALD_WEBHOOKS`
+/// as JetStream message schedules until they fire onto a webhook subject.
+pub const RETRIES_SUBJECTS: &str = "herald.retries.>";
 pub const MAIL_SUBJECTS: &str = "herald.mail.>";
 pub const ATTEMPTS_SUBJECTS: &str = "herald.attempts.>";
 
@@ -35,6 +38,12 @@ pub fn queued_task_filter(user: &UserId, task: &TaskId) -> String {
 
 pub fn webhook_subject(user: &UserId, endpoint: &EndpointId) -> String {
     format!("herald.webhooks.{user}.{endpoint}")
+}
+
+/// The schedule that holds the next attempt of one delivery. A subject holds
+/// one schedule, so scheduling again replaces what was pending.
+pub fn retry_subject(user: &UserId, endpoint: &EndpointId, task: &TaskId) -> String {
+    format!("herald.retries.{user}.{endpoint}.{task}")
 }
 
 pub fn mail_subject(user: &UserId) -> String {
@@ -55,6 +64,21 @@ pub fn task_msg_id(task: &TaskId) -> String {
 /// It is also the Standard Webhooks `webhook-id`, stable across retries.
 pub fn delivery_msg_id(task: &TaskId, endpoint: &EndpointId) -> String {
     format!("{task}.{endpoint}")
+}
+
+/// `Nats-Msg-Id` of attempt `attempt` of a delivery (in redelivery round
+/// `redelivery`, if any), so a worker that repeats its work after a lost ack
+/// cannot schedule the same attempt twice.
+pub fn attempt_msg_id(
+    task: &TaskId,
+    endpoint: &EndpointId,
+    redelivery: Option<&str>,
+    attempt: u32,
+) -> String {
+    match redelivery {
+        Some(round) => format!("{task}.{endpoint}.{round}.a{attempt}"),
+        None => format!("{task}.{endpoint}.a{attempt}"),
+    }
 }
 
 pub fn mail_msg_id(task: &TaskId, endpoint: &EndpointId) -> String {

@@ -71,6 +71,18 @@ pub struct DeliveryJob {
     /// sees the same bytes under the same `webhook-id`.
     pub body: String,
     pub accepted_at_ms: u64,
+    /// The attempt this message carries: 1 when fanned out, n+1 when the
+    /// worker schedules a retry after attempt n.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+    /// The redeliver or recover request that re-sent this delivery, if any;
+    /// it keeps that round's message ids apart from the original's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redelivery: Option<String>,
+}
+
+fn first_attempt() -> u32 {
+    1
 }
 
 /// Why a mail is sent about an endpoint.
@@ -81,6 +93,10 @@ pub enum MailReason {
     AttemptsExhausted,
     /// The endpoint answered 410 Gone.
     EndpointGone,
+    /// The endpoint kept failing for the disabling period and is disabled.
+    EndpointDisabled,
+    /// The endpoint answered 2xx again after its owner was told it failed.
+    EndpointRecovered,
 }
 
 /// A notification to the owner of a failing endpoint (`HERALD_MAIL`).
@@ -114,6 +130,20 @@ pub enum AttemptOutcome {
     EndpointRemoved,
     /// The endpoint has no email: attempts ended and nobody could be told.
     Abandoned,
+    /// The endpoint is disabled: nothing was sent and the delivery is kept
+    /// for the recover call.
+    Held,
+}
+
+impl MailReason {
+    /// Whether the mail ends a delivery (rather than telling about the
+    /// endpoint as a whole).
+    pub fn ends_delivery(self) -> bool {
+        matches!(
+            self,
+            MailReason::AttemptsExhausted | MailReason::EndpointGone
+        )
+    }
 }
 
 impl AttemptOutcome {
@@ -126,6 +156,7 @@ impl AttemptOutcome {
             AttemptOutcome::Gone => "gone",
             AttemptOutcome::EndpointRemoved => "endpoint_removed",
             AttemptOutcome::Abandoned => "abandoned",
+            AttemptOutcome::Held => "held",
         }
     }
 
@@ -164,6 +195,10 @@ pub const RESPONSE_BODY_LIMIT: usize = 1024;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MailOutcome {
     pub endpoint: EndpointId,
+    /// What the mail was about; absent in records written before endpoint
+    /// mails existed, which were all about failed deliveries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<MailReason>,
     pub to: String,
     pub attempt: u32,
     pub at_ms: u64,
@@ -269,6 +304,14 @@ pub struct EndpointHealth {
     pub last_error: Option<String>,
     #[serde(default)]
     pub disabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
+    /// The owner was mailed about failures since the last success, so the
+    /// next success sends a "recovered" mail.
+    #[serde(default)]
+    pub owner_notified: bool,
 }
 
 /// The body of a webhook request (Standard Webhooks payload structure).
@@ -332,6 +375,7 @@ mod tests {
             v: VERSION,
             task: TaskId::new("t1").unwrap(),
             event: TaskEvent::Mail(MailOutcome {
+                reason: None,
                 endpoint: EndpointId::new("e").unwrap(),
                 to: "ops@example.com".into(),
                 attempt: 1,

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::{
     EndpointId,
-    payload::{AttemptOutcome, HandlerOutcome, TaskEvent, TaskRecord},
+    payload::{AttemptOutcome, HandlerOutcome, MailReason, TaskEvent, TaskRecord},
 };
 
 /// The state of a task as the API reports it.
@@ -50,6 +50,8 @@ pub enum EndpointDeliveryState {
     Abandoned,
     /// The endpoint was removed before the webhook went out.
     EndpointRemoved,
+    /// The endpoint is disabled; the delivery waits for the recover call.
+    Held,
 }
 
 impl EndpointDeliveryState {
@@ -75,12 +77,15 @@ pub fn endpoint_state(endpoint: &EndpointId, events: &[TaskEvent]) -> EndpointDe
                     }
                     AttemptOutcome::Abandoned => EndpointDeliveryState::Abandoned,
                     AttemptOutcome::EndpointRemoved => EndpointDeliveryState::EndpointRemoved,
+                    AttemptOutcome::Held => EndpointDeliveryState::Held,
                 };
             }
             // A mail after a late success (a duplicate delivery) changes
             // nothing either.
             TaskEvent::Mail(mail)
-                if &mail.endpoint == endpoint && state != EndpointDeliveryState::Delivered =>
+                if &mail.endpoint == endpoint
+                    && state != EndpointDeliveryState::Delivered
+                    && mail.reason.is_none_or(MailReason::ends_delivery) =>
             {
                 state = if mail.sent {
                     EndpointDeliveryState::Mailed
@@ -155,6 +160,7 @@ mod tests {
 
     fn mail(endpoint: &str, sent: bool) -> TaskEvent {
         TaskEvent::Mail(MailOutcome {
+            reason: None,
             endpoint: ep(endpoint),
             to: "a@b.c".into(),
             attempt: 1,

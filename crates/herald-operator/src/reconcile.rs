@@ -476,7 +476,7 @@ mod tests {
             last_success_ms: Some(500),
             last_failure_ms: None,
             last_error: None,
-            disabled: false,
+            ..Default::default()
         }
     }
 

@@ -5,18 +5,30 @@
 //! flushes it at most once per interval, and at once when an endpoint turns
 //! from healthy to failing or back. Several workers merge into the same
 //! record with compare-and-set on the KV revision.
+//!
+//! The record also decides when an endpoint is disabled: at once on 410
+//! Gone, or when it has failed without a success for the disabling period.
+//! The worker whose write disables an endpoint, or whose write records the
+//! first success after the owner was mailed about failures, publishes the
+//! "disabled" or "recovered" mail. Every worker follows the bucket to know
+//! which endpoints are disabled.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use async_nats::jetstream::kv::{self, UpdateErrorKind};
+use futures::StreamExt;
 use herald_core::{
-    EndpointId, UserId, names,
-    payload::{EndpointHealth, VERSION, decode, encode},
+    EndpointId, TaskId, UserId, names,
+    payload::{EndpointHealth, MailJob, MailReason, VERSION, decode, encode},
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Broker, QueueError};
+use crate::{Broker, QueueError, endpoints::EndpointCache, publish::Outgoing};
 
 /// Outcomes seen by this process since the last flush.
 #[derive(Debug, Default, Clone)]
@@ -29,15 +41,43 @@ struct Pending {
     first_failure_ms: Option<u64>,
     last_failure_ms: Option<u64>,
     last_error: Option<String>,
+    /// The endpoint answered 410 Gone.
+    gone: bool,
+    /// The owner was mailed about a failed delivery.
+    owner_notified: bool,
+    /// The task of the latest outcome, named in a disabled/recovered mail.
+    last_task: Option<TaskId>,
+}
+
+/// A change worth a mail, decided by the write that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transition {
+    None,
+    /// Disabled after failing for the disabling period.
+    Disabled,
+    /// Disabled by 410 Gone; the worker already mailed about it.
+    DisabledByGone,
+    /// The first success after the owner was mailed about failures.
+    Recovered,
 }
 
 impl Pending {
-    fn merge_into(&self, mut health: EndpointHealth) -> EndpointHealth {
+    fn merge_into(
+        &self,
+        mut health: EndpointHealth,
+        now_ms: u64,
+        disable_after: Duration,
+    ) -> (EndpointHealth, Transition) {
         health.v = VERSION;
+        let mut transition = Transition::None;
         if self.succeeded {
             health.last_success_ms = health.last_success_ms.max(self.last_success_ms);
             health.consecutive_failures = self.failures;
             health.failing_since_ms = self.first_failure_ms;
+            if health.owner_notified && self.failures == 0 {
+                health.owner_notified = false;
+                transition = Transition::Recovered;
+            }
         } else {
             health.consecutive_failures += self.failures;
             health.failing_since_ms = health.failing_since_ms.or(self.first_failure_ms);
@@ -46,7 +86,30 @@ impl Pending {
             health.last_failure_ms = health.last_failure_ms.max(self.last_failure_ms);
             health.last_error = self.last_error.clone();
         }
-        health
+        health.owner_notified |= self.owner_notified;
+        if !health.disabled {
+            let failing_for = health
+                .failing_since_ms
+                .map(|since| Duration::from_millis(now_ms.saturating_sub(since)));
+            if self.gone {
+                health.disabled = true;
+                health.disabled_reason = Some("the endpoint answered 410 Gone".into());
+                transition = Transition::DisabledByGone;
+            } else if failing_for.is_some_and(|f| f >= disable_after) && self.failures > 0 {
+                health.disabled = true;
+                health.disabled_reason = Some(format!(
+                    "failing without a success for {}",
+                    humantime::format_duration(Duration::from_secs(
+                        failing_for.unwrap_or_default().as_secs()
+                    ))
+                ));
+                transition = Transition::Disabled;
+            }
+            if health.disabled {
+                health.disabled_at_ms = Some(now_ms);
+            }
+        }
+        (health, transition)
     }
 }
 
@@ -56,17 +119,37 @@ pub struct HealthTracker {
     pending: Arc<std::sync::Mutex<HashMap<String, Pending>>>,
     /// The last state this process wrote per endpoint: true when failing.
     failing: Arc<std::sync::Mutex<HashMap<String, bool>>>,
+    /// Keys of disabled endpoints, as the bucket says.
+    disabled: Arc<std::sync::RwLock<HashSet<String>>>,
     flush_now: Arc<Notify>,
+    endpoints: EndpointCache,
+    disable_after: Duration,
 }
 
 impl HealthTracker {
-    /// Starts the flusher; it flushes a last time when `shutdown` fires.
-    pub fn start(broker: Broker, interval: Duration, shutdown: CancellationToken) -> Self {
+    /// Starts the flusher, which flushes a last time when `shutdown` fires,
+    /// and the watch of disabled endpoints. `disable_after`: how long an
+    /// endpoint may fail without a success before it is disabled.
+    pub fn start(
+        broker: Broker,
+        endpoints: EndpointCache,
+        interval: Duration,
+        disable_after: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
         let tracker = Self {
             pending: Arc::default(),
             failing: Arc::default(),
+            disabled: Arc::default(),
             flush_now: Arc::new(Notify::new()),
+            endpoints,
+            disable_after,
         };
+        tokio::spawn(follow_disabled(
+            broker.clone(),
+            tracker.disabled.clone(),
+            shutdown.clone(),
+        ));
         let flusher = tracker.clone();
         tokio::spawn(async move {
             loop {
@@ -84,7 +167,15 @@ impl HealthTracker {
         tracker
     }
 
-    pub fn record_success(&self, user: &UserId, endpoint: &EndpointId, at_ms: u64) {
+    /// Whether deliveries to the endpoint are disabled.
+    pub fn is_disabled(&self, user: &UserId, endpoint: &EndpointId) -> bool {
+        self.disabled
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&names::endpoint_key(user, endpoint))
+    }
+
+    pub fn record_success(&self, user: &UserId, endpoint: &EndpointId, task: &TaskId, at_ms: u64) {
         let key = names::endpoint_key(user, endpoint);
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -93,19 +184,33 @@ impl HealthTracker {
             p.last_success_ms = Some(at_ms);
             p.failures = 0;
             p.first_failure_ms = None;
+            p.last_task = Some(task.clone());
         }
         self.flush_if_turned(&key, false);
     }
 
-    pub fn record_failure(&self, user: &UserId, endpoint: &EndpointId, at_ms: u64, error: &str) {
-        let key = names::endpoint_key(user, endpoint);
+    /// A failed attempt. `gone`: the endpoint answered 410 and is disabled
+    /// at once. `owner_notified`: a mail about it is on its way.
+    pub fn record_failure(&self, failure: Failure<'_>) {
+        let key = names::endpoint_key(failure.user, failure.endpoint);
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             let p = pending.entry(key.clone()).or_default();
             p.failures += 1;
-            p.first_failure_ms.get_or_insert(at_ms);
-            p.last_failure_ms = Some(at_ms);
-            p.last_error = Some(error.chars().take(500).collect());
+            p.first_failure_ms.get_or_insert(failure.at_ms);
+            p.last_failure_ms = Some(failure.at_ms);
+            p.last_error = Some(failure.error.chars().take(500).collect());
+            p.gone |= failure.gone;
+            p.owner_notified |= failure.owner_notified;
+            p.last_task = Some(failure.task.clone());
+        }
+        if failure.gone {
+            // Stop at once in this process; the bucket tells the others.
+            self.disabled
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone());
+            self.flush_now.notify_one();
         }
         self.flush_if_turned(&key, true);
     }
@@ -135,12 +240,75 @@ impl HealthTracker {
         };
         let mut unwritten = HashMap::new();
         for (key, pending) in batch {
-            if let Err(e) = merge(&bucket, &key, &pending).await {
-                tracing::warn!(key, error = %e, "could not update endpoint health");
-                unwritten.insert(key, pending);
+            match merge(&bucket, &key, &pending, self.disable_after).await {
+                Ok(transition) => self.announce(broker, &key, &pending, transition).await,
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "could not update endpoint health");
+                    unwritten.insert(key, pending);
+                }
             }
         }
         self.restore(unwritten);
+    }
+
+    /// Mails the owner about a transition this process's write made.
+    async fn announce(
+        &self,
+        broker: &Broker,
+        key: &str,
+        pending: &Pending,
+        transition: Transition,
+    ) {
+        let reason = match transition {
+            Transition::None | Transition::DisabledByGone => return,
+            Transition::Disabled => MailReason::EndpointDisabled,
+            Transition::Recovered => MailReason::EndpointRecovered,
+        };
+        if transition == Transition::Disabled {
+            self.disabled
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.to_string());
+        }
+        tracing::warn!(endpoint = key, ?reason, "endpoint health changed");
+        let Some((user, endpoint)) = key.split_once('.').and_then(|(u, e)| {
+            Some((
+                UserId::new(u.to_string()).ok()?,
+                EndpointId::new(e.to_string()).ok()?,
+            ))
+        }) else {
+            return;
+        };
+        let Some(config) = self.endpoints.get(&user, &endpoint) else {
+            return;
+        };
+        let (Some(to), Some(task)) = (config.email.clone(), pending.last_task.clone()) else {
+            return;
+        };
+        let suffix = match reason {
+            MailReason::EndpointRecovered => "recovered",
+            _ => "disabled",
+        };
+        let mail = MailJob {
+            v: VERSION,
+            task: task.clone(),
+            user: user.clone(),
+            endpoint: endpoint.clone(),
+            url: config.url.clone(),
+            to,
+            reason,
+            attempts: 0,
+            last_error: pending.last_error.clone().unwrap_or_default(),
+            failed_at_ms: herald_core::now_ms(),
+        };
+        let message = Outgoing::new(
+            names::mail_subject(&user),
+            format!("{}.{suffix}", names::mail_msg_id(&task, &endpoint)),
+            encode(&mail),
+        );
+        if let Err(e) = broker.publish(message).await {
+            tracing::error!(endpoint = key, error = %e, "could not queue the endpoint mail");
+        }
     }
 
     /// Puts unflushed outcomes back, under any that arrived meanwhile.
@@ -160,6 +328,9 @@ impl HealthTracker {
                             first_failure_ms: older.first_failure_ms.or(newer.first_failure_ms),
                             last_failure_ms: newer.last_failure_ms,
                             last_error: newer.last_error,
+                            gone: older.gone || newer.gone,
+                            owner_notified: older.owner_notified || newer.owner_notified,
+                            last_task: newer.last_task.or(older.last_task),
                             ..older
                         }
                     };
@@ -170,9 +341,69 @@ impl HealthTracker {
     }
 }
 
+/// One failed attempt, for [`HealthTracker::record_failure`].
+pub struct Failure<'a> {
+    pub user: &'a UserId,
+    pub endpoint: &'a EndpointId,
+    pub task: &'a TaskId,
+    pub at_ms: u64,
+    pub error: &'a str,
+    pub gone: bool,
+    pub owner_notified: bool,
+}
+
+/// Follows the bucket and keeps the set of disabled endpoints current.
+async fn follow_disabled(
+    broker: Broker,
+    disabled: Arc<std::sync::RwLock<HashSet<String>>>,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        let followed = async {
+            let bucket = broker
+                .jetstream
+                .get_key_value(names::HEALTH_BUCKET)
+                .await
+                .map_err(|e| QueueError::request("open health bucket", e))?;
+            let mut watch = bucket
+                .watch_all()
+                .await
+                .map_err(|e| QueueError::request("watch endpoint health", e))?;
+            while let Some(entry) = watch.next().await {
+                let entry = entry.map_err(|e| QueueError::request("watch endpoint health", e))?;
+                let is_disabled = entry.operation == kv::Operation::Put
+                    && decode::<EndpointHealth>(&entry.value).is_ok_and(|h| h.disabled);
+                let mut set = disabled.write().unwrap_or_else(|p| p.into_inner());
+                if is_disabled {
+                    set.insert(entry.key);
+                } else {
+                    set.remove(&entry.key);
+                }
+            }
+            Ok::<(), QueueError>(())
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            result = followed => if let Err(e) = result {
+                tracing::warn!(error = %e, "endpoint health watch interrupted");
+            },
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// Compare-and-set loop: read the record, fold `pending` in, write it back
-/// at the revision read; on a concurrent write, read again.
-async fn merge(bucket: &kv::Store, key: &str, pending: &Pending) -> Result<(), QueueError> {
+/// at the revision read; on a concurrent write, read again. Returns the
+/// transition the write made.
+async fn merge(
+    bucket: &kv::Store,
+    key: &str,
+    pending: &Pending,
+    disable_after: Duration,
+) -> Result<Transition, QueueError> {
     for _ in 0..5 {
         let current = bucket
             .entry(key)
@@ -186,7 +417,8 @@ async fn merge(bucket: &kv::Store, key: &str, pending: &Pending) -> Result<(), Q
             Some(entry) => (EndpointHealth::default(), Some(entry.revision)),
             None => (EndpointHealth::default(), None),
         };
-        let value = encode(&pending.merge_into(health));
+        let (health, transition) = pending.merge_into(health, herald_core::now_ms(), disable_after);
+        let value = encode(&health);
         let written = match revision {
             Some(revision) => bucket
                 .update(key, value.into(), revision)
@@ -200,7 +432,7 @@ async fn merge(bucket: &kv::Store, key: &str, pending: &Pending) -> Result<(), Q
                 .map_err(|e| e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists),
         };
         match written {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(transition),
             Err(true) => continue, // another worker wrote first: merge again
             Err(false) => return Err(QueueError::request("write endpoint health", key)),
         }
@@ -233,6 +465,18 @@ pub async fn read(
 mod tests {
     use super::*;
 
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    fn failures(n: u64, first_ms: u64) -> Pending {
+        Pending {
+            failures: n,
+            first_failure_ms: Some(first_ms),
+            last_failure_ms: Some(first_ms),
+            last_error: Some("503".into()),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn a_success_resets_failures_and_failures_accumulate() {
         let stored = EndpointHealth {
@@ -241,26 +485,82 @@ mod tests {
             failing_since_ms: Some(10),
             ..Default::default()
         };
-        let more_failures = Pending {
-            failures: 2,
-            first_failure_ms: Some(50),
-            last_failure_ms: Some(60),
-            last_error: Some("503".into()),
-            ..Default::default()
-        };
-        let merged = more_failures.merge_into(stored.clone());
+        let (merged, transition) = failures(2, 50).merge_into(stored.clone(), 60, DAY);
         assert_eq!(merged.consecutive_failures, 6);
         assert_eq!(merged.failing_since_ms, Some(10));
         assert_eq!(merged.last_error.as_deref(), Some("503"));
+        assert_eq!(transition, Transition::None);
 
         let recovered = Pending {
             succeeded: true,
             last_success_ms: Some(70),
             ..Default::default()
         };
-        let merged = recovered.merge_into(stored);
+        let (merged, transition) = recovered.merge_into(stored, 70, DAY);
         assert_eq!(merged.consecutive_failures, 0);
         assert_eq!(merged.failing_since_ms, None);
         assert_eq!(merged.last_success_ms, Some(70));
+        assert_eq!(
+            transition,
+            Transition::None,
+            "nobody was mailed, so no recovered mail"
+        );
+    }
+
+    #[test]
+    fn failing_for_the_whole_period_disables_once() {
+        let stored = EndpointHealth {
+            v: 1,
+            consecutive_failures: 10,
+            failing_since_ms: Some(1_000),
+            ..Default::default()
+        };
+        let day_ms = DAY.as_millis() as u64;
+        let (early, transition) = failures(1, 2_000).merge_into(stored.clone(), day_ms, DAY);
+        assert!(!early.disabled);
+        assert_eq!(transition, Transition::None);
+
+        let now = 1_000 + day_ms;
+        let (disabled, transition) = failures(1, now).merge_into(stored, now, DAY);
+        assert!(disabled.disabled);
+        assert_eq!(disabled.disabled_at_ms, Some(now));
+        assert_eq!(transition, Transition::Disabled);
+
+        let (again, transition) = failures(1, now + 5).merge_into(disabled, now + 5, DAY);
+        assert!(again.disabled);
+        assert_eq!(transition, Transition::None, "the mail goes out once");
+    }
+
+    #[test]
+    fn gone_disables_at_once_without_a_second_mail() {
+        let gone = Pending {
+            gone: true,
+            owner_notified: true,
+            ..failures(1, 5)
+        };
+        let (health, transition) = gone.merge_into(EndpointHealth::default(), 5, DAY);
+        assert!(health.disabled);
+        assert!(health.owner_notified);
+        assert_eq!(transition, Transition::DisabledByGone);
+    }
+
+    #[test]
+    fn the_first_success_after_a_failure_mail_is_a_recovery() {
+        let notified = Pending {
+            owner_notified: true,
+            ..failures(3, 5)
+        };
+        let (health, _) = notified.merge_into(EndpointHealth::default(), 6, DAY);
+        assert!(health.owner_notified);
+        let success = Pending {
+            succeeded: true,
+            last_success_ms: Some(9),
+            ..Default::default()
+        };
+        let (health, transition) = success.merge_into(health, 9, DAY);
+        assert_eq!(transition, Transition::Recovered);
+        assert!(!health.owner_notified);
+        let (_, transition) = success.merge_into(health, 10, DAY);
+        assert_eq!(transition, Transition::None, "only the first success");
     }
 }

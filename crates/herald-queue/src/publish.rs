@@ -11,12 +11,23 @@ use futures::future::try_join_all;
 
 use crate::{Broker, QueueError};
 
-/// A message to publish: subject, `Nats-Msg-Id` for de-duplication, payload.
+/// A message to publish: subject, `Nats-Msg-Id` for de-duplication, payload,
+/// and, for a message schedule, when and where it fires.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub subject: String,
     pub msg_id: Option<String>,
     pub payload: Vec<u8>,
+    pub schedule: Option<Schedule>,
+}
+
+/// A JetStream message schedule (nats-server 2.12+, ADR-51): the stream
+/// keeps the message on its own subject and publishes its payload to
+/// `target`, in the same stream, at `at_ms`.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub target: String,
+    pub at_ms: u64,
 }
 
 impl Outgoing {
@@ -25,6 +36,21 @@ impl Outgoing {
             subject,
             msg_id: msg_id.into(),
             payload,
+            schedule: None,
+        }
+    }
+
+    /// A message stored on `subject` that fires onto `target` at `at_ms`.
+    pub fn scheduled(
+        subject: String,
+        target: String,
+        at_ms: u64,
+        msg_id: String,
+        payload: Vec<u8>,
+    ) -> Self {
+        Self {
+            schedule: Some(Schedule { target, at_ms }),
+            ..Self::new(subject, msg_id, payload)
         }
     }
 }
@@ -65,6 +91,11 @@ impl Broker {
         let mut headers = HeaderMap::new();
         if let Some(id) = &message.msg_id {
             headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        }
+        if let Some(schedule) = &message.schedule {
+            let at = format!("@at {}", herald_core::rfc3339(schedule.at_ms));
+            headers.insert("Nats-Schedule", at.as_str());
+            headers.insert("Nats-Schedule-Target", schedule.target.as_str());
         }
         let subject = message.subject;
         self.jetstream

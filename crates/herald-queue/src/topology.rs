@@ -112,7 +112,17 @@ impl TopologyConfig {
     fn streams(&self) -> Vec<stream::Config> {
         vec![
             self.work_queue(names::TASKS_STREAM, names::TASKS_SUBJECTS),
-            self.work_queue(names::WEBHOOKS_STREAM, names::WEBHOOKS_SUBJECTS),
+            // Retries wait in the same stream as message schedules, outside
+            // the consumer's filter: a dead endpoint's backlog is stored,
+            // not pending, so it cannot fill `max_ack_pending`.
+            stream::Config {
+                subjects: vec![
+                    names::WEBHOOKS_SUBJECTS.to_string(),
+                    names::RETRIES_SUBJECTS.to_string(),
+                ],
+                allow_message_schedules: true,
+                ..self.work_queue(names::WEBHOOKS_STREAM, names::WEBHOOKS_SUBJECTS)
+            },
             self.work_queue(names::MAIL_STREAM, names::MAIL_SUBJECTS),
             stream::Config {
                 name: names::ATTEMPTS_STREAM.to_string(),
@@ -128,9 +138,10 @@ impl TopologyConfig {
         ]
     }
 
-    fn consumer(&self, name: &str) -> consumer::pull::Config {
+    fn consumer(&self, name: &str, subjects: &str) -> consumer::pull::Config {
         consumer::pull::Config {
             durable_name: Some(name.to_string()),
+            filter_subject: subjects.to_string(),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.ack_wait,
             max_deliver: self.max_deliver,
@@ -157,11 +168,23 @@ impl TopologyConfig {
     }
 }
 
-/// The consumer of each work-queue stream.
-pub const CONSUMERS: [(&str, &str); 3] = [
-    (names::TASKS_STREAM, names::TASKS_CONSUMER),
-    (names::WEBHOOKS_STREAM, names::WEBHOOKS_CONSUMER),
-    (names::MAIL_STREAM, names::MAIL_CONSUMER),
+/// The consumer of each work-queue stream and the subjects it takes.
+pub const CONSUMERS: [(&str, &str, &str); 3] = [
+    (
+        names::TASKS_STREAM,
+        names::TASKS_CONSUMER,
+        names::TASKS_SUBJECTS,
+    ),
+    (
+        names::WEBHOOKS_STREAM,
+        names::WEBHOOKS_CONSUMER,
+        names::WEBHOOKS_SUBJECTS,
+    ),
+    (
+        names::MAIL_STREAM,
+        names::MAIL_CONSUMER,
+        names::MAIL_SUBJECTS,
+    ),
 ];
 
 /// Creates or updates every stream, consumer and bucket. Safe to run from
@@ -173,12 +196,12 @@ pub async fn ensure(broker: &Broker, config: &TopologyConfig) -> Result<(), Queu
             .await
             .map_err(|e| QueueError::request("create stream", e))?;
     }
-    for (stream, name) in CONSUMERS {
+    for (stream, name, subjects) in CONSUMERS {
         let stream = js
             .get_stream_no_info(stream)
             .await
             .map_err(|e| QueueError::request("get stream", e))?;
-        let wanted = config.consumer(name);
+        let wanted = config.consumer(name, subjects);
         match stream.update_consumer(wanted.clone()).await {
             Ok(_) => {}
             Err(_) => {

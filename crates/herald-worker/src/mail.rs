@@ -175,6 +175,7 @@ impl MailWorker {
             &job.task,
             TaskEvent::Mail(MailOutcome {
                 endpoint: job.endpoint.clone(),
+                reason: Some(job.reason),
                 to: job.to.clone(),
                 attempt,
                 at_ms: herald_core::now_ms(),
@@ -206,6 +207,8 @@ fn subject(job: &MailJob) -> String {
     match job.reason {
         MailReason::AttemptsExhausted => format!("Webhook deliveries to {} are failing", job.url),
         MailReason::EndpointGone => format!("Webhook endpoint {} answered 410 Gone", job.url),
+        MailReason::EndpointDisabled => format!("Webhook endpoint {} is disabled", job.url),
+        MailReason::EndpointRecovered => format!("Webhook endpoint {} has recovered", job.url),
     }
 }
 
@@ -216,7 +219,19 @@ fn body(job: &MailJob) -> String {
             job.attempts
         ),
         MailReason::EndpointGone => {
-            "Your endpoint answered 410 Gone, so Herald stopped retrying this webhook.".to_string()
+            "Your endpoint answered 410 Gone, so Herald stopped retrying this webhook and \
+             disabled the endpoint."
+                .to_string()
+        }
+        MailReason::EndpointDisabled => format!(
+            "Your endpoint kept failing, so Herald disabled it. New webhooks for it are kept, \
+             not sent; once it works again, enable it with \
+             POST /users/{}/endpoints/{}/enable, which also re-sends what was kept.",
+            job.user, job.endpoint
+        ),
+        MailReason::EndpointRecovered => {
+            "Your endpoint accepted a webhook again after failing; deliveries continue normally."
+                .to_string()
         }
     };
     format!(

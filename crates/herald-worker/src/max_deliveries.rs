@@ -109,7 +109,10 @@ pub async fn handle(
         "gave up after {} deliveries without an outcome (max_deliver)",
         advisory.deliveries
     );
-    let attempts = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
+    // Each delivery of the message was one more HTTP attempt after the
+    // attempt the job carried.
+    let deliveries = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
+    let attempts = job.attempt.saturating_add(deliveries.saturating_sub(1));
     let mut outgoing = vec![task_event(
         &job.user,
         &job.task,

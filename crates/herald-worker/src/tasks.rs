@@ -135,6 +135,8 @@ impl TaskWorker {
                     event_type: event_type.clone(),
                     body: body.clone(),
                     accepted_at_ms: task.accepted_at_ms,
+                    attempt: 1,
+                    redelivery: None,
                 };
                 Outgoing::new(
                     names::webhook_subject(&task.user, &endpoint.id),

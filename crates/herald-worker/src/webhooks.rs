@@ -1,17 +1,39 @@
 //! The webhook worker: signs and POSTs each delivery job, records the
 //! attempt, and decides what happens to the job.
 //!
-//! | response                       | job                                   | attempt outcome |
-//! |--------------------------------|---------------------------------------|-----------------|
-//! | 2xx                            | ack                                   | `delivered`     |
-//! | 410 Gone                       | mail job, then term                   | `gone`          |
-//! | anything else, attempts left   | nak with the schedule's delay         | `retrying`      |
-//! | anything else, none left       | mail job, then term                   | `exhausted`     |
+//! What a response leads to is one table, [`ResponseClass::of`]:
 //!
-//! "Anything else" is 1xx/3xx (redirects are never followed), 4xx, 5xx, a
-//! timeout or a connection error. For 429 and 503, a `Retry-After` longer
-//! than the scheduled delay is honoured up to `max_retry_after`. The attempt
-//! number is JetStream's delivery count of the job.
+//! | response                                   | class                       |
+//! |--------------------------------------------|-----------------------------|
+//! | 2xx                                        | delivered                   |
+//! | 410 Gone                                   | gone: disable the endpoint  |
+//! | 429, 503                                   | retry, honour `Retry-After` |
+//! | 1xx, 3xx (redirects are never followed)    | retry                       |
+//! | other 4xx (400, 401, 403, 404, 408, 413…)  | retry                       |
+//! | other 5xx (500, 502, 504…)                 | retry                       |
+//! | timeout, connection error, SSRF refusal    | retry                       |
+//!
+//! and a class leads to:
+//!
+//! | class                   | job                                 | attempt outcome |
+//! |-------------------------|-------------------------------------|-----------------|
+//! | delivered               | ack                                 | `delivered`     |
+//! | gone                    | mail job, then term                 | `gone`          |
+//! | retry, attempts left    | next attempt scheduled, then ack    | `retrying`      |
+//! | retry, none left        | mail job, then term                 | `exhausted`     |
+//!
+//! Other 4xx are retried like 5xx: receivers answer 401/404 while they are
+//! being deployed or misconfigured, and the schedule gives them days to
+//! recover; only 410 says "never again". A `Retry-After` (seconds or an HTTP
+//! date) on 429/503 that is longer than the scheduled delay is honoured up
+//! to `max_retry_after`; a shorter one never shortens the schedule.
+//!
+//! The next attempt is not a nak with delay: it is published as a JetStream
+//! message schedule on `herald.retries.<user>.<endpoint>.<task>` that fires
+//! onto the webhook subject when due, and the current message is acked. A
+//! dead endpoint's backlog is then stored messages, not pending ones, and
+//! cannot fill the consumer's `max_ack_pending` window that every other
+//! endpoint shares. The attempt number travels in the job.
 
 use std::{sync::Arc, time::Duration};
 
@@ -30,7 +52,7 @@ use herald_queue::{
     Broker,
     consume::{MessageHandler, delivery_count, with_progress},
     endpoints::EndpointCache,
-    health::HealthTracker,
+    health::{Failure, HealthTracker},
     publish::Outgoing,
 };
 use reqwest::{StatusCode, header};
@@ -57,6 +79,10 @@ pub struct WebhookWorkerConfig {
     /// How often endpoint health is written to `herald-endpoint-health`.
     #[serde(with = "crate::duration_serde")]
     pub health_flush_interval: Duration,
+    /// How long an endpoint may fail without a single success before it is
+    /// disabled and its owner mailed (410 Gone disables at once).
+    #[serde(with = "crate::duration_serde")]
+    pub disable_after: Duration,
 }
 
 impl Default for WebhookWorkerConfig {
@@ -68,6 +94,7 @@ impl Default for WebhookWorkerConfig {
             max_retry_after: Duration::from_secs(3600),
             paused_recheck: Duration::from_secs(60),
             health_flush_interval: Duration::from_secs(1),
+            disable_after: Duration::from_secs(5 * 24 * 3600),
         }
     }
 }
@@ -187,16 +214,13 @@ impl WebhookWorker {
         endpoint: &EndpointConfig,
         attempt: u32,
         response: &Response,
+        honour_retry_after: bool,
     ) -> Option<Duration> {
         let schedule = endpoint
             .retry_schedule
             .as_ref()
             .unwrap_or(&self.config.retry_schedule);
         let scheduled = schedule.delay_after(attempt)?;
-        let honour_retry_after = matches!(
-            response.status,
-            Some(StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
-        );
         Some(match response.retry_after {
             Some(asked) if honour_retry_after => {
                 scheduled.max(asked.min(self.config.max_retry_after))
@@ -206,7 +230,11 @@ impl WebhookWorker {
     }
 
     async fn deliver(&self, message: &Message, job: DeliveryJob) {
-        let attempt = delivery_count(message);
+        // A message delivered again (its worker died mid-request) is one
+        // more HTTP attempt after the one it carries.
+        let attempt = job
+            .attempt
+            .saturating_add(delivery_count(message).saturating_sub(1));
         let Some(endpoint) = self.endpoints.get(&job.user, &job.endpoint) else {
             tracing::info!(task = %job.task, endpoint = %job.endpoint, "endpoint removed; dropping its delivery");
             let event = self.attempt_event(
@@ -220,10 +248,26 @@ impl WebhookWorker {
             self.finish(message, &job, vec![event], AckKind::Ack).await;
             return;
         };
+        if self.health.is_disabled(&job.user, &job.endpoint) {
+            // Kept in the task's history, not sent: the recover call (or
+            // enabling the endpoint) re-sends it.
+            let event = self.attempt_event(
+                &job,
+                &endpoint.url,
+                attempt,
+                AttemptOutcome::Held,
+                None,
+                None,
+            );
+            self.finish(message, &job, vec![event], AckKind::Ack).await;
+            return;
+        }
         if endpoint.paused {
-            // Nak with delay: a paused endpoint keeps its deliveries.
-            let _ = message
-                .ack_with(AckKind::Nak(Some(self.config.paused_recheck)))
+            // Stored as a schedule, not pending: a paused endpoint's backlog
+            // costs the other endpoints nothing. Not an attempt.
+            let later = herald_core::now_ms() + self.config.paused_recheck.as_millis() as u64;
+            let deferred = reschedule(&job, job.attempt, later);
+            self.finish(message, &job, vec![deferred], AckKind::Ack)
                 .await;
             return;
         }
@@ -231,31 +275,41 @@ impl WebhookWorker {
         let response =
             with_progress(message, self.progress_interval, self.post(&endpoint, &job)).await;
         let now = herald_core::now_ms();
-        let delivered = response.status.is_some_and(|s| s.is_success());
-        let gone = response.status == Some(StatusCode::GONE);
-        if delivered {
-            self.health.record_success(&job.user, &job.endpoint, now);
-        } else {
-            let error = response.error.as_deref().unwrap_or("failed");
+        let class = ResponseClass::of(&response);
+
+        let next_delay = match class {
+            ResponseClass::Retry { honour_retry_after } => {
+                self.next_delay(&endpoint, attempt, &response, honour_retry_after)
+            }
+            ResponseClass::Delivered | ResponseClass::Gone => None,
+        };
+        let outcome = match class {
+            ResponseClass::Delivered => AttemptOutcome::Delivered,
+            _ if next_delay.is_some() => AttemptOutcome::Retrying,
+            _ if endpoint.email.is_none() => {
+                tracing::warn!(endpoint = %job.endpoint, task = %job.task, "delivery failed for good and the endpoint has no email to notify");
+                AttemptOutcome::Abandoned
+            }
+            ResponseClass::Gone => AttemptOutcome::Gone,
+            ResponseClass::Retry { .. } => AttemptOutcome::Exhausted,
+        };
+        let mails_owner = endpoint.email.is_some()
+            && matches!(outcome, AttemptOutcome::Exhausted | AttemptOutcome::Gone);
+        if outcome == AttemptOutcome::Delivered {
             self.health
-                .record_failure(&job.user, &job.endpoint, now, error);
+                .record_success(&job.user, &job.endpoint, &job.task, now);
+        } else {
+            self.health.record_failure(Failure {
+                user: &job.user,
+                endpoint: &job.endpoint,
+                task: &job.task,
+                at_ms: now,
+                error: response.error.as_deref().unwrap_or("failed"),
+                gone: class == ResponseClass::Gone,
+                owner_notified: mails_owner,
+            });
         }
 
-        let next_delay = (!delivered && !gone)
-            .then(|| self.next_delay(&endpoint, attempt, &response))
-            .flatten();
-        let outcome = if delivered {
-            AttemptOutcome::Delivered
-        } else if next_delay.is_some() {
-            AttemptOutcome::Retrying
-        } else if endpoint.email.is_none() {
-            tracing::warn!(endpoint = %job.endpoint, task = %job.task, "delivery failed for good and the endpoint has no email to notify");
-            AttemptOutcome::Abandoned
-        } else if gone {
-            AttemptOutcome::Gone
-        } else {
-            AttemptOutcome::Exhausted
-        };
         let mut outgoing = vec![self.attempt_event(
             &job,
             &endpoint.url,
@@ -264,8 +318,15 @@ impl WebhookWorker {
             Some(&response),
             next_delay,
         )];
+        if let Some(delay) = next_delay {
+            outgoing.push(reschedule(
+                &job,
+                attempt + 1,
+                now + delay.as_millis() as u64,
+            ));
+        }
         if let Some(email) = &endpoint.email
-            && matches!(outcome, AttemptOutcome::Exhausted | AttemptOutcome::Gone)
+            && mails_owner
         {
             outgoing.push(mail_job(
                 &job,
@@ -284,10 +345,8 @@ impl WebhookWorker {
             .observe(response.latency.as_secs_f64());
 
         let ack = match outcome {
-            // Ack: delivered.
-            AttemptOutcome::Delivered => AckKind::Ack,
-            // Nak with the schedule's delay: JetStream redelivers it then.
-            AttemptOutcome::Retrying => AckKind::Nak(next_delay),
+            // Ack: delivered, or the next attempt is stored as a schedule.
+            AttemptOutcome::Delivered | AttemptOutcome::Retrying => AckKind::Ack,
             // Term: no further attempt; the mail job (if any) is stored first.
             _ => AckKind::Term,
         };
@@ -347,6 +406,56 @@ impl WebhookWorker {
     }
 }
 
+/// How a response is handled; the table in the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResponseClass {
+    Delivered,
+    Gone,
+    Retry { honour_retry_after: bool },
+}
+
+impl ResponseClass {
+    fn of(response: &Response) -> Self {
+        Self::of_status(response.status)
+    }
+
+    /// `None`: no response at all (timeout, connection error, SSRF refusal).
+    fn of_status(status: Option<StatusCode>) -> Self {
+        match status {
+            Some(s) if s.is_success() => ResponseClass::Delivered,
+            Some(StatusCode::GONE) => ResponseClass::Gone,
+            Some(StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) => {
+                ResponseClass::Retry {
+                    honour_retry_after: true,
+                }
+            }
+            _ => ResponseClass::Retry {
+                honour_retry_after: false,
+            },
+        }
+    }
+}
+
+/// The job again, as a message schedule that fires onto its webhook subject
+/// at `at_ms` carrying attempt `attempt`.
+fn reschedule(job: &DeliveryJob, attempt: u32, at_ms: u64) -> Outgoing {
+    let next = DeliveryJob {
+        attempt,
+        ..job.clone()
+    };
+    Outgoing::scheduled(
+        names::retry_subject(&job.user, &job.endpoint, &job.task),
+        names::webhook_subject(&job.user, &job.endpoint),
+        at_ms,
+        // A deferral keeps the attempt number; the time keeps its id apart.
+        format!(
+            "{}.{at_ms}",
+            names::attempt_msg_id(&job.task, &job.endpoint, job.redelivery.as_deref(), attempt)
+        ),
+        encode(&next),
+    )
+}
+
 fn mail_job(
     job: &DeliveryJob,
     url: &str,
@@ -378,11 +487,18 @@ fn mail_job(
     )
 }
 
-/// `Retry-After` as delay-seconds (HTTP dates are rare for webhooks and
-/// are treated as absent).
+/// `Retry-After` as delay-seconds or an HTTP date (RFC 9110 10.2.3); a date
+/// in the past means "now".
 fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
-    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
 }
 
 fn describe_request_error(e: &reqwest::Error) -> String {
@@ -428,7 +544,9 @@ pub fn start(
 ) -> Arc<WebhookWorker> {
     let health = HealthTracker::start(
         broker.clone(),
+        endpoints.clone(),
         config.health_flush_interval,
+        config.disable_after,
         shutdown.clone(),
     );
     tokio::spawn(crate::max_deliveries::watch(
