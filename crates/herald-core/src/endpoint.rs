@@ -260,6 +260,7 @@ impl WebhookEndpointSpec {
             timeout_ms: self.timeout_seconds.map(|s| s * 1000),
             headers: self.headers.clone(),
             paused: self.paused,
+            rate_limit_per_second: self.rate_limit.as_ref().map(|r| r.per_second),
         })
     }
 }

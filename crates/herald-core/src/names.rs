@@ -15,6 +15,8 @@ pub const MAIL_CONSUMER: &str = "mail";
 pub const ENDPOINTS_BUCKET: &str = "herald-endpoints";
 pub const TASKS_BUCKET: &str = "herald-tasks";
 pub const HEALTH_BUCKET: &str = "herald-endpoint-health";
+/// Per-endpoint rate-limit state shared by every webhook worker.
+pub const RATE_LIMITS_BUCKET: &str = "herald-rate-limits";
 
 pub const TASKS_SUBJECTS: &str = "herald.tasks.>";
 pub const WEBHOOKS_SUBJECTS: &str = "herald.webhooks.>";

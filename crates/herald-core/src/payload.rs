@@ -79,6 +79,11 @@ pub struct DeliveryJob {
     /// it keeps that round's message ids apart from the original's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redelivery: Option<String>,
+    /// The send time (unix ms) reserved for this attempt under the
+    /// endpoint's rate limit; the job was deferred to it and sends without
+    /// reserving again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_slot_ms: Option<u64>,
 }
 
 fn first_attempt() -> u32 {
@@ -279,6 +284,9 @@ pub struct EndpointConfig {
     pub headers: BTreeMap<String, String>,
     #[serde(default)]
     pub paused: bool,
+    /// Deliveries per second across every webhook worker, if limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_second: Option<u32>,
 }
 
 impl EndpointConfig {

@@ -4,7 +4,9 @@
 //! streams, consumers and buckets of DESIGN.md ([`topology`]), publishing
 //! with a server acknowledgement ([`publish`]), the pull-consumer loop every
 //! worker runs ([`consume`]), the local cache of `herald-endpoints`
-//! ([`endpoints`]) and reading a task's stored state back ([`history`]).
+//! ([`endpoints`]), endpoint health ([`health`]), the shared per-endpoint
+//! rate limit ([`rate_limit`]) and reading a task's stored state back
+//! ([`history`]).
 
 pub mod connect;
 pub mod consume;
@@ -13,6 +15,7 @@ pub mod error;
 pub mod health;
 pub mod history;
 pub mod publish;
+pub mod rate_limit;
 pub mod topology;
 
 pub use connect::{Broker, connect};

@@ -164,6 +164,9 @@ impl TopologyConfig {
             bucket(names::ENDPOINTS_BUCKET, 1, Duration::ZERO),
             bucket(names::TASKS_BUCKET, 1, self.task_records_max_age),
             bucket(names::HEALTH_BUCKET, 1, Duration::ZERO),
+            // An idle endpoint's entry may expire: a reservation time in the
+            // past means the same as none.
+            bucket(names::RATE_LIMITS_BUCKET, 1, Duration::from_secs(3600)),
         ]
     }
 }

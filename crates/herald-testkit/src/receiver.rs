@@ -34,6 +34,13 @@ pub enum ReceiverBehaviour {
     Hang,
     /// 307 Temporary Redirect to this URL.
     RedirectTo(String),
+    /// `status` with `Retry-After: retry_after` to the first `times`
+    /// requests for each `webhook-id`, then 200: an endpoint that throttles.
+    Throttle {
+        times: usize,
+        status: u16,
+        retry_after: String,
+    },
 }
 
 /// One request as it arrived.
@@ -142,6 +149,20 @@ async fn record(
                 [(header::LOCATION, location.clone())],
             )
                 .into_response();
+        }
+        ReceiverBehaviour::Throttle {
+            times,
+            status,
+            retry_after,
+        } => {
+            let mut seen = lock(&state.seen_per_webhook_id);
+            let count = seen.entry(webhook_id).or_default();
+            *count += 1;
+            if *count <= *times {
+                let status = StatusCode::from_u16(*status).expect("a valid HTTP status");
+                return (status, [(header::RETRY_AFTER, retry_after.clone())]).into_response();
+            }
+            200
         }
         ReceiverBehaviour::FailFirst { times, status } => {
             let mut seen = lock(&state.seen_per_webhook_id);

@@ -137,6 +137,7 @@ impl TaskWorker {
                     accepted_at_ms: task.accepted_at_ms,
                     attempt: 1,
                     redelivery: None,
+                    rate_slot_ms: None,
                 };
                 Outgoing::new(
                     names::webhook_subject(&task.user, &endpoint.id),

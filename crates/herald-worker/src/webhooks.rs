@@ -54,6 +54,7 @@ use herald_queue::{
     endpoints::EndpointCache,
     health::{Failure, HealthTracker},
     publish::Outgoing,
+    rate_limit::RateLimiter,
 };
 use reqwest::{StatusCode, header};
 use serde::{Deserialize, Serialize};
@@ -116,10 +117,15 @@ pub fn http_client() -> reqwest::Client {
         .expect("the HTTP client configuration is static and valid")
 }
 
+/// A rate-limit slot this close is waited for in the worker; a later one
+/// defers the delivery to it as a message schedule.
+const RATE_LIMIT_WAIT_IN_WORKER: Duration = Duration::from_millis(250);
+
 pub struct WebhookWorker {
     broker: Broker,
     endpoints: EndpointCache,
     health: HealthTracker,
+    rate_limiter: RateLimiter,
     client: reqwest::Client,
     config: WebhookWorkerConfig,
     progress_interval: Duration,
@@ -144,6 +150,7 @@ impl WebhookWorker {
         ack_wait: Duration,
     ) -> Self {
         Self {
+            rate_limiter: RateLimiter::new(broker.clone()),
             broker,
             endpoints,
             health,
@@ -266,10 +273,38 @@ impl WebhookWorker {
             // Stored as a schedule, not pending: a paused endpoint's backlog
             // costs the other endpoints nothing. Not an attempt.
             let later = herald_core::now_ms() + self.config.paused_recheck.as_millis() as u64;
-            let deferred = reschedule(&job, job.attempt, later);
+            let deferred = reschedule(&job, job.attempt, later, None);
             self.finish(message, &job, vec![deferred], AckKind::Ack)
                 .await;
             return;
+        }
+        if let Some(per_second) = endpoint.rate_limit_per_second {
+            let slot = match job.rate_slot_ms {
+                Some(slot) => slot,
+                None => {
+                    let key = names::endpoint_key(&job.user, &job.endpoint);
+                    match self.rate_limiter.reserve(&key, per_second).await {
+                        Ok(slot) => slot,
+                        Err(e) => {
+                            tracing::warn!(endpoint = %job.endpoint, error = %e, "no rate-limit slot; retrying the job shortly");
+                            // Nak with a delay: NATS is struggling, so do not spin.
+                            let _ = message
+                                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            };
+            let wait = slot.saturating_sub(herald_core::now_ms());
+            if wait > RATE_LIMIT_WAIT_IN_WORKER.as_millis() as u64 {
+                // Stored until its slot, holding no worker meanwhile.
+                let deferred = reschedule(&job, job.attempt, slot, Some(slot));
+                self.finish(message, &job, vec![deferred], AckKind::Ack)
+                    .await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(wait)).await;
         }
 
         let response =
@@ -323,6 +358,7 @@ impl WebhookWorker {
                 &job,
                 attempt + 1,
                 now + delay.as_millis() as u64,
+                None,
             ));
         }
         if let Some(email) = &endpoint.email
@@ -437,10 +473,12 @@ impl ResponseClass {
 }
 
 /// The job again, as a message schedule that fires onto its webhook subject
-/// at `at_ms` carrying attempt `attempt`.
-fn reschedule(job: &DeliveryJob, attempt: u32, at_ms: u64) -> Outgoing {
+/// at `at_ms` carrying attempt `attempt` (and the rate-limit slot it was
+/// deferred to, if that is why).
+fn reschedule(job: &DeliveryJob, attempt: u32, at_ms: u64, rate_slot_ms: Option<u64>) -> Outgoing {
     let next = DeliveryJob {
         attempt,
+        rate_slot_ms,
         ..job.clone()
     };
     Outgoing::scheduled(
@@ -557,4 +595,70 @@ pub fn start(
     Arc::new(WebhookWorker::new(
         broker, endpoints, health, config, ack_wait,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn every_status_has_its_row_in_the_table() {
+        let retry = ResponseClass::Retry {
+            honour_retry_after: false,
+        };
+        let throttled = ResponseClass::Retry {
+            honour_retry_after: true,
+        };
+        let table = [
+            (Some(200), ResponseClass::Delivered),
+            (Some(202), ResponseClass::Delivered),
+            (Some(204), ResponseClass::Delivered),
+            (Some(299), ResponseClass::Delivered),
+            (Some(101), retry),
+            (Some(301), retry),
+            (Some(307), retry),
+            (Some(400), retry),
+            (Some(401), retry),
+            (Some(404), retry),
+            (Some(408), retry),
+            (Some(410), ResponseClass::Gone),
+            (Some(413), retry),
+            (Some(429), throttled),
+            (Some(500), retry),
+            (Some(502), retry),
+            (Some(503), throttled),
+            (Some(504), retry),
+            (None, retry),
+        ];
+        for (status, class) in table {
+            let status = status.map(|s| StatusCode::from_u16(s).unwrap());
+            assert_eq!(ResponseClass::of_status(status), class, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let headers = |value: &str| {
+            let mut map = header::HeaderMap::new();
+            map.insert(header::RETRY_AFTER, value.parse().unwrap());
+            map
+        };
+        assert_eq!(retry_after(&headers("120")), Some(Duration::from_secs(120)));
+        assert_eq!(retry_after(&headers(" 7 ")), Some(Duration::from_secs(7)));
+        let in_a_minute = std::time::SystemTime::now() + Duration::from_secs(61);
+        let from_date = retry_after(&headers(&httpdate::fmt_http_date(in_a_minute))).unwrap();
+        assert!(
+            (Duration::from_secs(59)..=Duration::from_secs(61)).contains(&from_date),
+            "{from_date:?}"
+        );
+        assert_eq!(
+            retry_after(&headers("Wed, 21 Oct 2015 07:28:00 GMT")),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&headers("soon")), None);
+        assert_eq!(retry_after(&headers("-5")), None);
+        assert_eq!(retry_after(&header::HeaderMap::new()), None);
+    }
 }

@@ -13,5 +13,6 @@ mod dev;
 mod failures;
 mod inputs;
 mod operator;
+mod policies;
 mod probes;
 mod resilience;
