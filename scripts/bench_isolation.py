@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""`make bench`, part two: isolation between endpoints, and shared rate limits.
+
+1. Isolation. Open loop to six healthy endpoints (the e2e harness receives),
+   p99 accept-to-webhook latency measured twice in the same session:
+   a. with nothing else going on;
+   b. after a dead endpoint (connection refused) was given 10,000 deliveries
+      that failed and now wait in its retry schedule.
+   The ratio b/a is the figure: the target is at most 2.
+2. Rate limit. Three `herald worker webhooks` processes against one endpoint
+   limited to 50 deliveries/s; the e2e harness measures what arrives.
+
+Loopback only; every phase is bounded in count and time. Results go to
+target/bench/isolation.json.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import OUT, ROOT, SHARED, TOOLS, build, free_port, last_json, wait_port  # noqa: E402
+
+RATE = int(os.environ.get("BENCH_ISOLATION_RATE", "500"))
+HEALTHY_TASKS = int(os.environ.get("BENCH_ISOLATION_TASKS", "10000"))
+DEAD_BACKLOG = int(os.environ.get("BENCH_DEAD_BACKLOG", "10000"))
+LIMIT = 50
+LIMITED_TASKS = 1000
+HEALTHY_USERS = 6
+DEAD_USER = 7
+LIMITED_USER = 8
+
+
+def endpoint_doc(name, user, url, extra=""):
+    return (
+        "apiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\n"
+        f"metadata: {{name: {name}}}\n"
+        f"spec: {{userId: '{user}', url: '{url}'{extra}}}\n"
+    )
+
+
+def jsz(mon_port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{mon_port}/jsz?streams=true&consumers=true", timeout=5) as r:
+        return json.load(r)
+
+
+def webhooks_state(mon_port):
+    """(messages stored in HERALD_WEBHOOKS, pending + unacked for its consumer)."""
+    for account in jsz(mon_port).get("account_details", []):
+        for stream in account.get("stream_detail", []):
+            if stream["name"] != "HERALD_WEBHOOKS":
+                continue
+            consumer = next(c for c in stream.get("consumer_detail", []) if c["name"] == "webhooks")
+            return stream["state"]["messages"], consumer["num_pending"] + consumer["num_ack_pending"]
+    return 0, 0
+
+
+def post_tasks(api_port, user, count):
+    """POSTs `count` tasks for `user`, 32 at a time; returns how many were accepted."""
+
+    def post(i):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{api_port}/users/{user}/tasks/echo",
+            data=json.dumps({"seq": i}).encode(),
+            headers={"content-type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status == 201
+
+    with ThreadPoolExecutor(32) as pool:
+        return sum(pool.map(post, range(count)))
+
+
+def wait_for(what, condition, deadline_s):
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.5)
+    sys.exit(f"bench: timed out after {deadline_s}s waiting for {what}")
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    nats_bin = TOOLS / "bin" / "nats-server"
+    if not nats_bin.exists():
+        sys.exit(f"bench: {nats_bin} missing: run `make tools`")
+    build(ROOT / "Cargo.toml", ROOT / "target")
+    build(SHARED / "e2e" / "Cargo.toml", TOOLS / "bench-target")
+    herald = ROOT / "target" / "release" / "herald"
+    e2e = TOOLS / "bench-target" / "release" / "e2e-bench"
+
+    store = Path(tempfile.mkdtemp(prefix="herald-bench-isolation-"))
+    nats_port, mon_port, api_port, receiver_port = free_port(), free_port(), free_port(), free_port()
+    # Bound and closed again at once: connecting to it is refused.
+    dead_port = free_port()
+    procs = []
+
+    def spawn(args, env, name):
+        log = open(OUT / f"isolation-{name}.log", "w")
+        p = subprocess.Popen(args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        procs.append(p)
+        return p
+
+    results = {}
+    try:
+        spawn([str(nats_bin), "-a", "127.0.0.1", "-p", str(nats_port), "-m", str(mon_port), "-js", "-sd", str(store)], {}, "nats")
+        wait_port(nats_port)
+        url = f"nats://127.0.0.1:{nats_port}"
+        receiver = f"http://127.0.0.1:{receiver_port}"
+        docs = [endpoint_doc(f"user-{u}", u, f"{receiver}/webhooks/{u}") for u in range(1, HEALTHY_USERS + 1)]
+        docs.append(endpoint_doc("dead", DEAD_USER, f"http://127.0.0.1:{dead_port}/gone-away"))
+        docs.append(endpoint_doc("limited", LIMITED_USER, f"{receiver}/limited", f", rateLimit: {{perSecond: {LIMIT}}}"))
+        endpoints = store / "endpoints.yaml"
+        endpoints.write_text("---\n".join(docs))
+        subprocess.run([str(herald), "endpoints", str(endpoints), "--nats-url", url], check=True, capture_output=True)
+
+        env = {
+            "HERALD_LOG__FILTER": "warn",
+            "HERALD_NATS__URL": url,
+            # The receivers are on loopback, which the SSRF guard refuses
+            # unless told otherwise.
+            "HERALD_WEBHOOKS__SSRF__ALLOW": "[127.0.0.0/8]",
+        }
+        spawn([str(herald), "api", "--listen", f"127.0.0.1:{api_port}"], env, "api")
+        spawn([str(herald), "worker", "tasks"], env, "worker-tasks")
+        hooks = [spawn([str(herald), "worker", "webhooks"], env, f"worker-webhooks-{i}") for i in range(3)]
+        wait_port(api_port)
+
+        def open_loop(label):
+            print(f"bench: open loop to healthy endpoints, {RATE}/s, {HEALTHY_TASKS} tasks ({label})")
+            run = subprocess.run(
+                [str(e2e), "run", "-n", str(HEALTHY_TASKS), "--rate", str(RATE), "-c", "200",
+                 "--url", f"http://127.0.0.1:{api_port}/users/{{user}}/tasks/{{type}}",
+                 "-u", str(HEALTHY_USERS), "--types", "echo", "--port", str(receiver_port),
+                 "--correlate", r'"task_id":"([A-Za-z0-9:_-]+)"', "--timeout-s", "300"],
+                capture_output=True, text=True, check=True,
+            )
+            return last_json(run.stdout)
+
+        results["healthy_alone"] = open_loop("no dead endpoint")
+
+        print(f"bench: {DEAD_BACKLOG} deliveries to a dead endpoint")
+        accepted = post_tasks(api_port, DEAD_USER, DEAD_BACKLOG)
+        assert accepted == DEAD_BACKLOG, f"only {accepted} of {DEAD_BACKLOG} dead-endpoint tasks accepted"
+
+        # Every dead delivery has failed and waits in the schedule when the
+        # stream holds them all and the consumer has nothing of them.
+        def backlog_in_schedule():
+            stored, consumer = webhooks_state(mon_port)
+            return stored >= DEAD_BACKLOG and consumer == 0
+
+        wait_for("the dead endpoint's deliveries to wait in its schedule", backlog_in_schedule, 300)
+        stored, _ = webhooks_state(mon_port)
+        results["dead_backlog_in_schedule"] = stored
+        results["healthy_with_dead_backlog"] = open_loop(f"{stored} dead deliveries scheduled")
+        stored_after, _ = webhooks_state(mon_port)
+        results["dead_backlog_after"] = stored_after
+
+        # Rate limit: the three webhook workers share the endpoint's limit.
+        print(f"bench: {LIMITED_TASKS} deliveries to an endpoint limited to {LIMIT}/s, 3 webhook workers")
+        run = subprocess.run(
+            [str(e2e), "run", "-n", str(LIMITED_TASKS), "-c", "50",
+             "--url", f"http://127.0.0.1:{api_port}/users/{{user}}/tasks/{{type}}",
+             "-u", "1", "--user-base", str(LIMITED_USER), "--types", "echo", "--port", str(receiver_port),
+             "--correlate", r'"task_id":"([A-Za-z0-9:_-]+)"', "--timeout-s", "300"],
+            capture_output=True, text=True, check=True,
+        )
+        results["rate_limited"] = last_json(run.stdout)
+        for p in hooks:
+            p.send_signal(signal.SIGTERM)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        shutil.rmtree(store, ignore_errors=True)
+
+    (OUT / "isolation.json").write_text(json.dumps(results, indent=2))
+    alone, loaded, limited = results["healthy_alone"], results["healthy_with_dead_backlog"], results["rate_limited"]
+    ratio = loaded["latency_ms"]["p99"] / alone["latency_ms"]["p99"]
+    print()
+    print(f"isolation ({RATE} tasks/s to {HEALTHY_USERS} healthy endpoints, 3 webhook workers)")
+    print(f"  alone                      p50/p99 {alone['latency_ms']['p50']:.1f} / {alone['latency_ms']['p99']:.1f} ms, missing {alone['missing']}")
+    print(f"  with {results['dead_backlog_in_schedule']} dead deliveries waiting  p50/p99 {loaded['latency_ms']['p50']:.1f} / {loaded['latency_ms']['p99']:.1f} ms, missing {loaded['missing']}")
+    print(f"  p99 ratio                  {ratio:.2f} (target <= 2)")
+    print(f"rate limit ({LIMIT}/s, 3 webhook workers, {LIMITED_TASKS} deliveries)")
+    rate = limited["e2e_deliveries_per_s"]
+    print(f"  delivered                  {rate:.1f} /s ({rate / LIMIT:.3f} x the limit; target within 10%), missing {limited['missing']}")
+    print(f"results: {OUT / 'isolation.json'}")
+
+
+if __name__ == "__main__":
+    main()
