@@ -11,7 +11,9 @@
 //! "Anything else" is 1xx/3xx (redirects are never followed), 4xx, 5xx, a
 //! timeout or a connection error. For 429 and 503, a `Retry-After` longer
 //! than the scheduled delay is honoured up to `max_retry_after`. The attempt
-//! number is JetStream's delivery count of the job.
+//! number is JetStream's delivery count of the job. A URL the SSRF guard
+//! refuses ([`crate::ssrf`]) is a failed attempt like a connection error:
+//! DNS answers change, so it follows the same schedule.
 
 use std::{sync::Arc, time::Duration};
 
@@ -36,7 +38,10 @@ use herald_queue::{
 use reqwest::{StatusCode, header};
 use serde::{Deserialize, Serialize};
 
-use crate::task_event;
+use crate::{
+    ssrf::{GuardedClient, Resolver, SendError, SsrfConfig, SsrfGuard, SystemResolver},
+    task_event,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -57,6 +62,8 @@ pub struct WebhookWorkerConfig {
     /// How often endpoint health is written to `herald-endpoint-health`.
     #[serde(with = "crate::duration_serde")]
     pub health_flush_interval: Duration,
+    /// Which non-global addresses webhooks may reach anyway.
+    pub ssrf: SsrfConfig,
 }
 
 impl Default for WebhookWorkerConfig {
@@ -68,24 +75,33 @@ impl Default for WebhookWorkerConfig {
             max_retry_after: Duration::from_secs(3600),
             paused_recheck: Duration::from_secs(60),
             health_flush_interval: Duration::from_secs(1),
+            ssrf: SsrfConfig::default(),
         }
     }
 }
 
-/// The connection-pooled client every delivery shares. Redirects are never
-/// followed: a 3xx is a failed attempt.
-pub fn http_client() -> reqwest::Client {
+/// The connection-pooled client every delivery shares, behind the SSRF
+/// guard, resolving names with the system resolver.
+pub fn http_client(ssrf: &SsrfConfig) -> GuardedClient {
+    http_client_with(ssrf, Arc::new(SystemResolver))
+}
+
+/// [`http_client`] with the name resolution the guard checks given (tests
+/// choose the DNS answers). Redirects are never followed: a 3xx is a failed
+/// attempt, and a `Location` is never reached unchecked. No proxy either:
+/// the guard must see the endpoint's own address.
+pub fn http_client_with(ssrf: &SsrfConfig, resolver: Arc<dyn Resolver>) -> GuardedClient {
     // reqwest is built without a bundled crypto provider; use ring, as the
     // NATS client does. Installing twice is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("Herald/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(64)
-        .no_proxy()
-        .build()
+        .no_proxy();
+    GuardedClient::new(builder, SsrfGuard::new(ssrf), resolver)
         .expect("the HTTP client configuration is static and valid")
 }
 
@@ -93,7 +109,7 @@ pub struct WebhookWorker {
     broker: Broker,
     endpoints: EndpointCache,
     health: HealthTracker,
-    client: reqwest::Client,
+    client: GuardedClient,
     config: WebhookWorkerConfig,
     progress_interval: Duration,
 }
@@ -120,7 +136,7 @@ impl WebhookWorker {
             broker,
             endpoints,
             health,
-            client: http_client(),
+            client: http_client(&config.ssrf),
             config,
             progress_interval: ack_wait / 3,
         }
@@ -151,7 +167,7 @@ impl WebhookWorker {
             request = request.header(name, value);
         }
         let started = tokio::time::Instant::now();
-        match request.body(job.body.clone()).send().await {
+        match self.client.send(request.body(job.body.clone())).await {
             Ok(mut response) => {
                 let status = response.status();
                 let retry_after = retry_after(response.headers());
@@ -175,7 +191,10 @@ impl WebhookWorker {
                 status: None,
                 retry_after: None,
                 body: None,
-                error: Some(describe_request_error(&e)),
+                error: Some(match e {
+                    SendError::Refused(refused) => refused.to_string(),
+                    SendError::Http(e) => describe_request_error(&e),
+                }),
                 latency: started.elapsed(),
             },
         }
