@@ -34,6 +34,12 @@ pub struct SsrfConfig {
     pub allow: Vec<Cidr>,
 }
 
+/// 127.0.0.0/8 and ::1/128, which `herald dev` and tests open.
+pub const LOOPBACK: [Cidr; 2] = [
+    Cidr::v4([127, 0, 0, 0], 8),
+    Cidr::v6([0, 0, 0, 0, 0, 0, 0, 1], 128),
+];
+
 /// An IP network written `address/prefix`, with no host bits set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cidr {
@@ -289,14 +295,33 @@ const NON_GLOBAL: &[Range] = &[
 ];
 
 /// Why the guard refused an address; its text is what the attempt records.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Refused {
-    pub address: IpAddr,
-    pub range: Cidr,
-    pub range_name: &'static str,
+    address: IpAddr,
+    range: &'static Range,
     /// For an IPv6 range that embeds an IPv4 address: that address and the
     /// IPv4 range that refused it.
-    pub embedded: Option<(Ipv4Addr, Cidr, &'static str)>,
+    embedded: Option<(Ipv4Addr, &'static Range)>,
+}
+
+impl Refused {
+    pub fn address(&self) -> IpAddr {
+        self.address
+    }
+
+    /// The range that refused the address.
+    pub fn range(&self) -> Cidr {
+        self.range.cidr
+    }
+
+    pub fn range_name(&self) -> &'static str {
+        self.range.name
+    }
+
+    /// The embedded IPv4 address that decided, and its range.
+    pub fn embedded(&self) -> Option<(Ipv4Addr, Cidr)> {
+        self.embedded.map(|(ip, range)| (ip, range.cidr))
+    }
 }
 
 impl fmt::Display for Refused {
@@ -304,12 +329,22 @@ impl fmt::Display for Refused {
         write!(
             f,
             "refused by the SSRF guard: {} is in {} ({})",
-            self.address, self.range, self.range_name
+            self.address, self.range.cidr, self.range.name
         )?;
-        if let Some((ip, range, name)) = &self.embedded {
-            write!(f, " and embeds {ip}, which is in {range} ({name})")?;
+        if let Some((ip, range)) = &self.embedded {
+            write!(
+                f,
+                " and embeds {ip}, which is in {} ({})",
+                range.cidr, range.name
+            )?;
         }
         Ok(())
+    }
+}
+
+impl fmt::Debug for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -338,8 +373,7 @@ impl SsrfGuard {
         };
         let refused = Refused {
             address,
-            range: range.cidr,
-            range_name: range.name,
+            range,
             embedded: None,
         };
         match (range.embeds_v4, address) {
@@ -347,7 +381,7 @@ impl SsrfGuard {
                 // The packets go to the embedded IPv4 address, so it decides.
                 let v4 = embedded(v6);
                 self.check(IpAddr::V4(v4)).map_err(|inner| Refused {
-                    embedded: Some((v4, inner.range, inner.range_name)),
+                    embedded: Some((v4, inner.range)),
                     ..refused
                 })
             }

@@ -175,14 +175,14 @@ const REFUSED: &[(&str, &str, &str, Option<&str>)] = &[
 
 fn assert_refusal(refused: &Refused, case: &(&str, &str, &str, Option<&str>), how: &str) {
     let (address, range, name, embedded) = *case;
-    assert_eq!(refused.address, ip(address), "{how} {address}");
-    assert_eq!(refused.range, cidr(range), "{how} {address}: {refused}");
+    assert_eq!(refused.address(), ip(address), "{how} {address}");
+    assert_eq!(refused.range(), cidr(range), "{how} {address}: {refused}");
     assert!(
-        refused.range_name.contains(name),
+        refused.range_name().contains(name),
         "{how} {address}: {refused}"
     );
     assert_eq!(
-        refused.embedded.map(|(_, range, _)| range),
+        refused.embedded().map(|(_, range)| range),
         embedded.map(cidr),
         "{how} {address}: {refused}"
     );
@@ -244,7 +244,7 @@ async fn one_non_global_answer_among_global_ones_refuses_the_name() {
     ] {
         resolver.answer("mixed.example.com", &answers);
         let refused = refusal(&client, "http://mixed.example.com:9/").await;
-        assert_eq!(refused.range, cidr(range), "{answers:?}: {refused}");
+        assert_eq!(refused.range(), cidr(range), "{answers:?}: {refused}");
     }
 }
 
@@ -270,7 +270,9 @@ fn global_addresses_pass() {
         "64:ff9b::808:808",
         "2002:808:808::1",
     ] {
-        assert_eq!(guard.check(ip(address)), Ok(()), "{address}");
+        if let Err(refused) = guard.check(ip(address)) {
+            panic!("{address}: {refused}");
+        }
     }
 }
 
@@ -297,17 +299,17 @@ async fn the_allow_list_opens_exactly_what_it_names() {
     assert_eq!(paths, ["/literal", "/named"]);
 
     let refused = refusal(&client, &format!("http://127.0.0.1:{port}/")).await;
-    assert_eq!(refused.range, cidr("127.0.0.0/8"));
+    assert_eq!(refused.range(), cidr("127.0.0.0/8"));
     resolver.answer("both.test", &[ip("127.0.0.2"), ip("127.0.0.1")]);
     let refused = refusal(&client, &format!("http://both.test:{port}/")).await;
-    assert_eq!(refused.address, ip("127.0.0.1"));
+    assert_eq!(refused.address(), ip("127.0.0.1"));
     assert_eq!(open.received().len(), 2, "a refused request arrived");
 
     let guard = SsrfGuard::new(&SsrfConfig {
         allow: vec![cidr("127.0.0.2/32")],
     });
     // The same destination written as IPv4-mapped IPv6 is just as open.
-    assert_eq!(guard.check(ip("::ffff:127.0.0.2")), Ok(()));
+    assert!(guard.check(ip("::ffff:127.0.0.2")).is_ok());
     for closed in [
         "127.0.0.1",
         "127.0.0.3",

@@ -15,3 +15,4 @@ mod inputs;
 mod operator;
 mod probes;
 mod resilience;
+mod ssrf;
