@@ -98,7 +98,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .map(|c| c.to_string())
             .collect();
         println!(
-            "herald dev: the SSRF guard lets webhooks reach {}",
+            "herald dev: webhooks may reach {} (webhooks.ssrf.allow)",
             allowed.join(", ")
         );
         for endpoint in &file_endpoints {
