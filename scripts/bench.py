@@ -128,7 +128,13 @@ def main():
         endpoints.write_text("---\n".join(docs))
         subprocess.run([str(herald), "endpoints", str(endpoints), "--nats-url", url], check=True, capture_output=True)
 
-        env = {"HERALD_LOG__FILTER": "warn", "HERALD_NATS__URL": url}
+        # The receiver is on loopback, which the SSRF guard refuses unless
+        # the allow-list opens it.
+        env = {
+            "HERALD_LOG__FILTER": "warn",
+            "HERALD_NATS__URL": url,
+            "HERALD_WEBHOOKS__SSRF__ALLOW": '["127.0.0.0/8"]',
+        }
         api = spawn([str(herald), "api", "--listen", f"127.0.0.1:{api_port}"], env, name="api")
         tasks = spawn([str(herald), "worker", "tasks"], env, name="worker-tasks")
         hooks = spawn([str(herald), "worker", "webhooks,mail"], env, name="worker-webhooks")

@@ -129,7 +129,7 @@ def main():
             "HERALD_NATS__URL": url,
             # The receivers are on loopback, which the SSRF guard refuses
             # unless told otherwise.
-            "HERALD_WEBHOOKS__SSRF__ALLOW": "[127.0.0.0/8]",
+            "HERALD_WEBHOOKS__SSRF__ALLOW": '["127.0.0.0/8"]',
         }
         spawn([str(herald), "api", "--listen", f"127.0.0.1:{api_port}"], env, "api")
         spawn([str(herald), "worker", "tasks"], env, "worker-tasks")

@@ -180,6 +180,7 @@ check_common default 5
 expect_count "$WORK/default.yaml" "namespaced operator Roles (watch + leader election)" 2 '^kind: Role$'
 expect_count "$WORK/default.yaml" "ClusterRoles" 0 '^kind: ClusterRole$'
 expect_count "$WORK/default.yaml" "chart-created Secrets" 0 '^kind: Secret$'
+grep -q '^    ssrf = { "allow" = \[\] }$' "$WORK/default.yaml" || die "default: config.toml does not keep the SSRF allow-list empty"
 expect_count "$WORK/default.yaml" "PodDisruptionBudgets" 5 '^kind: PodDisruptionBudget$'
 
 render all-features -f "$ALL"
@@ -202,6 +203,7 @@ done
 expect_count "$f" "API tokens file (api)" 1 '^ +value: /etc/herald/tokens/tokens.toml$'
 expect_count "$f" "encryption key file (operator, worker-webhooks)" 2 '^ +value: /etc/herald/keys/key$'
 expect_count "$f" "SMTP credentials (worker-mail)" 1 '^ +- name: HERALD_MAIL__PASSWORD$'
+grep -q '^    ssrf = { "allow" = \["10.8.0.0/16", "fd00::/8"\] }$' "$f" || die "all-features: config.toml does not carry the SSRF allow-list"
 
 render all-features-namespaced -f "$ALL" --set operator.clusterWide=false
 check_common all-features-namespaced 5
@@ -228,6 +230,7 @@ expect_refused "an unknown config key (schema: additionalProperties)" 'schema' -
 expect_refused "SMTP password in config (schema: use secrets.smtp)" 'schema' --set config.mail.password=x
 expect_refused "config.operator.lease_name (schema: set by the chart)" 'schema' --set config.operator.lease_name=x
 expect_refused "a malformed duration (schema: pattern)" 'schema' --set config.webhooks.timeout=soon
+expect_refused "an SSRF allow entry that is no CIDR (schema: pattern)" 'schema' --set 'config.webhooks.ssrf.allow={localhost}'
 expect_refused "a Secret both existing and inline" 'not both' --set secrets.apiTokens.existingSecret=x --set secrets.apiTokens.tokens=y
 expect_refused "terminationGracePeriodSeconds below the shutdown grace" 'must exceed shutdown.graceSeconds' --set shutdown.terminationGracePeriodSeconds=20
 expect_refused "KEDA without a NATS monitoring endpoint" 'nats.monitoringEndpoint' --set workers.webhooks.keda.enabled=true

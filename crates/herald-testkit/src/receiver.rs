@@ -67,9 +67,16 @@ struct ReceiverState {
 
 impl TestReceiver {
     pub async fn start(behaviour: ReceiverBehaviour) -> TestReceiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_at("127.0.0.1:0", behaviour).await
+    }
+
+    /// A receiver on `address`, such as `127.0.0.2:0` (Linux routes all of
+    /// 127.0.0.0/8 to loopback): tests of the SSRF allow-list need two
+    /// receivers that differ only in their address.
+    pub async fn start_at(address: &str, behaviour: ReceiverBehaviour) -> TestReceiver {
+        let listener = tokio::net::TcpListener::bind(address)
             .await
-            .expect("cannot bind a loopback port");
+            .unwrap_or_else(|e| panic!("cannot bind {address}: {e}"));
         let base = format!("http://{}", listener.local_addr().expect("bound address"));
         let state = Arc::new(ReceiverState {
             behaviour,

@@ -34,6 +34,9 @@
 //! dead endpoint's backlog is then stored messages, not pending ones, and
 //! cannot fill the consumer's `max_ack_pending` window that every other
 //! endpoint shares. The attempt number travels in the job.
+//!
+//! A URL the SSRF guard refuses ([`crate::ssrf`]) is a failed attempt like
+//! a connection error: DNS answers change, so it follows the same schedule.
 
 use std::{sync::Arc, time::Duration};
 
@@ -59,7 +62,10 @@ use herald_queue::{
 use reqwest::{StatusCode, header};
 use serde::{Deserialize, Serialize};
 
-use crate::task_event;
+use crate::{
+    ssrf::{GuardedClient, Resolver, SendError, SsrfConfig, SsrfGuard, SystemResolver},
+    task_event,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -84,6 +90,8 @@ pub struct WebhookWorkerConfig {
     /// disabled and its owner mailed (410 Gone disables at once).
     #[serde(with = "crate::duration_serde")]
     pub disable_after: Duration,
+    /// Which non-global addresses webhooks may reach anyway.
+    pub ssrf: SsrfConfig,
 }
 
 impl Default for WebhookWorkerConfig {
@@ -96,24 +104,33 @@ impl Default for WebhookWorkerConfig {
             paused_recheck: Duration::from_secs(60),
             health_flush_interval: Duration::from_secs(1),
             disable_after: Duration::from_secs(5 * 24 * 3600),
+            ssrf: SsrfConfig::default(),
         }
     }
 }
 
-/// The connection-pooled client every delivery shares. Redirects are never
-/// followed: a 3xx is a failed attempt.
-pub fn http_client() -> reqwest::Client {
+/// The connection-pooled client every delivery shares, behind the SSRF
+/// guard, resolving names with the system resolver.
+pub fn http_client(ssrf: &SsrfConfig) -> GuardedClient {
+    http_client_with(ssrf, Arc::new(SystemResolver))
+}
+
+/// [`http_client`] with the name resolution the guard checks given (tests
+/// choose the DNS answers). Redirects are never followed: a 3xx is a failed
+/// attempt, and a `Location` is never reached unchecked. No proxy either:
+/// the guard must see the endpoint's own address.
+pub fn http_client_with(ssrf: &SsrfConfig, resolver: Arc<dyn Resolver>) -> GuardedClient {
     // reqwest is built without a bundled crypto provider; use ring, as the
     // NATS client does. Installing twice is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("Herald/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(64)
-        .no_proxy()
-        .build()
+        .no_proxy();
+    GuardedClient::new(builder, SsrfGuard::new(ssrf), resolver)
         .expect("the HTTP client configuration is static and valid")
 }
 
@@ -126,7 +143,7 @@ pub struct WebhookWorker {
     endpoints: EndpointCache,
     health: HealthTracker,
     rate_limiter: RateLimiter,
-    client: reqwest::Client,
+    client: GuardedClient,
     config: WebhookWorkerConfig,
     progress_interval: Duration,
 }
@@ -154,7 +171,7 @@ impl WebhookWorker {
             broker,
             endpoints,
             health,
-            client: http_client(),
+            client: http_client(&config.ssrf),
             config,
             progress_interval: ack_wait / 3,
         }
@@ -185,7 +202,7 @@ impl WebhookWorker {
             request = request.header(name, value);
         }
         let started = tokio::time::Instant::now();
-        match request.body(job.body.clone()).send().await {
+        match self.client.send(request.body(job.body.clone())).await {
             Ok(mut response) => {
                 let status = response.status();
                 let retry_after = retry_after(response.headers());
@@ -209,7 +226,10 @@ impl WebhookWorker {
                 status: None,
                 retry_after: None,
                 body: None,
-                error: Some(describe_request_error(&e)),
+                error: Some(match e {
+                    SendError::Refused(refused) => refused.to_string(),
+                    SendError::Http(e) => describe_request_error(&e),
+                }),
                 latency: started.elapsed(),
             },
         }

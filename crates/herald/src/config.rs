@@ -216,6 +216,15 @@ mod tests {
         assert!(err.to_string().contains("soon"), "{err}");
         let err = load(None, json!({ "tasks": { "concurrency": 0 } })).unwrap_err();
         assert!(err.to_string().contains("tasks.concurrency"), "{err}");
+        let err = load(
+            None,
+            json!({ "webhooks": { "ssrf": { "allow": ["127.0.0.0/8", "10.0.0.0/33"] } } }),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("webhooks.ssrf.allow") && err.to_string().contains("/33"),
+            "{err}"
+        );
     }
 
     #[test]

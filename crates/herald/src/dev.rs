@@ -56,7 +56,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "api": { "listen": args.listen },
         "webhooks": { "retry_schedule": args.retry_schedule },
     });
-    let config = args.common.load(overrides)?;
+    let mut config = args.common.load(overrides)?;
+    // The demo receiver, and whatever else a laptop runs, is on loopback;
+    // ranges the configuration already opens stay open.
+    for cidr in herald_worker::ssrf::LOOPBACK {
+        if !config.webhooks.ssrf.allow.contains(&cidr) {
+            config.webhooks.ssrf.allow.push(cidr);
+        }
+    }
     init_logging(&config.log);
     let shutdown = shutdown::on_signal().context("cannot install signal handlers")?;
 
@@ -83,6 +90,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             store.display()
         );
         println!("herald dev: API on http://{}", config.api.listen);
+        let allowed: Vec<String> = config
+            .webhooks
+            .ssrf
+            .allow
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        println!(
+            "herald dev: webhooks may reach {} (webhooks.ssrf.allow)",
+            allowed.join(", ")
+        );
         for endpoint in &file_endpoints {
             let c = &endpoint.config;
             println!(

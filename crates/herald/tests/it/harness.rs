@@ -26,10 +26,19 @@ pub struct Herald {
     running: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
-/// A configuration for tests: millisecond retries, local SMTP.
+/// The SSRF guard's allow-list for a child process: receivers live on
+/// loopback.
+pub const ALLOW_LOOPBACK_ENV: (&str, &str) = (
+    "HERALD_WEBHOOKS__SSRF__ALLOW",
+    r#"["127.0.0.0/8", "::1/128"]"#,
+);
+
+/// A configuration for tests: millisecond retries, local SMTP, and the
+/// SSRF guard opened for loopback.
 pub fn test_config(nats: &NatsServer, mail: Option<&Mailpit>) -> Config {
     let mut config = Config::default();
     config.nats.url = nats.url();
+    config.webhooks.ssrf.allow = herald_worker::ssrf::LOOPBACK.to_vec();
     config.webhooks.retry_schedule = schedule(&[10, 20, 30]);
     config.webhooks.timeout = Duration::from_secs(5);
     config.webhooks.health_flush_interval = Duration::from_millis(100);
@@ -205,10 +214,12 @@ pub async fn broker(nats: &NatsServer) -> Broker {
 }
 
 /// `herald worker tasks,webhooks` as a child process (killed if dropped),
-/// configured through `HERALD_*` variables as a Deployment would be.
+/// configured through `HERALD_*` variables as a Deployment would be; the
+/// SSRF guard allows loopback unless `env` says otherwise.
 pub fn worker_process(nats: &NatsServer, env: &[(&str, &str)]) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["worker", "tasks,webhooks", "--nats-url", &nats.url()])
+        .env(ALLOW_LOOPBACK_ENV.0, ALLOW_LOOPBACK_ENV.1)
         .envs(env.iter().copied())
         .env("HERALD_LOG__FILTER", "warn")
         .stdout(Stdio::null())

@@ -87,6 +87,11 @@ async fn bad_configuration_stops_the_process_with_a_message() {
         ("HERALD_WEBHOOKS__RETRY_SCHEDULE", "[\"soon\"]", "soon"),
         ("HERALD_TASKS__CONCURRENCY", "0", "tasks.concurrency"),
         ("HERALD_HEALTH__LISTEN", "not-an-address", "health.listen"),
+        (
+            "HERALD_WEBHOOKS__SSRF__ALLOW",
+            "[\"10.0.0.0/33\"]",
+            "10.0.0.0/33",
+        ),
     ] {
         let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
             .args(["worker", "tasks", "--nats-url", "nats://127.0.0.1:9"])

@@ -16,3 +16,4 @@ mod operator;
 mod policies;
 mod probes;
 mod resilience;
+mod ssrf;
