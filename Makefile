@@ -28,6 +28,8 @@ lint: control-plane
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	scripts/check-chart.sh
 
-## bench: the whole pipeline under load (docs/benchmarks.md)
+## bench: the whole pipeline under load, then isolation between endpoints and
+## shared rate limits (docs/benchmarks.md)
 bench: tools
 	python3 scripts/bench.py
+	python3 scripts/bench_isolation.py
