@@ -33,6 +33,9 @@ pub enum TaskState {
     /// Some endpoint never accepted the webhook and its owner could not be
     /// told (no email address, or the mail itself failed).
     Undelivered,
+    /// Some endpoint is disabled: its webhook was kept, not sent, and goes
+    /// out when the endpoint is enabled (or on a recover call).
+    Held,
 }
 
 /// Where the delivery to one endpoint stands.
@@ -126,6 +129,8 @@ pub fn task_state(record: &TaskRecord, events: &[TaskEvent]) -> TaskState {
         )
     }) {
         TaskState::Mailed
+    } else if states.contains(&EndpointDeliveryState::Held) {
+        TaskState::Held
     } else {
         TaskState::Undelivered
     }
@@ -237,5 +242,27 @@ mod tests {
             ),
             EndpointDeliveryState::Delivered
         );
+    }
+
+    #[test]
+    fn held_deliveries_and_endpoint_mails() {
+        let rec = record(&["a", "b"], HandlerOutcome::Completed);
+        let mut events = vec![
+            attempt("a", 1, AttemptOutcome::Delivered),
+            attempt("b", 1, AttemptOutcome::Retrying),
+            // A mail about the endpoint as a whole settles no delivery.
+            TaskEvent::Mail(MailOutcome {
+                reason: Some(MailReason::EndpointDisabled),
+                ..match mail("b", true) {
+                    TaskEvent::Mail(m) => m,
+                    TaskEvent::Delivery(_) => unreachable!(),
+                }
+            }),
+        ];
+        assert_eq!(task_state(&rec, &events), TaskState::Delivering);
+        events.push(attempt("b", 2, AttemptOutcome::Held));
+        assert_eq!(task_state(&rec, &events), TaskState::Held);
+        events.push(attempt("b", 2, AttemptOutcome::Delivered));
+        assert_eq!(task_state(&rec, &events), TaskState::Delivered);
     }
 }
