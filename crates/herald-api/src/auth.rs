@@ -1,0 +1,549 @@
+//! Bearer-token authentication.
+//!
+//! Tokens are configured in a TOML file (`api.tokens_file`; in Kubernetes a
+//! Secret mounted as a file) that holds, per token, a name for logs, the
+//! SHA-256 of the token and the users it may act for:
+//!
+//! ```toml
+//! [[tokens]]
+//! name = "ci"
+//! sha256 = "<64 hex digits>"
+//! users = ["alice", "bob"]   # or: all_users = true
+//! ```
+//!
+//! `herald token new` prints a fresh token and its entry. Every route under
+//! `/users/{user}/` needs a token for that user (401 without a valid token,
+//! 403 with another user's); `/metrics` needs any valid token when
+//! `api.metrics_require_token` is set; the probes and `/openapi.json` stay
+//! open. Without a tokens file authentication is off (development, tests),
+//! and the API says so in a warning at start.
+
+use std::{collections::BTreeSet, fmt, path::Path, sync::Arc};
+
+use axum::{
+    extract::{RawPathParams, Request, State, rejection::RawPathParamsRejection},
+    http::{HeaderMap, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use herald_core::UserId;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tracing::Instrument;
+use utoipa::openapi::{
+    ContentBuilder, Ref, RefOr, ResponseBuilder,
+    header::HeaderBuilder,
+    path::Operation,
+    schema::{ObjectBuilder, Type},
+    security::SecurityRequirement,
+};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::{ApiConfig, ApiError, AppState, openapi::operations};
+
+/// The security scheme's name in the OpenAPI document.
+pub(crate) const SCHEME: &str = "bearer";
+
+/// Every token `herald token new` makes starts with this, so secret
+/// scanners and people recognise one.
+pub const TOKEN_PREFIX: &str = "herald_";
+
+/// Random bytes in a generated token: 256 bits.
+const TOKEN_BYTES: usize = 32;
+
+/// One `[[tokens]]` entry of the tokens file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// Shown in logs instead of the token.
+    pub name: String,
+    /// The token's SHA-256, in hex. A plain, fast hash is enough here:
+    /// tokens are 256-bit random strings, so there is no dictionary to try
+    /// and no brute force that could finish; slow password hashes (argon2,
+    /// bcrypt) protect low-entropy passwords, and would only cost CPU on
+    /// every request.
+    pub sha256: String,
+    /// The users this token may act for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// Instead of `users`: every user (an operator's or a backend's token).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_users: bool,
+}
+
+impl TokenEntry {
+    /// The entry as it goes into the tokens file.
+    pub fn to_toml(&self) -> String {
+        #[derive(Serialize)]
+        struct One<'a> {
+            tokens: [&'a TokenEntry; 1],
+        }
+        toml::to_string(&One { tokens: [self] }).expect("a token entry always serializes")
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    #[serde(default)]
+    tokens: Vec<TokenEntry>,
+}
+
+/// Who a token may act for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    AllUsers,
+    Users(BTreeSet<UserId>),
+}
+
+impl Scope {
+    fn allows(&self, user: &str) -> bool {
+        match self {
+            Scope::AllUsers => true,
+            Scope::Users(users) => users.iter().any(|u| u.as_str() == user),
+        }
+    }
+}
+
+struct Token {
+    name: String,
+    digest: [u8; 32],
+    scope: Scope,
+}
+
+/// The tokens of a tokens file, checked.
+pub struct Tokens {
+    tokens: Vec<Token>,
+}
+
+impl fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<_> = self.tokens.iter().map(|t| &t.name).collect();
+        f.debug_struct("Tokens").field("names", &names).finish()
+    }
+}
+
+/// Why the tokens file cannot be used; the API does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TokensFileError {
+    #[error("api.tokens_file {path}: cannot read it: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("api.tokens_file {path}: {problem}")]
+    Invalid { path: String, problem: String },
+}
+
+impl Tokens {
+    pub fn load(path: &Path) -> Result<Tokens, TokensFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TokensFileError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Tokens::parse(&text).map_err(|problem| TokensFileError::Invalid {
+            path: path.display().to_string(),
+            problem,
+        })
+    }
+
+    /// Parses and checks a tokens file; the error names the entry and the
+    /// problem.
+    pub fn parse(text: &str) -> Result<Tokens, String> {
+        let file: TokensFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        if file.tokens.is_empty() {
+            return Err("holds no [[tokens]]: every request would be refused \
+                 (leave api.tokens_file empty to turn authentication off)"
+                .into());
+        }
+        let mut tokens: Vec<Token> = Vec::with_capacity(file.tokens.len());
+        for (index, entry) in file.tokens.into_iter().enumerate() {
+            let token = check_entry(entry).map_err(|e| format!("token #{}: {e}", index + 1))?;
+            if let Some(same) = tokens.iter().find(|t| t.name == token.name) {
+                return Err(format!("two tokens are named {:?}", same.name));
+            }
+            if let Some(same) = tokens.iter().find(|t| t.digest == token.digest) {
+                return Err(format!(
+                    "tokens {:?} and {:?} have the same sha256",
+                    same.name, token.name
+                ));
+            }
+            tokens.push(token);
+        }
+        Ok(Tokens { tokens })
+    }
+
+    /// The token whose hash matches `presented`. Every hash is compared in
+    /// constant time and every entry is looked at, so the time taken says
+    /// nothing about how close a guess came or which entry matched.
+    fn find(&self, presented: &str) -> Option<&Token> {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found = None;
+        for token in &self.tokens {
+            if bool::from(token.digest.ct_eq(&digest)) {
+                found = Some(token);
+            }
+        }
+        found
+    }
+}
+
+fn check_entry(entry: TokenEntry) -> Result<Token, String> {
+    let name = entry.name.trim().to_string();
+    if name.is_empty() || name.chars().any(char::is_control) {
+        return Err("name must be a non-empty line of text".into());
+    }
+    let digest = parse_sha256(&entry.sha256)
+        .ok_or_else(|| format!("{name}: sha256 must be 64 hex digits (the token's SHA-256)"))?;
+    let scope = match (entry.all_users, entry.users.is_empty()) {
+        (true, true) => Scope::AllUsers,
+        (false, false) => {
+            let users = entry
+                .users
+                .into_iter()
+                .map(|u| UserId::new(u).map_err(|e| format!("{name}: {e}")))
+                .collect::<Result<_, _>>()?;
+            Scope::Users(users)
+        }
+        (true, false) => return Err(format!("{name}: set users or all_users = true, not both")),
+        (false, true) => {
+            return Err(format!(
+                "{name}: says for whom it is valid with users = [...] or all_users = true"
+            ));
+        }
+    };
+    Ok(Token {
+        name,
+        digest,
+        scope,
+    })
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim().as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    for (byte, pair) in digest.iter_mut().zip(hex.chunks(2)) {
+        let pair = std::str::from_utf8(pair).ok()?;
+        *byte = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(digest)
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A freshly generated token and the entry that admits it.
+pub struct NewToken {
+    /// Shown once; only its hash is kept.
+    pub token: String,
+    pub entry: TokenEntry,
+}
+
+/// Generates a token (`herald_` and 256 random bits) for `scope`.
+pub fn new_token(name: &str, scope: &Scope) -> Result<NewToken, String> {
+    let mut bytes = [0u8; TOKEN_BYTES];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
+    let (users, all_users) = match scope {
+        Scope::AllUsers => (vec![], true),
+        Scope::Users(users) => (users.iter().map(ToString::to_string).collect(), false),
+    };
+    let entry = TokenEntry {
+        name: name.to_string(),
+        sha256: to_hex(&Sha256::digest(token.as_bytes())),
+        users,
+        all_users,
+    };
+    // The entry must pass the same checks as the file it goes into.
+    check_entry(entry.clone())?;
+    Ok(NewToken { token, entry })
+}
+
+/// Who may call what, built once at start from [`ApiConfig`].
+#[derive(Clone, Debug)]
+pub struct Access {
+    /// None: authentication is off.
+    tokens: Option<Arc<Tokens>>,
+    metrics_require_token: bool,
+}
+
+impl Access {
+    /// Reads `api.tokens_file` (if set); a bad file is an error naming it.
+    pub fn from_config(config: &ApiConfig) -> Result<Access, TokensFileError> {
+        let tokens = if config.tokens_file.trim().is_empty() {
+            None
+        } else {
+            Some(Arc::new(Tokens::load(Path::new(
+                config.tokens_file.trim(),
+            ))?))
+        };
+        Ok(Access {
+            tokens,
+            metrics_require_token: config.metrics_require_token,
+        })
+    }
+
+    /// No authentication at all.
+    pub fn off() -> Access {
+        Access {
+            tokens: None,
+            metrics_require_token: false,
+        }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.tokens.is_some()
+    }
+
+    /// Says at start whether the API is protected, and by how many tokens.
+    pub fn log_state(&self) {
+        match &self.tokens {
+            Some(tokens) => tracing::info!(
+                tokens = tokens.tokens.len(),
+                metrics_require_token = self.metrics_require_token,
+                "API authentication on"
+            ),
+            None => tracing::warn!(
+                "API authentication is OFF (api.tokens_file is not set): anyone who can \
+                 reach the API can post tasks and read every user's tasks"
+            ),
+        }
+    }
+}
+
+/// The token of the request: 401 if it is missing or unknown.
+fn authenticate<'a>(tokens: &'a Tokens, headers: &HeaderMap) -> Result<&'a Token, ApiError> {
+    let unauthorized = |message: &str, invalid_token| ApiError::Unauthorized {
+        message: message.to_string(),
+        invalid_token,
+    };
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(unauthorized(
+            "this route needs a bearer token (Authorization: Bearer <token>)",
+            false,
+        ));
+    };
+    let presented = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| unauthorized("the Authorization header is not `Bearer <token>`", true))?;
+    tokens.find(presented).ok_or_else(|| {
+        tracing::debug!("401: unknown bearer token");
+        unauthorized("the bearer token is not valid", true)
+    })
+}
+
+/// Middleware of every route under `/users/{user}/`: a token for that user.
+async fn require_user(
+    State(access): State<Access>,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(tokens) = &access.tokens else {
+        return next.run(request).await;
+    };
+    let token = match authenticate(tokens, request.headers()) {
+        Ok(token) => token,
+        Err(e) => return e.into_response(),
+    };
+    let name = &token.name;
+    let params = match params {
+        Ok(params) => params,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let user = params
+        .iter()
+        .find(|(key, _)| *key == "user")
+        .map(|(_, v)| v);
+    // Fails closed: a route in this group without {user} admits nobody.
+    let allowed = user.is_some_and(|user| token.scope.allows(user));
+    if !allowed {
+        let user = user.unwrap_or_default().to_string();
+        tracing::info!(token = %name, user = %user, "403: token not valid for this user");
+        return ApiError::Forbidden(format!("token {name:?} is not valid for user {user:?}"))
+            .into_response();
+    }
+    next.run(request)
+        .instrument(tracing::info_span!("authenticated", token = %name))
+        .await
+}
+
+/// Middleware of `/metrics`: any valid token, when so configured.
+async fn require_metrics_token(
+    State(access): State<Access>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match &access.tokens {
+        Some(tokens) if access.metrics_require_token => {
+            match authenticate(tokens, request.headers()) {
+                Ok(_) => next.run(request).await,
+                Err(e) => e.into_response(),
+            }
+        }
+        _ => next.run(request).await,
+    }
+}
+
+/// Protects every route of `routes` with [`require_user`] and says so in
+/// their documentation (bearer security, 401 and 403).
+pub(crate) fn for_users(
+    mut routes: OpenApiRouter<AppState>,
+    access: &Access,
+) -> OpenApiRouter<AppState> {
+    for operation in operations(routes.get_openapi_mut()) {
+        operation.security = Some(vec![SecurityRequirement::new(SCHEME, [""; 0])]);
+        document_401(operation);
+        operation.responses.responses.insert(
+            "403".into(),
+            error_response("The token is valid, but not for this user.").into(),
+        );
+    }
+    routes.route_layer(middleware::from_fn_with_state(access.clone(), require_user))
+}
+
+/// Protects `/metrics` with [`require_metrics_token`]; documented as open or
+/// with a token, as the configuration decides.
+pub(crate) fn for_metrics(
+    mut routes: OpenApiRouter<AppState>,
+    access: &Access,
+) -> OpenApiRouter<AppState> {
+    for operation in operations(routes.get_openapi_mut()) {
+        // An empty requirement next to the bearer one: either may apply.
+        operation.security = Some(vec![
+            SecurityRequirement::default(),
+            SecurityRequirement::new(SCHEME, [""; 0]),
+        ]);
+        document_401(operation);
+    }
+    routes.route_layer(middleware::from_fn_with_state(
+        access.clone(),
+        require_metrics_token,
+    ))
+}
+
+fn document_401(operation: &mut Operation) {
+    let mut response = error_response("No bearer token, or not a valid one.");
+    response.headers.insert(
+        "WWW-Authenticate".into(),
+        HeaderBuilder::new()
+            .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+            .description(Some(
+                "`Bearer realm=\"herald\"`, with `error=\"invalid_token\"` when a token was given.",
+            ))
+            .build()
+            .into(),
+    );
+    operation
+        .responses
+        .responses
+        .insert("401".into(), response.into());
+}
+
+pub(crate) fn error_response(description: &str) -> utoipa::openapi::Response {
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(RefOr::Ref(Ref::from_schema_name("ErrorBody"))))
+                .build(),
+        )
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, token: &str, users: &[&str], all_users: bool) -> String {
+        TokenEntry {
+            name: name.into(),
+            sha256: to_hex(&Sha256::digest(token.as_bytes())),
+            users: users.iter().map(ToString::to_string).collect(),
+            all_users,
+        }
+        .to_toml()
+    }
+
+    #[test]
+    fn tokens_are_found_by_hash_with_their_scope() {
+        let file = [
+            entry("ci", "t-ci", &["alice", "bob"], false),
+            entry("ops", "t-ops", &[], true),
+        ]
+        .join("\n");
+        let tokens = Tokens::parse(&file).unwrap();
+        let ci = tokens.find("t-ci").unwrap();
+        assert_eq!(ci.name, "ci");
+        assert!(ci.scope.allows("alice") && ci.scope.allows("bob"));
+        assert!(!ci.scope.allows("carol"));
+        assert!(tokens.find("t-ops").unwrap().scope.allows("anyone"));
+        assert!(tokens.find("t-c").is_none());
+        assert!(tokens.find("").is_none());
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_reason() {
+        let ok = entry("ci", "t", &["alice"], false);
+        let cases = [
+            ("", "no [[tokens]]"),
+            (
+                "[[tokens]]\nname = \"x\"\ntoken = \"plain\"\n",
+                "unknown field `token`",
+            ),
+            (
+                &ok.replace(
+                    &ok[ok.find("sha256").unwrap()..ok.find("users").unwrap()],
+                    "sha256 = \"abc\"\n",
+                ),
+                "64 hex digits",
+            ),
+            (&entry("ci", "t", &[], false), "users = [...] or all_users"),
+            (&entry("ci", "t", &["alice"], true), "not both"),
+            (&entry("ci", "t", &["a.b"], false), "may only contain"),
+            (&entry(" ", "t", &["a"], false), "name"),
+            (
+                &[ok.clone(), entry("ci", "u", &["a"], false)].join("\n"),
+                "two tokens are named \"ci\"",
+            ),
+            (
+                &[ok.clone(), entry("other", "t", &["a"], false)].join("\n"),
+                "same sha256",
+            ),
+            ("tokens = 3", "invalid type"),
+        ];
+        for (text, wanted) in cases {
+            let err = Tokens::parse(text).unwrap_err();
+            assert!(err.contains(wanted), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn new_tokens_are_random_prefixed_and_match_their_entry() {
+        let scope = Scope::Users([UserId::new("alice").unwrap()].into());
+        let first = new_token("ci", &scope).unwrap();
+        let second = new_token("ci", &scope).unwrap();
+        assert_ne!(first.token, second.token);
+        assert!(first.token.starts_with(TOKEN_PREFIX));
+        assert_eq!(first.token.len(), TOKEN_PREFIX.len() + 43);
+        let tokens = Tokens::parse(&first.entry.to_toml()).unwrap();
+        let found = tokens.find(&first.token).unwrap();
+        assert_eq!(found.scope, scope);
+        assert!(tokens.find(&second.token).is_none());
+        assert!(new_token("", &Scope::AllUsers).is_err());
+    }
+}
