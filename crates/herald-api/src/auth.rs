@@ -137,6 +137,10 @@ pub enum TokensFileError {
     },
     #[error("api.tokens_file {path}: {problem}")]
     Invalid { path: String, problem: String },
+    #[error(
+        "api.metrics_require_token needs api.tokens_file: without tokens nothing could scrape /metrics"
+    )]
+    MetricsWithoutTokens,
 }
 
 impl Tokens {
@@ -277,8 +281,13 @@ pub struct Access {
 
 impl Access {
     /// Reads `api.tokens_file` (if set); a bad file is an error naming it.
+    /// Checked here rather than with the rest of the configuration: the
+    /// file is mounted only where the API runs (workers share the config).
     pub fn from_config(config: &ApiConfig) -> Result<Access, TokensFileError> {
         let tokens = if config.tokens_file.trim().is_empty() {
+            if config.metrics_require_token {
+                return Err(TokensFileError::MetricsWithoutTokens);
+            }
             None
         } else {
             Some(Arc::new(Tokens::load(Path::new(

@@ -131,3 +131,30 @@ fn percent_decode(raw: &str) -> Option<String> {
     }
     String::from_utf8(out).ok()
 }
+
+/// Routes are protected by the group they are added to in `app()`; one
+/// added under /users/ outside the users group would be open, and this
+/// says so.
+#[test]
+fn every_route_under_users_needs_a_bearer_token() {
+    let doc = document();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let protected = operation["security"] == serde_json::json!([{ "bearer": [] }]);
+            let documented = ["401", "403"]
+                .iter()
+                .all(|status| operation["responses"].get(*status).is_some());
+            if path.starts_with("/users/") {
+                assert!(protected && documented, "{method} {path} is not protected");
+                checked += 1;
+            } else {
+                assert!(
+                    !protected,
+                    "{method} {path} needs a token but is not a user route"
+                );
+            }
+        }
+    }
+    assert!(checked >= 2);
+}

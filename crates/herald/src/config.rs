@@ -156,11 +156,6 @@ impl Config {
                 self.topology.max_message_bytes
             );
         }
-        if self.api.metrics_require_token && self.api.tokens_file.trim().is_empty() {
-            bail!(
-                "invalid configuration: api.metrics_require_token needs api.tokens_file (no tokens, no way to scrape)"
-            );
-        }
         if !self.health.listen.is_empty() {
             self.health
                 .listen
