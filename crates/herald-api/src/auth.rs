@@ -18,7 +18,13 @@
 //! open. Without a tokens file authentication is off (development, tests),
 //! and the API says so in a warning at start.
 
-use std::{collections::BTreeSet, fmt, path::Path, sync::Arc};
+use std::{
+    collections::BTreeSet,
+    fmt,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use axum::{
     extract::{RawPathParams, Request, State, rejection::RawPathParamsRejection},
@@ -32,6 +38,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use utoipa::openapi::{
     ContentBuilder, Ref, RefOr, ResponseBuilder,
@@ -145,14 +152,7 @@ pub enum TokensFileError {
 
 impl Tokens {
     pub fn load(path: &Path) -> Result<Tokens, TokensFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokensFileError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Tokens::parse(&text).map_err(|problem| TokensFileError::Invalid {
-            path: path.display().to_string(),
-            problem,
-        })
+        read_tokens(path).map(|(tokens, _)| tokens)
     }
 
     /// Parses and checks a tokens file; the error names the entry and the
@@ -194,6 +194,19 @@ impl Tokens {
         }
         found
     }
+}
+
+/// The tokens of the file at `path`, and its text.
+fn read_tokens(path: &Path) -> Result<(Tokens, String), TokensFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TokensFileError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let tokens = Tokens::parse(&text).map_err(|problem| TokensFileError::Invalid {
+        path: path.display().to_string(),
+        problem,
+    })?;
+    Ok((tokens, text))
 }
 
 fn check_entry(entry: TokenEntry) -> Result<Token, String> {
@@ -271,12 +284,57 @@ pub fn new_token(name: &str, scope: &Scope) -> Result<NewToken, String> {
     Ok(NewToken { token, entry })
 }
 
-/// Who may call what, built once at start from [`ApiConfig`].
+/// The tokens file and what it held when last read well.
+#[derive(Debug)]
+struct TokenStore {
+    path: PathBuf,
+    current: RwLock<(Arc<Tokens>, String)>,
+}
+
+impl TokenStore {
+    fn tokens(&self) -> Arc<Tokens> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Re-reads the file; a changed, valid file replaces the tokens. A file
+    /// that cannot be used leaves the previous tokens in force (the API
+    /// stays as protected as it was) and is logged.
+    fn reload(&self) {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e,
+                    "cannot read the tokens file; the previous tokens stay in force");
+                return;
+            }
+        };
+        if self.current.read().unwrap_or_else(|e| e.into_inner()).1 == text {
+            return;
+        }
+        match Tokens::parse(&text) {
+            Ok(tokens) => {
+                tracing::info!(path = %self.path.display(), tokens = tokens.tokens.len(),
+                    "tokens file changed: reloaded");
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(tokens), text);
+            }
+            Err(problem) => tracing::error!(path = %self.path.display(), %problem,
+                "the changed tokens file is invalid; the previous tokens stay in force"),
+        }
+    }
+}
+
+/// Who may call what: built at start from [`ApiConfig`], the tokens kept
+/// current by [`Access::watch`].
 #[derive(Clone, Debug)]
 pub struct Access {
     /// None: authentication is off.
-    tokens: Option<Arc<Tokens>>,
+    store: Option<Arc<TokenStore>>,
     metrics_require_token: bool,
+    reload_interval: Duration,
 }
 
 impl Access {
@@ -284,37 +342,46 @@ impl Access {
     /// Checked here rather than with the rest of the configuration: the
     /// file is mounted only where the API runs (workers share the config).
     pub fn from_config(config: &ApiConfig) -> Result<Access, TokensFileError> {
-        let tokens = if config.tokens_file.trim().is_empty() {
+        let store = if config.tokens_file.trim().is_empty() {
             if config.metrics_require_token {
                 return Err(TokensFileError::MetricsWithoutTokens);
             }
             None
         } else {
-            Some(Arc::new(Tokens::load(Path::new(
-                config.tokens_file.trim(),
-            ))?))
+            let path = PathBuf::from(config.tokens_file.trim());
+            let (tokens, text) = read_tokens(&path)?;
+            Some(Arc::new(TokenStore {
+                path,
+                current: RwLock::new((Arc::new(tokens), text)),
+            }))
         };
         Ok(Access {
-            tokens,
+            store,
             metrics_require_token: config.metrics_require_token,
+            reload_interval: config.tokens_reload_interval,
         })
     }
 
     /// No authentication at all.
     pub fn off() -> Access {
         Access {
-            tokens: None,
+            store: None,
             metrics_require_token: false,
+            reload_interval: Duration::ZERO,
         }
     }
 
     pub fn is_on(&self) -> bool {
-        self.tokens.is_some()
+        self.store.is_some()
+    }
+
+    fn tokens(&self) -> Option<Arc<Tokens>> {
+        self.store.as_ref().map(|store| store.tokens())
     }
 
     /// Says at start whether the API is protected, and by how many tokens.
     pub fn log_state(&self) {
-        match &self.tokens {
+        match self.tokens() {
             Some(tokens) => tracing::info!(
                 tokens = tokens.tokens.len(),
                 metrics_require_token = self.metrics_require_token,
@@ -324,6 +391,26 @@ impl Access {
                 "API authentication is OFF (api.tokens_file is not set): anyone who can \
                  reach the API can post tasks and read every user's tasks"
             ),
+        }
+    }
+
+    /// Re-reads the tokens file every `api.tokens_reload_interval` until
+    /// `shutdown`, so adding or revoking a token (a Kubernetes Secret
+    /// update reaches the mounted file within a minute or so) needs no
+    /// restart.
+    pub async fn watch(self, shutdown: CancellationToken) {
+        let Some(store) = self.store else { return };
+        if self.reload_interval.is_zero() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.reload_interval) => {}
+            }
+            let store = store.clone();
+            // File I/O off the async workers.
+            let _ = tokio::task::spawn_blocking(move || store.reload()).await;
         }
     }
 }
@@ -361,10 +448,10 @@ async fn require_user(
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(tokens) = &access.tokens else {
+    let Some(tokens) = access.tokens() else {
         return next.run(request).await;
     };
-    let token = match authenticate(tokens, request.headers()) {
+    let token = match authenticate(&tokens, request.headers()) {
         Ok(token) => token,
         Err(e) => return e.into_response(),
     };
@@ -396,9 +483,9 @@ async fn require_metrics_token(
     request: Request,
     next: Next,
 ) -> Response {
-    match &access.tokens {
+    match access.tokens() {
         Some(tokens) if access.metrics_require_token => {
-            match authenticate(tokens, request.headers()) {
+            match authenticate(&tokens, request.headers()) {
                 Ok(_) => next.run(request).await,
                 Err(e) => e.into_response(),
             }

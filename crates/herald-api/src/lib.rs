@@ -14,9 +14,12 @@ mod health;
 mod openapi;
 mod tasks;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use axum::Router;
@@ -32,6 +35,12 @@ pub use error::{ApiError, ErrorBody};
 pub use health::metrics;
 pub use openapi::{openapi, openapi_json};
 
+mod duration_serde {
+    pub use herald_queue::topology::{
+        deserialize_duration as deserialize, serialize_duration as serialize,
+    };
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
@@ -42,6 +51,10 @@ pub struct ApiConfig {
     /// TOML file of bearer tokens (their SHA-256 hashes); empty turns
     /// authentication off.
     pub tokens_file: String,
+    /// How often the tokens file is re-read for added or revoked tokens;
+    /// 0 reads it only at start.
+    #[serde(with = "duration_serde")]
+    pub tokens_reload_interval: Duration,
     /// `/metrics` needs a valid token (of any scope); otherwise it is open.
     pub metrics_require_token: bool,
 }
@@ -52,6 +65,7 @@ impl Default for ApiConfig {
             listen: "127.0.0.1:9000".into(),
             max_body_bytes: 1024 * 1024,
             tokens_file: String::new(),
+            tokens_reload_interval: Duration::from_secs(10),
             metrics_require_token: false,
         }
     }
@@ -133,6 +147,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "API listening");
     state.access().log_state();
+    tokio::spawn(state.access().clone().watch(shutdown.clone()));
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

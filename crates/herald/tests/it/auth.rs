@@ -10,7 +10,7 @@ use herald_core::UserId;
 use herald_testkit::NatsServer;
 use serde_json::{Value, json};
 
-use crate::harness::{Herald, test_config};
+use crate::harness::{DEADLINE, Herald, test_config};
 
 /// A tokens file with one token for alice, one for bob, one for all users.
 pub struct TokensFile {
@@ -263,5 +263,61 @@ async fn herald_token_new_prints_a_token_and_its_entry() {
         let (status, _, body) = call(&herald, reqwest::Method::POST, &path, Some(&bearer)).await;
         assert_eq!(status, want, "{user}: {body}");
     }
+    herald.stop().await;
+}
+
+/// Tokens added to or removed from the file apply without a restart; a file
+/// that turns invalid leaves the previous tokens in force.
+#[tokio::test]
+async fn the_tokens_file_is_reloaded_when_it_changes() {
+    let tokens = tokens_file();
+    let scoped = |user: &str| Scope::Users([UserId::new(user).unwrap()].into());
+    let carol = new_token("carol-app", &scoped("carol")).unwrap();
+    let nats = NatsServer::start().await;
+    let mut config = test_config(&nats, None);
+    config.api.tokens_file = tokens.file.path().display().to_string();
+    config.api.tokens_reload_interval = std::time::Duration::from_millis(50);
+    let herald = Herald::start(config, Roles::api_only()).await;
+    let status_for = |user: &'static str, token: String| {
+        let herald = &herald;
+        async move {
+            let bearer = format!("Bearer {token}");
+            let path = format!("/users/{user}/tasks/echo");
+            call(herald, reqwest::Method::POST, &path, Some(&bearer))
+                .await
+                .0
+        }
+    };
+    assert_eq!(status_for("carol", carol.token.clone()).await, 401);
+
+    // Added: carol's token works once the file is re-read.
+    let original = std::fs::read_to_string(tokens.file.path()).unwrap();
+    let with_carol = format!("{original}\n{}", carol.entry.to_toml());
+    std::fs::write(tokens.file.path(), &with_carol).unwrap();
+    herald_testkit::wait_until("carol's token to be accepted", DEADLINE, || async {
+        (status_for("carol", carol.token.clone()).await == 201).then_some(())
+    })
+    .await;
+
+    // Broken: everything stays as it was.
+    std::fs::write(tokens.file.path(), "[[tokens]]\nname = \"oops\"\n").unwrap();
+    let broken_since = std::time::Instant::now();
+    while broken_since.elapsed() < std::time::Duration::from_millis(500) {
+        assert_eq!(status_for("carol", carol.token.clone()).await, 201);
+        assert_eq!(status_for("alice", tokens.alice.clone()).await, 201);
+    }
+
+    // Revoked: alice's entry removed, her token is refused.
+    let without_alice: String = with_carol
+        .split("\n\n")
+        .filter(|entry| !entry.contains("alice-app"))
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    std::fs::write(tokens.file.path(), without_alice).unwrap();
+    herald_testkit::wait_until("alice's token to be revoked", DEADLINE, || async {
+        (status_for("alice", tokens.alice.clone()).await == 401).then_some(())
+    })
+    .await;
+    assert_eq!(status_for("carol", carol.token.clone()).await, 201);
     herald.stop().await;
 }
