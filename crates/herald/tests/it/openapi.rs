@@ -67,6 +67,8 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
+    // Shown with --nocapture: what was covered.
+    println!("{stdout}");
     assert!(
         output.status.success(),
         "schemathesis found problems (seed {seed}):\n{stdout}\n{stderr}"
