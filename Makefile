@@ -5,7 +5,7 @@ export HERALD_TOOLS ?= $(HOME)/.cache/herald-tools
 
 .PHONY: tools control-plane dev test lint bench
 
-## tools: pinned nats-server, mailpit and the Standard Webhooks verifier, into $(HERALD_TOOLS)
+## tools: pinned nats-server, mailpit, the Standard Webhooks verifier and schemathesis, into $(HERALD_TOOLS)
 tools:
 	scripts/install-tools.sh
 

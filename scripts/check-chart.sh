@@ -201,6 +201,8 @@ for pair in HERALD_TASKS:tasks HERALD_WEBHOOKS:webhooks HERALD_MAIL:mail; do
     grep -A1 "stream: ${pair%%:*}$" "$f" | grep -q "consumer: ${pair##*:}$" || die "all-features: no trigger for stream ${pair%%:*} / consumer ${pair##*:}"
 done
 expect_count "$f" "API tokens file (api)" 1 '^ +value: /etc/herald/tokens/tokens.toml$'
+expect_count "$f" "metrics_require_token in config.toml" 1 '^ +metrics_require_token = true$'
+expect_count "$f" "ServiceMonitor bearer token" 1 '^ +name: prometheus-herald-token$'
 expect_count "$f" "encryption key file (operator, worker-webhooks)" 2 '^ +value: /etc/herald/keys/key$'
 expect_count "$f" "SMTP credentials (worker-mail)" 1 '^ +- name: HERALD_MAIL__PASSWORD$'
 grep -q '^    ssrf = { "allow" = \["10.8.0.0/16", "fd00::/8"\] }$' "$f" || die "all-features: config.toml does not carry the SSRF allow-list"
@@ -232,6 +234,7 @@ expect_refused "config.operator.lease_name (schema: set by the chart)" 'schema' 
 expect_refused "a malformed duration (schema: pattern)" 'schema' --set config.webhooks.timeout=soon
 expect_refused "an SSRF allow entry that is no CIDR (schema: pattern)" 'schema' --set 'config.webhooks.ssrf.allow={localhost}'
 expect_refused "a Secret both existing and inline" 'not both' --set secrets.apiTokens.existingSecret=x --set secrets.apiTokens.tokens=y
+expect_refused "metrics_require_token without API tokens" 'needs secrets.apiTokens' --set config.api.metrics_require_token=true
 expect_refused "terminationGracePeriodSeconds below the shutdown grace" 'must exceed shutdown.graceSeconds' --set shutdown.terminationGracePeriodSeconds=20
 expect_refused "KEDA without a NATS monitoring endpoint" 'nats.monitoringEndpoint' --set workers.webhooks.keda.enabled=true
 

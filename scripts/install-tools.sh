@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the pinned external programs Herald's tests run against (nats-server,
-# mailpit, a Python venv with the reference Standard Webhooks verifier) into a
+# mailpit, a Python venv with the reference Standard Webhooks verifier and the
+# schemathesis API fuzzer) into a
 # cache outside the repository, so every clone and every CI run shares one build.
 #
 # Idempotent: a tool already at its pinned version is left alone, so a second
@@ -10,6 +11,7 @@ set -euo pipefail
 NATS_SERVER_VERSION=v2.15.2
 MAILPIT_VERSION=v1.33.1
 STANDARDWEBHOOKS_VERSION=1.1.0
+SCHEMATHESIS_VERSION=4.32.5
 # Both Go modules above declare `go 1.26.0`; GOTOOLCHAIN=local means we never
 # download a toolchain, so the installed go must be at least this.
 GO_MIN_MINOR=26
@@ -94,29 +96,38 @@ install_mailpit() {
     touch "$stamp"
 }
 
+# The venv's pinned Python packages; the stamp names them all, so changing a
+# pin (or adding a package) makes existing caches install it.
+PYTHON_PACKAGES=("standardwebhooks==$STANDARDWEBHOOKS_VERSION" "schemathesis==$SCHEMATHESIS_VERSION")
+PYTHON_IMPORTS='import standardwebhooks, schemathesis'
+
 install_venv() {
-    local stamp=$STAMPS/venv-standardwebhooks-$STANDARDWEBHOOKS_VERSION
+    local stamp=$STAMPS/venv-standardwebhooks-$STANDARDWEBHOOKS_VERSION-schemathesis-$SCHEMATHESIS_VERSION
     # The import check also catches a venv whose base python has since vanished.
-    if [ -f "$stamp" ] && "$VENV/bin/python" -c 'import standardwebhooks' 2>/dev/null; then
-        log "python venv with standardwebhooks $STANDARDWEBHOOKS_VERSION already installed"
+    if [ -f "$stamp" ] && "$VENV/bin/python" -c "$PYTHON_IMPORTS" 2>/dev/null; then
+        log "python venv with ${PYTHON_PACKAGES[*]} already installed"
         return
     fi
-    command -v python3 >/dev/null || apt_install python3 python3-venv
-    command -v python3 >/dev/null || die "python3 not found after installing it"
-    rm -rf "$VENV" # a venv without a stamp may be half-built: start clean
-    if ! python3 -m venv "$VENV" 2>/dev/null; then
-        # Debian's python3 ships venv's ensurepip separately.
-        rm -rf "$VENV"
-        apt_install python3-venv
-        python3 -m venv "$VENV" || die "python3 -m venv failed even with python3-venv installed"
+    # A working venv from an older stamp is upgraded in place (tests running
+    # meanwhile keep their verifier); anything else is rebuilt from scratch.
+    if ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+        command -v python3 >/dev/null || apt_install python3 python3-venv
+        command -v python3 >/dev/null || die "python3 not found after installing it"
+        rm -rf "$VENV" # a venv without a working python may be half-built: start clean
+        if ! python3 -m venv "$VENV" 2>/dev/null; then
+            # Debian's python3 ships venv's ensurepip separately.
+            rm -rf "$VENV"
+            apt_install python3-venv
+            python3 -m venv "$VENV" || die "python3 -m venv failed even with python3-venv installed"
+        fi
     fi
-    log "pip install standardwebhooks==$STANDARDWEBHOOKS_VERSION"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "standardwebhooks==$STANDARDWEBHOOKS_VERSION"
-    "$VENV/bin/python" -c 'import standardwebhooks' || die "standardwebhooks does not import"
-    rm -f "$STAMPS"/venv-standardwebhooks-*
+    log "pip install ${PYTHON_PACKAGES[*]} (a minute the first time)"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PYTHON_PACKAGES[@]}" \
+        || die "pip install ${PYTHON_PACKAGES[*]} failed"
+    "$VENV/bin/python" -c "$PYTHON_IMPORTS" || die "the venv cannot import its packages"
+    [ -x "$VENV/bin/schemathesis" ] || die "schemathesis installed no $VENV/bin/schemathesis"
     touch "$stamp"
-    log "installed python venv with standardwebhooks $STANDARDWEBHOOKS_VERSION"
+    log "installed python venv with ${PYTHON_PACKAGES[*]}"
 }
 
 # `make test` checks formatting and lints: the toolchain needs both.
@@ -140,4 +151,4 @@ log "tools directory: $TOOLS"
 install_nats_server
 install_mailpit
 install_venv
-log "done: nats-server $NATS_SERVER_VERSION, mailpit $MAILPIT_VERSION, standardwebhooks $STANDARDWEBHOOKS_VERSION"
+log "done: nats-server $NATS_SERVER_VERSION, mailpit $MAILPIT_VERSION, standardwebhooks $STANDARDWEBHOOKS_VERSION, schemathesis $SCHEMATHESIS_VERSION"

@@ -1,13 +1,19 @@
 //! The API's one error type: a status, a stable code and a message, always
-//! rendered as `{"error": {"code": ..., "message": ...}}`.
+//! rendered as `{"error": {"code": ..., "message": ...}}` ([`ErrorBody`],
+//! which is also the error schema of the OpenAPI document).
 
 use axum::{
     Json,
-    http::{StatusCode, header},
+    extract::rejection::{PathRejection, RawPathParamsRejection},
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use herald_queue::QueueError;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::{
+    ToSchema,
+    openapi::schema::{ObjectBuilder, Schema, Type},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -15,6 +21,17 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     InvalidJson(String),
+    /// No bearer token, or one that is not in the tokens file.
+    #[error("{message}")]
+    Unauthorized {
+        message: String,
+        /// The token was presented and is wrong (RFC 6750 `invalid_token`),
+        /// rather than missing.
+        invalid_token: bool,
+    },
+    /// A valid token, but not for this user (or route).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("method not allowed")]
@@ -29,9 +46,24 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// Every [`ApiError::code`], for the OpenAPI document's enum.
+    pub const CODES: [&'static str; 9] = [
+        "bad_request",
+        "invalid_json",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "method_not_allowed",
+        "payload_too_large",
+        "unsupported_media_type",
+        "unavailable",
+    ];
+
     fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) | ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -40,11 +72,14 @@ impl ApiError {
         }
     }
 
-    /// A stable, machine-readable code for clients and metrics.
+    /// A stable, machine-readable code for clients and metrics; listed in
+    /// [`ApiError::CODES`].
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::Unauthorized { .. } => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
@@ -60,18 +95,77 @@ impl From<QueueError> for ApiError {
     }
 }
 
+/// A path segment that is not UTF-8 after percent-decoding (`%FF`) is the
+/// client's mistake: a JSON 400 like every other, not axum's plain text.
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::BadRequest(rejection.body_text())
+    }
+}
+
+impl From<RawPathParamsRejection> for ApiError {
+    fn from(rejection: RawPathParamsRejection) -> Self {
+        ApiError::BadRequest(rejection.body_text())
+    }
+}
+
+/// What every error response carries.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": {"code": "not_found", "message": "user 1 has no task \"x\""}}))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable; branch on this, not on the message.
+    #[schema(schema_with = error_code_schema)]
+    pub code: &'static str,
+    /// For people; may change between versions.
+    pub message: String,
+}
+
+fn error_code_schema() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(ApiError::CODES))
+        .into()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if let ApiError::Unavailable(cause) = &self {
             tracing::warn!(error = %cause, "answering 503");
         }
-        let body = Json(json!({ "error": { "code": self.code(), "message": self.to_string() } }));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            (status, [(header::RETRY_AFTER, "1")], body).into_response()
-        } else {
-            (status, body).into_response()
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            ApiError::Unavailable(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Unauthorized { invalid_token, .. } => {
+                // RFC 6750 section 3: which scheme to use, and whether the
+                // token given was wrong rather than missing.
+                let challenge = if *invalid_token {
+                    r#"Bearer realm="herald", error="invalid_token""#
+                } else {
+                    r#"Bearer realm="herald""#
+                };
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
+            }
+            _ => {}
         }
+        response
     }
 }
 
@@ -81,4 +175,30 @@ pub(crate) async fn not_found() -> ApiError {
 
 pub(crate) async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_listed_for_the_document() {
+        let every_variant = [
+            ApiError::BadRequest(String::new()),
+            ApiError::InvalidJson(String::new()),
+            ApiError::Unauthorized {
+                message: String::new(),
+                invalid_token: false,
+            },
+            ApiError::Forbidden(String::new()),
+            ApiError::NotFound(String::new()),
+            ApiError::MethodNotAllowed,
+            ApiError::PayloadTooLarge { limit: 1 },
+            ApiError::UnsupportedMediaType(String::new()),
+        ];
+        for error in &every_variant {
+            assert!(ApiError::CODES.contains(&error.code()), "{}", error.code());
+        }
+        assert!(ApiError::CODES.contains(&"unavailable"));
+    }
 }

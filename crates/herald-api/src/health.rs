@@ -7,15 +7,52 @@ use axum::{
     http::{StatusCode, header},
     response::IntoResponse,
 };
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::AppState;
 
-pub(crate) async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Health {
+    /// Always `ok`: the process answers.
+    #[schema(value_type = String, example = "ok")]
+    status: &'static str,
 }
 
-pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+/// Liveness: the process runs.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    operation_id = "healthz",
+    responses((status = 200, description = "The process runs.", body = Health)),
+)]
+pub(crate) async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Readiness {
+    /// Tasks can be accepted.
+    ready: bool,
+    nats_connected: bool,
+    /// The JetStream streams exist.
+    streams: bool,
+}
+
+/// Readiness: NATS is connected and the streams exist, so a task posted
+/// now can be stored.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    operation_id = "readyz",
+    responses(
+        (status = 200, description = "Ready to accept tasks.", body = Readiness),
+        (status = 503, description = "Not ready: NATS or the streams are missing.", body = Readiness),
+    ),
+)]
+pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let connected = state.broker.is_connected();
     let streams = connected
         && state.topology_ready()
@@ -27,12 +64,29 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<V
     };
     (
         status,
-        Json(json!({ "ready": streams, "nats_connected": connected, "streams": streams })),
+        Json(Readiness {
+            ready: streams,
+            nats_connected: connected,
+            streams,
+        }),
     )
 }
 
 /// Every metric of this process (`herald_core::metrics`), in the OpenMetrics
 /// text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    operation_id = "metrics",
+    responses((
+        status = 200,
+        description = "Prometheus metrics (OpenMetrics text). Needs a token when \
+            `api.metrics_require_token` is set.",
+        body = String,
+        content_type = "application/openmetrics-text",
+    )),
+)]
 pub async fn metrics() -> impl IntoResponse {
     (
         [(

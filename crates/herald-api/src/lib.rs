@@ -2,30 +2,44 @@
 //!
 //! `POST /users/{user}/tasks/{type}` accepts a task once JetStream has
 //! stored it; `GET /users/{user}/tasks/{id}` reports its state and attempts;
-//! `/healthz` and `/readyz` serve the probes. Every error is JSON
-//! (`{"error": {"code", "message"}}`) with a 4xx for anything a client can
-//! send, and 503 when NATS is unavailable.
+//! `/healthz` and `/readyz` serve the probes, `/metrics` Prometheus and
+//! `/openapi.json` the OpenAPI document generated from this code. Every
+//! error is JSON (`{"error": {"code", "message"}}`) with a 4xx for anything
+//! a client can send, and 503 when NATS is unavailable. Bearer tokens guard
+//! every route under `/users/{user}/` ([`auth`]).
 
+pub mod auth;
 mod error;
 mod health;
+mod openapi;
 mod tasks;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
-use axum::{
-    Router,
-    routing::{get, post},
-};
+use axum::Router;
 use herald_queue::Broker;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-pub use error::ApiError;
+pub use auth::{Access, TokensFileError};
+pub use error::{ApiError, ErrorBody};
 pub use health::metrics;
+pub use openapi::{openapi, openapi_json};
+
+mod duration_serde {
+    pub use herald_queue::topology::{
+        deserialize_duration as deserialize, serialize_duration as serialize,
+    };
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -34,6 +48,15 @@ pub struct ApiConfig {
     pub listen: String,
     /// Largest task body accepted, in bytes; larger ones get 413.
     pub max_body_bytes: usize,
+    /// TOML file of bearer tokens (their SHA-256 hashes); empty turns
+    /// authentication off.
+    pub tokens_file: String,
+    /// How often the tokens file is re-read for added or revoked tokens;
+    /// 0 reads it only at start.
+    #[serde(with = "duration_serde")]
+    pub tokens_reload_interval: Duration,
+    /// `/metrics` needs a valid token (of any scope); otherwise it is open.
+    pub metrics_require_token: bool,
 }
 
 impl Default for ApiConfig {
@@ -41,6 +64,9 @@ impl Default for ApiConfig {
         Self {
             listen: "127.0.0.1:9000".into(),
             max_body_bytes: 1024 * 1024,
+            tokens_file: String::new(),
+            tokens_reload_interval: Duration::from_secs(10),
+            metrics_require_token: false,
         }
     }
 }
@@ -50,17 +76,22 @@ impl Default for ApiConfig {
 pub struct AppState {
     pub(crate) broker: Broker,
     pub(crate) config: Arc<ApiConfig>,
+    access: Access,
     /// Set once the streams and buckets have been ensured.
     topology_ready: Arc<AtomicBool>,
 }
 
 impl AppState {
-    pub fn new(broker: Broker, config: ApiConfig) -> Self {
-        Self {
+    /// Reads the tokens file `config` names, if any: a bad one is an error,
+    /// so the API never starts with less protection than configured.
+    pub fn new(broker: Broker, config: ApiConfig) -> Result<Self, TokensFileError> {
+        let access = Access::from_config(&config)?;
+        Ok(Self {
             broker,
             config: Arc::new(config),
+            access,
             topology_ready: Arc::default(),
-        }
+        })
     }
 
     /// Marks the JetStream topology as created; `/readyz` waits for it.
@@ -71,19 +102,37 @@ impl AppState {
     pub(crate) fn topology_ready(&self) -> bool {
         self.topology_ready.load(Ordering::Acquire)
     }
+
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+}
+
+/// Every route, with its documentation. The route groups decide the access
+/// rules, so a new route gets them (and their documentation) by being added
+/// to the right group with one `.routes(routes!(module::handler))` line;
+/// its `#[utoipa::path]` annotation documents the rest.
+fn app(access: &Access) -> OpenApiRouter<AppState> {
+    // Everything under /users/{user}/: a token for that user.
+    // (POST's segment is a task type and GET's a task id: axum needs one
+    // parameter name per position, hence `{task}` for both.)
+    let users = OpenApiRouter::new().routes(routes!(tasks::create, tasks::show));
+    // Open or token-protected, as `api.metrics_require_token` says.
+    let metrics = OpenApiRouter::new().routes(routes!(health::metrics));
+    // Always open: probes and the document itself.
+    let open = OpenApiRouter::new()
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(openapi::serve));
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(auth::for_users(users, access))
+        .merge(auth::for_metrics(metrics, access))
+        .merge(open)
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        // One pattern for both: the segment is a task type for POST and a
-        // task id for GET (axum needs one parameter name per position).
-        .route(
-            "/users/{user}/tasks/{task}",
-            post(tasks::create).get(tasks::show),
-        )
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+    let (router, _) = app(state.access()).split_for_parts();
+    router
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)
@@ -97,6 +146,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "API listening");
+    state.access().log_state();
+    tokio::spawn(state.access().clone().watch(shutdown.clone()));
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -3,7 +3,7 @@
 use axum::{
     Json,
     body::{Body, to_bytes},
-    extract::{Path, State},
+    extract::{Path, State, rejection::PathRejection},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -19,8 +19,9 @@ use herald_queue::{
 };
 use serde::Serialize;
 use serde_json::value::RawValue;
+use utoipa::ToSchema;
 
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, error::ErrorBody};
 
 /// Longest `Idempotency-Key` accepted.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -29,18 +30,63 @@ fn user_token(user: String) -> Result<UserId, ApiError> {
     UserId::new(user).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-#[derive(Serialize)]
-struct Accepted {
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Accepted {
     id: TaskId,
 }
 
-/// `POST /users/{user}/tasks/{type}`: `201 {"id"}` once JetStream holds it.
+/// Post a task.
+///
+/// The body is the task's input, any JSON (an empty body is `null`). The
+/// answer is `201` once JetStream has stored the task, never before; `503`
+/// means nothing was stored. With an `Idempotency-Key`, posting again
+/// answers with the same task id and stores nothing new.
+#[utoipa::path(
+    post,
+    path = "/users/{user}/tasks/{task}",
+    tag = "tasks",
+    operation_id = "create_task",
+    params(
+        ("user" = UserId, Path, description = "The user the task is for."),
+        ("task" = TaskType, Path, description = "The task type, such as `transcode`; selects the handler."),
+        // What idempotency_key() accepts: 1 to 255 printable ASCII
+        // characters, spaces inside only. Whitespace after it is allowed
+        // because HTTP parsers trim it before the API sees the value (so the
+        // length limit is in the pattern, which can say "not counting it").
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]([ -~]{0,253}[!-~])?[ \\t]*$",
+            description = "The same key for the same user names the same task: a retried POST stores nothing new."),
+    ),
+    request_body(
+        content = Option<serde_json::Value>,
+        content_type = "application/json",
+        description = "The task's input: any JSON value, at most `api.max_body_bytes` bytes.",
+    ),
+    responses(
+        (status = 201, description = "Stored; the task will run.", body = Accepted,
+            headers(
+                ("Location" = String, description = "The task's URL."),
+                ("Idempotent-Replayed" = String, description = "`true` when an earlier POST with this Idempotency-Key stored the task."),
+            ),
+            links(("GetTask" = (
+                operation_id = "get_task",
+                parameters(("user" = "$request.path.user"), ("task" = "$response.body#/id")),
+                description = "The task just accepted.",
+            ))),
+        ),
+        (status = 400, description = "A bad user, task type, Idempotency-Key or JSON body.", body = ErrorBody),
+        (status = 413, description = "The body is larger than `api.max_body_bytes`.", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json` (or `application/*+json`).", body = ErrorBody),
+        (status = 503, description = "NATS is unavailable: nothing was stored, retry later.", body = ErrorBody,
+            headers(("Retry-After" = String, description = "Seconds to wait."))),
+    ),
+)]
 pub(crate) async fn create(
     State(state): State<AppState>,
-    Path((user, task_type)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let Path((user, task_type)) = path?;
     let user = user_token(user)?;
     let task_type = TaskType::new(task_type).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let idempotency_key = idempotency_key(&headers)?;
@@ -98,10 +144,14 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
+    // Exactly the documented pattern: printable ASCII, spaces allowed
+    // inside (hyper already trimmed both ends). `to_str` alone would let a
+    // tab through.
     let key = value
         .to_str()
         .ok()
         .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
+        .filter(|k| k.bytes().all(|b| (b' '..=b'~').contains(&b)))
         .ok_or_else(|| {
             ApiError::BadRequest(format!(
                 "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
@@ -162,18 +212,24 @@ fn is_json_media_type(content_type: &str) -> bool {
 }
 
 /// A task as `GET` reports it.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = Task)]
 pub(crate) struct TaskView {
     id: TaskId,
     user: UserId,
     #[serde(rename = "type")]
     task_type: TaskType,
     state: TaskState,
+    #[schema(format = DateTime)]
     accepted_at: String,
+    /// When the handler finished.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     finished_at: Option<String>,
+    /// What the handler returned.
     #[serde(skip_serializing_if = "Option::is_none")]
     result: Option<serde_json::Value>,
+    /// Why the handler failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     endpoints: Vec<EndpointView>,
@@ -181,18 +237,24 @@ pub(crate) struct TaskView {
     mails: Vec<MailView>,
 }
 
-#[derive(Serialize)]
+/// Where delivery to one of the user's endpoints stands.
+#[derive(Serialize, ToSchema)]
+#[schema(as = TaskEndpoint)]
 struct EndpointView {
     endpoint: String,
     state: EndpointDeliveryState,
     attempts: usize,
 }
 
-#[derive(Serialize)]
+/// One webhook delivery attempt.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Attempt)]
 struct AttemptView {
     endpoint: String,
     url: String,
+    /// 1 for the first try.
     attempt: u32,
+    #[schema(format = DateTime)]
     at: String,
     outcome: herald_core::payload::AttemptOutcome,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -203,26 +265,50 @@ struct AttemptView {
     #[serde(skip_serializing_if = "Option::is_none")]
     response_body: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     next_attempt_at: Option<String>,
 }
 
-#[derive(Serialize)]
+/// A mail to an endpoint's owner about a delivery that failed.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Mail)]
 struct MailView {
     endpoint: String,
     to: String,
     /// Which try at the SMTP server this outcome came from.
     attempts: u32,
+    #[schema(format = DateTime)]
     at: String,
     sent: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
-/// `GET /users/{user}/tasks/{id}`: 404 for unknown ids and other users' ids.
+/// Show a task: its state, its delivery attempts and mails.
+///
+/// Another user's task id is `404`, like an unknown one.
+#[utoipa::path(
+    get,
+    path = "/users/{user}/tasks/{task}",
+    tag = "tasks",
+    operation_id = "get_task",
+    params(
+        ("user" = UserId, Path, description = "The user the task is for."),
+        ("task" = TaskId, Path, description = "The task id returned by the POST."),
+    ),
+    responses(
+        (status = 200, description = "The task.", body = TaskView),
+        (status = 400, description = "A bad user id.", body = ErrorBody),
+        (status = 404, description = "This user has no such task.", body = ErrorBody),
+        (status = 503, description = "NATS is unavailable, retry later.", body = ErrorBody,
+            headers(("Retry-After" = String, description = "Seconds to wait."))),
+    ),
+)]
 pub(crate) async fn show(
     State(state): State<AppState>,
-    Path((user, id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<TaskView>, ApiError> {
+    let Path((user, id)) = path?;
     let user = user_token(user)?;
     let not_found = || ApiError::NotFound(format!("user {user} has no task {id:?}"));
     let Ok(task_id) = TaskId::new(id.clone()) else {

@@ -19,13 +19,16 @@ async fn app() -> axum::Router {
     let broker = herald_queue::connect("nats://127.0.0.1:9", "router-test")
         .await
         .unwrap();
-    router(AppState::new(
-        broker,
-        ApiConfig {
-            max_body_bytes: 1024,
-            ..Default::default()
-        },
-    ))
+    router(
+        AppState::new(
+            broker,
+            ApiConfig {
+                max_body_bytes: 1024,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    )
 }
 
 async fn send(request: Request<Body>) -> (StatusCode, Value) {

@@ -39,6 +39,24 @@ fn check_token(what: &'static str, value: &str) -> Result<(), InvalidToken> {
     }
 }
 
+/// The rule of [`check_token`] as a JSON Schema pattern, so API clients and
+/// fuzzers know which identifiers the API accepts.
+pub const TOKEN_PATTERN: &str = "^[A-Za-z0-9_-]{1,128}$";
+
+#[cfg(feature = "openapi")]
+fn token_schema(what: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(TOKEN_PATTERN))
+        .min_length(Some(1))
+        .max_length(Some(MAX_TOKEN_LEN))
+        .description(Some(format!(
+            "A {what}: 1 to {MAX_TOKEN_LEN} letters, digits, '-' or '_'."
+        )))
+        .into()
+}
+
 macro_rules! token_type {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
@@ -76,6 +94,16 @@ macro_rules! token_type {
                 f.write_str(&self.0)
             }
         }
+
+        #[cfg(feature = "openapi")]
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                token_schema($what)
+            }
+        }
+
+        #[cfg(feature = "openapi")]
+        impl utoipa::ToSchema for $name {}
 
         impl std::str::FromStr for $name {
             type Err = InvalidToken;

@@ -15,6 +15,7 @@ use crate::{
 
 /// The state of a task as the API reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     /// Accepted and stored; no worker has finished it yet.
@@ -40,6 +41,7 @@ pub enum TaskState {
 
 /// Where the delivery to one endpoint stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EndpointDeliveryState {
     Pending,

@@ -3,7 +3,7 @@
 use std::{collections::BTreeSet, path::PathBuf};
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use crate::{config, dev, receiver, roles, shutdown};
@@ -52,6 +52,14 @@ enum Command {
     /// Print the WebhookEndpoint CustomResourceDefinition (YAML), as
     /// committed in crds/ and the Helm chart.
     Crd,
+    /// Print the API's OpenAPI document (JSON), as committed in
+    /// openapi.json and served at /openapi.json.
+    Openapi,
+    /// API bearer tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Make herald-endpoints hold exactly the endpoints of a YAML file
     /// (without Kubernetes; the operator does this in a cluster).
     Endpoints {
@@ -60,6 +68,27 @@ enum Command {
         /// WebhookEndpoint (and Secret) documents.
         file: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Generate a token: prints it (once: only its hash is kept), then the
+    /// entry to add to the tokens file (api.tokens_file).
+    New(NewTokenArgs),
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("scope").required(true).args(["users", "all_users"])))]
+struct NewTokenArgs {
+    /// Name of the token in logs, such as the client that uses it.
+    #[arg(long)]
+    name: String,
+    /// The users it may act for (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    users: Vec<String>,
+    /// It may act for every user.
+    #[arg(long)]
+    all_users: bool,
 }
 
 #[derive(Args, Clone)]
@@ -125,6 +154,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", crd_yaml());
             Ok(())
         }
+        Command::Openapi => {
+            print!("{}", herald_api::openapi_json());
+            Ok(())
+        }
+        Command::Token {
+            command: TokenCommand::New(args),
+        } => new_token(args),
         Command::Receiver(args) => receiver::run(args).await,
         Command::Endpoints { common, file } => {
             let config = common.load(json!({}))?;
@@ -138,6 +174,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Prints the token on the first line of stdout and the tokens-file entry
+/// after a blank line, so a script can take either; the explanations go to
+/// stderr.
+fn new_token(args: NewTokenArgs) -> anyhow::Result<()> {
+    use herald_api::auth::{Scope, new_token};
+    let scope = if args.all_users {
+        Scope::AllUsers
+    } else {
+        let users = args
+            .users
+            .iter()
+            .map(|u| herald_core::UserId::new(u.trim()))
+            .collect::<Result<_, _>>()?;
+        Scope::Users(users)
+    };
+    let made = new_token(&args.name, &scope).map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!(
+        "The token (shown only now; give it to the client as `Authorization: Bearer <token>`):"
+    );
+    println!(
+        "{}
+",
+        made.token
+    );
+    eprintln!("Add this entry to the tokens file (api.tokens_file) and restart the API:");
+    print!("{}", made.entry.to_toml());
+    Ok(())
 }
 
 /// The CRD as `herald crd` prints it.
@@ -163,6 +228,16 @@ pub fn init_logging(log: &config::LogConfig) {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    #[test]
+    fn the_committed_openapi_document_matches_the_code() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let text = std::fs::read_to_string(root.join("openapi.json")).unwrap_or_default();
+        assert!(
+            text == herald_api::openapi_json(),
+            "openapi.json drifted from the code: run `cargo run -q --bin herald -- openapi > openapi.json`",
+        );
+    }
 
     #[test]
     fn the_committed_crds_match_the_rust_type() {

@@ -89,17 +89,22 @@ pub async fn run_with(
     let mut running = JoinSet::new();
 
     // The API starts at once and answers 503 until the topology exists.
-    let api_state = listener.map(|listener| {
-        let state = AppState::new(broker.clone(), config.api.clone());
-        let serving = state.clone();
-        let stop = shutdown.clone();
-        running.spawn(async move {
-            herald_api::serve(listener, serving, stop)
-                .await
-                .context("API server failed")
-        });
-        state
-    });
+    let api_state = match listener {
+        Some(listener) => {
+            // A bad tokens file stops the process here, before it serves.
+            let state = AppState::new(broker.clone(), config.api.clone())
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+            let serving = state.clone();
+            let stop = shutdown.clone();
+            running.spawn(async move {
+                herald_api::serve(listener, serving, stop)
+                    .await
+                    .context("API server failed")
+            });
+            Some(state)
+        }
+        None => None,
+    };
 
     // Probes for roles without the API, ready once the workers consume.
     let readiness = Readiness::default();

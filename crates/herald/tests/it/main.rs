@@ -7,11 +7,13 @@
 
 mod harness;
 
+mod auth;
 mod chart;
 mod delivery;
 mod dev;
 mod failures;
 mod inputs;
+mod openapi;
 mod operator;
 mod policies;
 mod probes;

@@ -233,6 +233,9 @@ One TOML value: strings (JSON-quoted, which TOML accepts), booleans, integers
 {{- if and .apiTokens.existingSecret .apiTokens.tokens }}
 {{- fail "secrets.apiTokens: set existingSecret or tokens, not both" }}
 {{- end }}
+{{- if and (dig "api" "metrics_require_token" false $.Values.config) (not (or .apiTokens.existingSecret .apiTokens.tokens)) }}
+{{- fail "config.api.metrics_require_token needs secrets.apiTokens: the API refuses to start without tokens" }}
+{{- end }}
 {{- if and .encryptionKey.existingSecret .encryptionKey.value }}
 {{- fail "secrets.encryptionKey: set existingSecret or value, not both" }}
 {{- end }}

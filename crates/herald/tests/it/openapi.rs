@@ -1,0 +1,104 @@
+//! The API against its own OpenAPI document: schemathesis (pinned by
+//! `scripts/install-tools.sh`) reads `/openapi.json` from a running Herald
+//! (real NATS, every role, authentication on) and sends generated valid and
+//! invalid requests to every operation, then follows the document's links
+//! (post a task, read it back). Any 5xx, any response the document does
+//! not describe (status, content type, headers, body schema), any invalid
+//! request accepted or valid one refused, or a protected route answering
+//! without a token fails the test.
+
+use std::{process::Stdio, time::Duration};
+
+use herald::roles::Roles;
+use herald_testkit::{NatsServer, tools_dir};
+
+use crate::{
+    auth::tokens_file,
+    harness::{Herald, test_config},
+};
+
+/// Generated cases per operation and phase: enough to cover every
+/// parameter's edge cases, small enough for about a minute on two busy
+/// cores. `HERALD_SCHEMATHESIS_EXAMPLES` raises it for a longer hunt.
+const MAX_EXAMPLES: &str = "150";
+/// Fixed, so a failure reproduces; `HERALD_SCHEMATHESIS_SEED` changes it.
+const SEED: &str = "20261129";
+const RUN_LIMIT: Duration = Duration::from_secs(300);
+
+#[tokio::test]
+async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
+    let schemathesis = tools_dir().join("venv/bin/schemathesis");
+    assert!(
+        schemathesis.is_file(),
+        "schemathesis is not installed at {}: run `make tools` (scripts/install-tools.sh)",
+        schemathesis.display()
+    );
+    let nats = NatsServer::start().await;
+    let tokens = tokens_file();
+    let mut config = test_config(&nats, None);
+    config.api.tokens_file = tokens.file.path().display().to_string();
+    config.api.metrics_require_token = true;
+    config.tasks.transcode_duration = Duration::from_millis(10);
+    let herald = Herald::start(config, Roles::all()).await;
+
+    let examples =
+        std::env::var("HERALD_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| MAX_EXAMPLES.into());
+    let seed = std::env::var("HERALD_SCHEMATHESIS_SEED").unwrap_or_else(|_| SEED.into());
+    let scratch = tempfile::tempdir().unwrap();
+    let run = tokio::process::Command::new(&schemathesis)
+        .arg("run")
+        .arg(format!("{}/openapi.json", herald.api))
+        .args(["--checks", "all"])
+        .args(["--header", &format!("Authorization: Bearer {}", tokens.all)])
+        .args(["--max-examples", &examples, "--seed", &seed])
+        // One worker: Hypothesis' source inspection is not thread-safe on
+        // every Python, and two cores are shared anyway.
+        .args(["--workers", "1", "--request-timeout", "10"])
+        .args(["--output-sanitize", "false", "--no-color"])
+        // No example database: every run starts from the seed alone.
+        .args(["--generation-database", "none"])
+        .current_dir(scratch.path())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(RUN_LIMIT, run)
+        .await
+        .unwrap_or_else(|_| panic!("schemathesis ran longer than {RUN_LIMIT:?}"))
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Shown with --nocapture: what was covered.
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "schemathesis found problems (seed {seed}):\n{stdout}\n{stderr}"
+    );
+    // A run that tested nothing would also exit 0: every documented
+    // operation must have been selected and many cases sent.
+    let document = serde_json::to_value(herald_api::openapi()).unwrap();
+    // (schemathesis leaves out the operation that serves the document.)
+    let operations = document["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(path, _)| *path != "/openapi.json")
+        .flat_map(|(_, item)| item.as_object().unwrap().keys())
+        .filter(|key| ["get", "put", "post", "delete", "patch"].contains(&key.as_str()))
+        .count();
+    let selected = format!("{operations} selected / {operations} total");
+    assert!(stdout.contains(&selected), "not {selected}:\n{stdout}");
+    let generated = number_before(&stdout, " generated").unwrap_or(0);
+    assert!(
+        generated >= 20 * operations,
+        "only {generated} cases generated:\n{stdout}"
+    );
+    assert!(stdout.contains("No issues found"), "{stdout}");
+    herald.stop().await;
+}
+
+/// The number just before `marker` in `text`, as in "1234 generated".
+fn number_before(text: &str, marker: &str) -> Option<usize> {
+    let before = &text[..text.find(marker)?];
+    let digits = before.rsplit(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
+}
