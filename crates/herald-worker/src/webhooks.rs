@@ -90,6 +90,10 @@ pub struct WebhookWorkerConfig {
     /// disabled and its owner mailed (410 Gone disables at once).
     #[serde(with = "crate::duration_serde")]
     pub disable_after: Duration,
+    /// Requests in flight at once to one endpoint in one process. A slow
+    /// or hanging endpoint can hold at most this many of `concurrency`;
+    /// its other deliveries wait as message schedules meanwhile.
+    pub max_in_flight_per_endpoint: usize,
     /// Which non-global addresses webhooks may reach anyway.
     pub ssrf: SsrfConfig,
 }
@@ -104,6 +108,7 @@ impl Default for WebhookWorkerConfig {
             paused_recheck: Duration::from_secs(60),
             health_flush_interval: Duration::from_secs(1),
             disable_after: Duration::from_secs(5 * 24 * 3600),
+            max_in_flight_per_endpoint: 32,
             ssrf: SsrfConfig::default(),
         }
     }
@@ -143,6 +148,7 @@ pub struct WebhookWorker {
     endpoints: EndpointCache,
     health: HealthTracker,
     rate_limiter: RateLimiter,
+    in_flight: InFlight,
     client: GuardedClient,
     config: WebhookWorkerConfig,
     progress_interval: Duration,
@@ -168,6 +174,7 @@ impl WebhookWorker {
     ) -> Self {
         Self {
             rate_limiter: RateLimiter::new(broker.clone()),
+            in_flight: InFlight::default(),
             broker,
             endpoints,
             health,
@@ -298,11 +305,29 @@ impl WebhookWorker {
                 .await;
             return;
         }
+        let key = names::endpoint_key(&job.user, &job.endpoint);
+        let Some(_in_flight) = self
+            .in_flight
+            .enter(&key, self.config.max_in_flight_per_endpoint)
+        else {
+            // This endpoint already holds its share of the workers: come
+            // back after about one request timeout, spread out, without
+            // counting an attempt.
+            let timeout = endpoint
+                .timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(self.config.timeout);
+            let spread = rand::random_range(1.0..2.0);
+            let later = herald_core::now_ms() + timeout.mul_f64(spread).as_millis() as u64;
+            let deferred = reschedule(&job, job.attempt, later, None);
+            self.finish(message, &job, vec![deferred], AckKind::Ack)
+                .await;
+            return;
+        };
         if let Some(per_second) = endpoint.rate_limit_per_second {
             let slot = match job.rate_slot_ms {
                 Some(slot) => slot,
                 None => {
-                    let key = names::endpoint_key(&job.user, &job.endpoint);
                     match self.rate_limiter.reserve(&key, per_second).await {
                         Ok(slot) => slot,
                         Err(e) => {
@@ -457,6 +482,44 @@ impl WebhookWorker {
                 let _ = message
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await;
+            }
+        }
+    }
+}
+
+/// Requests in flight per endpoint in this process.
+#[derive(Default)]
+struct InFlight(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+/// One request counted in [`InFlight`] until dropped.
+struct InFlightGuard {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    key: String,
+}
+
+impl InFlight {
+    /// Counts one more request to `key`, or `None` when `limit` are in flight.
+    fn enter(&self, key: &str, limit: usize) -> Option<InFlightGuard> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(key.to_string()).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(InFlightGuard {
+            counts: self.0.clone(),
+            key: key.to_string(),
+        })
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.key);
             }
         }
     }

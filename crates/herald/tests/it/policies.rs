@@ -211,3 +211,42 @@ async fn a_rate_limit_holds_across_workers() {
     second.stop().await;
     herald.stop().await;
 }
+
+#[tokio::test]
+async fn a_hanging_endpoint_holds_only_its_share_of_the_workers() {
+    let nats = NatsServer::start().await;
+    let hanging = TestReceiver::start(ReceiverBehaviour::Hang).await;
+    let healthy = TestReceiver::start(ReceiverBehaviour::Ok).await;
+    add_endpoint_spec(
+        &nats,
+        "hanging",
+        json!({ "userId": "1", "url": hanging.url("/"), "timeoutSeconds": 60 }),
+    )
+    .await;
+    add_endpoint_spec(
+        &nats,
+        "healthy",
+        json!({ "userId": "2", "url": healthy.url("/") }),
+    )
+    .await;
+    let mut config = test_config(&nats, None);
+    // Without the per-endpoint cap, ten hanging requests would take all four
+    // workers for a minute.
+    config.webhooks.concurrency = 4;
+    config.webhooks.max_in_flight_per_endpoint = 2;
+    config.shutdown.grace = Duration::from_millis(100);
+    let herald = Herald::start(config, Roles::all()).await;
+
+    for _ in 0..10 {
+        herald.accept("1", "echo", json!({})).await;
+    }
+    hanging.wait_for(2, DEADLINE).await;
+    let id = herald.accept("2", "echo", json!({})).await;
+    herald.wait_for_state("2", &id, "delivered").await;
+    assert_eq!(
+        hanging.received().len(),
+        2,
+        "the hanging endpoint got more than its cap"
+    );
+    herald.stop().await;
+}
