@@ -123,7 +123,11 @@ pub fn seal_record(config: &EndpointConfig, keyring: &Keyring) -> Vec<u8> {
 }
 
 /// Reads what `herald-endpoints` holds under `key`.
-pub fn open_record(key: &str, bytes: &[u8], keyring: &Keyring) -> Result<OpenedRecord, RecordError> {
+pub fn open_record(
+    key: &str,
+    bytes: &[u8],
+    keyring: &Keyring,
+) -> Result<OpenedRecord, RecordError> {
     let stored: StoredRecord = payload::decode(bytes).map_err(RecordError::NotSealed)?;
     let plaintext = keyring.open(&stored.sealed, &context(key))?;
     let config: EndpointConfig = payload::decode(&plaintext).map_err(RecordError::Config)?;
@@ -155,8 +159,12 @@ mod tests {
             "headers": { "authorization": "Bearer api-token-in-a-header" },
         }))
         .unwrap();
-        spec.to_config("default", "hook", secrets.iter().map(|s| (*s).clone()).collect())
-            .unwrap()
+        spec.to_config(
+            "default",
+            "hook",
+            secrets.iter().map(|s| (*s).clone()).collect(),
+        )
+        .unwrap()
     }
 
     /// Writes `wanted` over `stored` as a writer does.

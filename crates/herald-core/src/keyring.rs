@@ -283,8 +283,14 @@ mod tests {
 
     #[test]
     fn bad_keyrings_are_refused_with_the_reason() {
-        assert_eq!(Keyring::parse(" # nothing\n").unwrap_err(), KeyringError::Empty);
-        assert_eq!(Keyring::parse("k1:nope!").unwrap_err(), KeyringError::Format(1));
+        assert_eq!(
+            Keyring::parse(" # nothing\n").unwrap_err(),
+            KeyringError::Empty
+        );
+        assert_eq!(
+            Keyring::parse("k1:nope!").unwrap_err(),
+            KeyringError::Format(1)
+        );
         assert_eq!(
             Keyring::parse("k1:AAAA").unwrap_err(),
             KeyringError::Length { index: 1, len: 3 }
@@ -305,4 +311,3 @@ mod tests {
         assert!(!format!("{ring:?}").contains(&bare));
     }
 }
-
