@@ -122,7 +122,7 @@ async fn the_bucket_reveals_nothing_and_a_key_rotation_re_encrypts_it() {
     // Written under k1, read with [k2, k1].
     let (cache, stop) = loaded_cache(&nats, keyring(&[&k2, &k1])).await;
     let read = cache.get(&config.user, &config.id).expect("readable");
-    assert_eq!(read.secrets, [secret.clone()]);
+    assert_eq!(read.secrets, std::slice::from_ref(&secret));
     stop.cancel();
     // The next write under [k2, k1] re-encrypts it under k2, though nothing
     // changed; after that a resync writes nothing.
@@ -143,7 +143,7 @@ async fn the_bucket_reveals_nothing_and_a_key_rotation_re_encrypts_it() {
     let (cache, stop) = loaded_cache(&nats, keyring(&[&k2])).await;
     assert_eq!(
         cache.get(&config.user, &config.id).unwrap().secrets,
-        [secret.clone()]
+        std::slice::from_ref(&secret)
     );
     assert!(cache.unreadable().is_empty());
     stop.cancel();
