@@ -126,7 +126,11 @@ def main():
                 f"spec: {{userId: '{u}', url: 'http://127.0.0.1:{receiver_port}/webhooks/{u}', email: 'user{u}@example.com'}}\n"
             )
         endpoints.write_text("---\n".join(docs))
-        subprocess.run([str(herald), "endpoints", str(endpoints), "--nats-url", url], check=True, capture_output=True)
+        # Endpoint records are sealed: every role that reads or writes them
+        # needs the same key.
+        key = subprocess.run([str(herald), "secrets", "new-key", "--id", "bench"], check=True, capture_output=True, text=True).stdout.strip()
+        keyed = {**os.environ, "HERALD_SECRETS__KEY": key}
+        subprocess.run([str(herald), "endpoints", str(endpoints), "--nats-url", url], env=keyed, check=True, capture_output=True)
 
         # The receiver is on loopback, which the SSRF guard refuses unless
         # the allow-list opens it.
@@ -134,6 +138,7 @@ def main():
             "HERALD_LOG__FILTER": "warn",
             "HERALD_NATS__URL": url,
             "HERALD_WEBHOOKS__SSRF__ALLOW": '["127.0.0.0/8"]',
+            "HERALD_SECRETS__KEY": key,
         }
         api = spawn([str(herald), "api", "--listen", f"127.0.0.1:{api_port}"], env, name="api")
         tasks = spawn([str(herald), "worker", "tasks"], env, name="worker-tasks")

@@ -144,7 +144,11 @@ def main():
         docs.append(endpoint_doc("limited", LIMITED_USER, f"{receiver}/limited", f", rateLimit: {{perSecond: {LIMIT}}}"))
         endpoints = store / "endpoints.yaml"
         endpoints.write_text("---\n".join(docs))
-        subprocess.run([str(herald), "endpoints", str(endpoints), "--nats-url", url], check=True, capture_output=True)
+        # Endpoint records are sealed: every role that reads or writes them
+        # needs the same key.
+        key = subprocess.run([str(herald), "secrets", "new-key", "--id", "bench"], check=True, capture_output=True, text=True).stdout.strip()
+        keyed = {**os.environ, "HERALD_SECRETS__KEY": key}
+        subprocess.run([str(herald), "endpoints", str(endpoints), "--nats-url", url], env=keyed, check=True, capture_output=True)
 
         env = {
             "HERALD_LOG__FILTER": "warn",
@@ -152,6 +156,7 @@ def main():
             # The receivers are on loopback, which the SSRF guard refuses
             # unless told otherwise.
             "HERALD_WEBHOOKS__SSRF__ALLOW": '["127.0.0.0/8"]',
+            "HERALD_SECRETS__KEY": key,
         }
         spawn([str(herald), "api", "--listen", f"127.0.0.1:{api_port}"], env, "api")
         spawn([str(herald), "worker", "tasks"], env, "worker-tasks")

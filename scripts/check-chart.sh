@@ -203,7 +203,7 @@ done
 expect_count "$f" "API tokens file (api)" 1 '^ +value: /etc/herald/tokens/tokens.toml$'
 expect_count "$f" "metrics_require_token in config.toml" 1 '^ +metrics_require_token = true$'
 expect_count "$f" "ServiceMonitor bearer token" 1 '^ +name: prometheus-herald-token$'
-expect_count "$f" "encryption key file (operator, worker-webhooks)" 2 '^ +value: /etc/herald/keys/key$'
+expect_count "$f" "encryption key file (operator, worker-tasks, worker-webhooks)" 3 '^ +value: /etc/herald/keys/key$'
 expect_count "$f" "SMTP credentials (worker-mail)" 1 '^ +- name: HERALD_MAIL__PASSWORD$'
 grep -q '^    ssrf = { "allow" = \["10.8.0.0/16", "fd00::/8"\] }$' "$f" || die "all-features: config.toml does not carry the SSRF allow-list"
 

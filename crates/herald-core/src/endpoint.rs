@@ -255,6 +255,7 @@ impl WebhookEndpointSpec {
             url: self.url.clone(),
             email: self.email.clone(),
             secrets,
+            previous_secrets: Vec::new(),
             event_types: self.event_types.clone(),
             retry_schedule: self.retry.as_ref().map(|r| r.schedule.clone()),
             timeout_ms: self.timeout_seconds.map(|s| s * 1000),

@@ -6,7 +6,9 @@
 //! these types, so a change here is a change of the wire contract.
 
 pub mod endpoint;
+pub mod endpoint_secrets;
 pub mod ids;
+pub mod keyring;
 pub mod metrics;
 pub mod names;
 pub mod payload;

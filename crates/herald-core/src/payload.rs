@@ -273,6 +273,10 @@ pub struct EndpointConfig {
     /// Signing secrets, newest first; every one signs while several are
     /// listed (rotation).
     pub secrets: Vec<SigningSecret>,
+    /// Secrets a rotation replaced, still signing until their time is up
+    /// (see [`EndpointConfig::signing_secrets`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_secrets: Vec<PreviousSecret>,
     /// Event types this endpoint receives; empty means all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub event_types: Vec<String>,
@@ -295,6 +299,15 @@ impl EndpointConfig {
     pub fn wants(&self, event_type: &str) -> bool {
         self.event_types.is_empty() || self.event_types.iter().any(|t| t == event_type)
     }
+}
+
+/// A signing secret that was replaced, kept signing alongside its
+/// successor so receivers can switch without missing a webhook.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PreviousSecret {
+    pub secret: SigningSecret,
+    /// When it stops signing.
+    pub until_ms: u64,
 }
 
 /// Delivery health of an endpoint (`herald-endpoint-health`), kept by the

@@ -108,14 +108,14 @@ impl From<SigningSecret> for String {
 }
 
 /// The `webhook-signature` header value: one signature per secret.
-pub fn signature_header(
-    secrets: &[SigningSecret],
+pub fn signature_header<'a>(
+    secrets: impl IntoIterator<Item = &'a SigningSecret>,
     id: &str,
     timestamp: u64,
     body: &[u8],
 ) -> String {
     secrets
-        .iter()
+        .into_iter()
         .map(|s| s.sign(id, timestamp, body))
         .collect::<Vec<_>>()
         .join(" ")
@@ -206,5 +206,11 @@ mod tests {
             Err(SecretError::Length(3))
         );
         assert!(!format!("{s:?}").contains(&s.expose()[6..]));
+        // 24 to 64 bytes, as the spec recommends; generated ones hold 32.
+        assert_eq!(s.key.len(), 32);
+        for (len, ok) in [(23, false), (24, true), (64, true), (65, false)] {
+            let text = format!("whsec_{}", BASE64.encode(vec![7u8; len]));
+            assert_eq!(SigningSecret::parse(&text).is_ok(), ok, "{len} bytes");
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use herald_core::endpoint::WebhookEndpoint;
-use herald_queue::Broker;
+use herald_queue::{Broker, endpoints::RecordWriter};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client, ResourceExt,
@@ -99,11 +99,14 @@ pub fn identity() -> String {
 
 /// Waits for leadership, then reconciles until `shutdown` fires or the
 /// lease is lost (an error: the process should exit and start over as a
-/// candidate). `on_leading` is called once this process leads.
+/// candidate). `on_leading` is called once this process leads. `records`
+/// says how endpoint records are sealed and how long a replaced signing
+/// secret keeps signing.
 pub async fn run(
     config: OperatorConfig,
     client: Client,
     broker: Broker,
+    records: RecordWriter,
     shutdown: CancellationToken,
     on_leading: impl FnOnce(),
 ) -> anyhow::Result<()> {
@@ -153,6 +156,7 @@ pub async fn run(
     let context = Arc::new(Context {
         client,
         broker,
+        records,
         recorder,
         config,
     });

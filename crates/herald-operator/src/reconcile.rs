@@ -20,7 +20,11 @@ use herald_core::{
     payload::EndpointHealth,
     signing::SigningSecret,
 };
-use herald_queue::{Broker, endpoints, health};
+use herald_queue::{
+    Broker,
+    endpoints::{self, RecordWriter},
+    health,
+};
 use k8s_openapi::{
     ByteString,
     api::core::v1::Secret,
@@ -48,6 +52,8 @@ pub const GENERATED_SECRET_KEY: &str = "secret";
 pub struct Context {
     pub client: Client,
     pub broker: Broker,
+    /// Seals records and keeps a replaced secret signing for the overlap.
+    pub records: RecordWriter,
     pub recorder: Recorder,
     pub config: OperatorConfig,
 }
@@ -113,7 +119,7 @@ async fn apply(
                 {
                     delete_key(&ctx.broker, &old_key).await?;
                 }
-                if endpoints::put_if_changed(&ctx.broker, &config).await? {
+                if endpoints::put_if_changed(&ctx.broker, &ctx.records, &config).await? {
                     tracing::info!(%namespace, %name, url = %config.url, "endpoint written to herald-endpoints");
                 }
                 Ok((config.user, config.id))
@@ -568,6 +574,15 @@ mod scripted_api_server {
             ),
             client,
             broker,
+            records: RecordWriter {
+                keyring: Arc::new(
+                    herald_core::keyring::Keyring::parse(
+                        &herald_core::keyring::new_key_text("test").unwrap(),
+                    )
+                    .unwrap(),
+                ),
+                rotation_overlap: std::time::Duration::from_secs(60),
+            },
             config: OperatorConfig::default(),
         })
     }

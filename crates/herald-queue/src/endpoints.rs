@@ -5,18 +5,40 @@
 //! returns ready; when the watch breaks (a NATS restart), it is re-created
 //! and the cache rebuilt from the bucket's current contents, so deletes made
 //! while it was down are not missed.
+//!
+//! Records are sealed with the [`Keyring`] (see
+//! [`herald_core::endpoint_secrets`]). One that cannot be opened (a key
+//! missing from this process's keyring, a record written in clear or
+//! altered) is logged as an error and listed by
+//! [`EndpointCache::unreadable`]; if an earlier version of it was readable,
+//! that version stays in use rather than the endpoint vanishing.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use async_nats::jetstream::kv::{self, Operation};
 use futures::StreamExt;
-use herald_core::{EndpointId, UserId, names, payload::EndpointConfig};
+use herald_core::{
+    EndpointId, UserId,
+    endpoint_secrets::{OpenedRecord, RecordError, open_record, seal_record},
+    keyring::Keyring,
+    names,
+    payload::EndpointConfig,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Broker, QueueError};
 
-type Endpoints = HashMap<UserId, Vec<Arc<EndpointConfig>>>;
+#[derive(Debug, Default, Clone)]
+struct Endpoints {
+    by_user: HashMap<UserId, Vec<Arc<EndpointConfig>>>,
+    /// Keys whose record could not be read, with the reason.
+    unreadable: BTreeMap<String, String>,
+}
 
 /// A shared, always-current view of every endpoint.
 #[derive(Clone)]
@@ -28,7 +50,7 @@ pub struct EndpointCache {
 impl EndpointCache {
     /// Starts watching the bucket in the background. Use
     /// [`Self::wait_loaded`] before relying on the contents.
-    pub fn start(broker: Broker, shutdown: CancellationToken) -> Self {
+    pub fn start(broker: Broker, keyring: Arc<Keyring>, shutdown: CancellationToken) -> Self {
         let (loaded_tx, loaded) = watch::channel(false);
         let cache = Self {
             endpoints: Arc::default(),
@@ -40,7 +62,7 @@ impl EndpointCache {
             while !shutdown.is_cancelled() {
                 let result = tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    result = follow(&broker, &endpoints, &loaded_tx) => result,
+                    result = follow(&broker, &keyring, &endpoints, &loaded_tx) => result,
                 };
                 if let Err(e) = result {
                     tracing::warn!(error = %e, retry_in = ?delay, "endpoint watch interrupted");
@@ -67,13 +89,20 @@ impl EndpointCache {
 
     /// Every endpoint of `user`, in a stable order.
     pub fn for_user(&self, user: &UserId) -> Vec<Arc<EndpointConfig>> {
-        self.read().get(user).cloned().unwrap_or_default()
+        self.read().by_user.get(user).cloned().unwrap_or_default()
     }
 
     pub fn get(&self, user: &UserId, endpoint: &EndpointId) -> Option<Arc<EndpointConfig>> {
         self.read()
+            .by_user
             .get(user)
             .and_then(|list| list.iter().find(|e| &e.id == endpoint).cloned())
+    }
+
+    /// Records that could not be read (`<user>.<endpoint>` and why), such
+    /// as one sealed under a key this process's keyring does not hold.
+    pub fn unreadable(&self) -> BTreeMap<String, String> {
+        self.read().unreadable.clone()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Endpoints> {
@@ -87,6 +116,7 @@ impl EndpointCache {
 /// changes until the watch ends or fails.
 async fn follow(
     broker: &Broker,
+    keyring: &Keyring,
     shared: &std::sync::RwLock<Endpoints>,
     loaded: &watch::Sender<bool>,
 ) -> Result<(), QueueError> {
@@ -106,7 +136,7 @@ async fn follow(
         .await
         .map_err(|e| QueueError::request("watch endpoints", e))?;
 
-    let mut fresh = Endpoints::new();
+    let mut fresh = Endpoints::default();
     let mut caught_up = empty;
     if caught_up {
         replace(shared, fresh.clone());
@@ -116,13 +146,17 @@ async fn follow(
         let entry = entry.map_err(|e| QueueError::request("watch endpoints", e))?;
         if caught_up {
             let mut map = shared.write().unwrap_or_else(|p| p.into_inner());
-            apply(&mut map, &entry);
+            apply(&mut map, keyring, &entry);
         } else {
-            apply(&mut fresh, &entry);
+            apply(&mut fresh, keyring, &entry);
             if entry.delta == 0 {
                 caught_up = true;
-                let count: usize = fresh.values().map(Vec::len).sum();
-                tracing::info!(endpoints = count, "endpoint cache loaded");
+                let count: usize = fresh.by_user.values().map(Vec::len).sum();
+                tracing::info!(
+                    endpoints = count,
+                    unreadable = fresh.unreadable.len(),
+                    "endpoint cache loaded"
+                );
                 replace(shared, std::mem::take(&mut fresh));
                 loaded.send_replace(true);
             }
@@ -135,7 +169,7 @@ fn replace(shared: &std::sync::RwLock<Endpoints>, map: Endpoints) {
     *shared.write().unwrap_or_else(|p| p.into_inner()) = map;
 }
 
-fn apply(map: &mut Endpoints, entry: &kv::Entry) {
+fn apply(map: &mut Endpoints, keyring: &Keyring, entry: &kv::Entry) {
     let Some((user, endpoint)) = entry.key.split_once('.') else {
         tracing::warn!(
             key = entry.key,
@@ -147,65 +181,113 @@ fn apply(map: &mut Endpoints, entry: &kv::Entry) {
         tracing::warn!(key = entry.key, "ignoring endpoint key with invalid tokens");
         return;
     };
-    let list = map.entry(user.clone()).or_default();
-    list.retain(|e| e.id != endpoint);
-    if entry.operation == Operation::Put {
-        match herald_core::payload::decode::<EndpointConfig>(&entry.value) {
-            Ok(config) if config.user == user && config.id == endpoint => {
+    let list = map.by_user.entry(user.clone()).or_default();
+    if entry.operation != Operation::Put {
+        list.retain(|e| e.id != endpoint);
+        map.unreadable.remove(&entry.key);
+    } else {
+        match open_record(&entry.key, &entry.value, keyring) {
+            Ok(OpenedRecord { config, .. }) => {
+                list.retain(|e| e.id != endpoint);
                 list.push(Arc::new(config));
                 list.sort_by(|a, b| a.id.cmp(&b.id));
+                map.unreadable.remove(&entry.key);
             }
-            Ok(_) => tracing::warn!(key = entry.key, "endpoint record does not match its key"),
             Err(e) => {
-                tracing::warn!(key = entry.key, error = %e, "ignoring unreadable endpoint record")
+                let kept = list.iter().any(|e| e.id == endpoint);
+                tracing::error!(
+                    key = entry.key,
+                    reason = e.label(),
+                    error = %e,
+                    kept_previous_version = kept,
+                    "cannot read endpoint record"
+                );
+                map.unreadable.insert(entry.key.clone(), e.to_string());
             }
         }
     }
     if list.is_empty() {
-        map.remove(&user);
+        map.by_user.remove(&user);
     }
 }
 
-/// Writes an endpoint record (used by `herald dev` and the operator).
-pub async fn put(broker: &Broker, config: &EndpointConfig) -> Result<(), QueueError> {
-    let bucket = broker
-        .jetstream
-        .get_key_value(names::ENDPOINTS_BUCKET)
-        .await
-        .map_err(|e| QueueError::request("open endpoints bucket", e))?;
-    bucket
-        .put(
-            names::endpoint_key(&config.user, &config.id),
-            herald_core::payload::encode(config).into(),
-        )
-        .await
-        .map_err(|e| QueueError::request("put endpoint", e))?;
-    Ok(())
+/// How endpoint records are written: sealed under the keyring's primary
+/// key, and with a replaced signing secret signing on for
+/// `rotation_overlap`.
+#[derive(Debug, Clone)]
+pub struct RecordWriter {
+    pub keyring: Arc<Keyring>,
+    pub rotation_overlap: Duration,
 }
 
-/// Writes an endpoint record unless the bucket already holds exactly it;
-/// true when it wrote. The operator re-reconciles periodically, and an
-/// unchanged write would wake every worker's watch for nothing.
-pub async fn put_if_changed(broker: &Broker, config: &EndpointConfig) -> Result<bool, QueueError> {
+/// Writes an endpoint record (the operator, `herald dev` and `herald
+/// endpoints` do) unless the bucket already holds the same config sealed
+/// under the primary key; true when it wrote.
+///
+/// The stored record is read first: the secrets it signs with carry over
+/// into the new one for the rotation overlap, and replaced secrets whose
+/// overlap ended are dropped. Configs are compared decrypted, since every
+/// seal uses a fresh nonce; a record sealed under an older key is rewritten
+/// even when unchanged, which is how a key rotation re-encrypts the bucket.
+/// Periodic resyncs therefore write only what changed, and an unchanged
+/// write would wake every worker's watch for nothing.
+pub async fn put_if_changed(
+    broker: &Broker,
+    writer: &RecordWriter,
+    config: &EndpointConfig,
+) -> Result<bool, QueueError> {
     let bucket = broker
         .jetstream
         .get_key_value(names::ENDPOINTS_BUCKET)
         .await
         .map_err(|e| QueueError::request("open endpoints bucket", e))?;
     let key = names::endpoint_key(&config.user, &config.id);
-    let wanted = herald_core::payload::encode(config);
     let current = bucket
         .get(&key)
         .await
         .map_err(|e| QueueError::request("read endpoint", e))?;
-    if current.as_deref() == Some(wanted.as_slice()) {
-        return Ok(false);
+    let stored = match current.map(|bytes| open_record(&key, &bytes, &writer.keyring)) {
+        None => None,
+        Some(Ok(opened)) => Some(opened),
+        Some(Err(e)) => {
+            warn_unreadable_replaced(&key, &e);
+            None
+        }
+    };
+    let mut wanted = config.clone();
+    wanted.carry_over_secrets(
+        stored.as_ref().map(|s| &s.config),
+        herald_core::now_ms(),
+        writer.rotation_overlap,
+    );
+    let primary = writer.keyring.primary().id();
+    if let Some(stored) = &stored {
+        if stored.config == wanted && stored.kid == primary {
+            return Ok(false);
+        }
+        if stored.kid != primary {
+            tracing::info!(
+                key,
+                from = stored.kid,
+                to = primary,
+                "re-encrypting endpoint record"
+            );
+        }
     }
     bucket
-        .put(key, wanted.into())
+        .put(key, seal_record(&wanted, &writer.keyring).into())
         .await
         .map_err(|e| QueueError::request("put endpoint", e))?;
     Ok(true)
+}
+
+fn warn_unreadable_replaced(key: &str, error: &RecordError) {
+    tracing::warn!(
+        key,
+        reason = error.label(),
+        %error,
+        "replacing an endpoint record this keyring cannot read; a secret rotation in progress in it ends now"
+    );
 }
 
 /// Removes an endpoint record.

@@ -188,7 +188,7 @@ impl WebhookWorker {
         let webhook_id = names::delivery_msg_id(&job.task, &job.endpoint);
         let timestamp = herald_core::now_ms() / 1000;
         let signature = signature_header(
-            &endpoint.secrets,
+            endpoint.signing_secrets(timestamp * 1000),
             &webhook_id,
             timestamp,
             job.body.as_bytes(),

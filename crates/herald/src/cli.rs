@@ -68,6 +68,23 @@ enum Command {
         /// WebhookEndpoint (and Secret) documents.
         file: PathBuf,
     },
+    /// Keys that encrypt signing secrets at rest.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Print a new random key, `<id>:<base64>`, for secrets.key_file or
+    /// HERALD_SECRETS__KEY (the first key of a keyring encrypts).
+    NewKey {
+        /// The key's id, stored next to everything it encrypts; by default
+        /// `k` and the current UTC time.
+        #[arg(long)]
+        id: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -162,13 +179,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             command: TokenCommand::New(args),
         } => new_token(args),
         Command::Receiver(args) => receiver::run(args).await,
+        Command::Secrets {
+            command: SecretsCommand::NewKey { id },
+        } => {
+            let id = id.unwrap_or_else(default_key_id);
+            println!("{}", herald_core::keyring::new_key_text(&id)?);
+            Ok(())
+        }
         Command::Endpoints { common, file } => {
             let config = common.load(json!({}))?;
             init_logging(&config.log);
+            let records = config.secrets.record_writer("herald endpoints")?;
             let endpoints = crate::endpoints_file::load(&file)?;
             let broker = herald_queue::connect(&config.nats.url, "herald-endpoints").await?;
             herald_queue::topology::ensure(&broker, &config.topology).await?;
-            dev::sync_endpoints(&broker, &endpoints).await?;
+            dev::sync_endpoints(&broker, &records, &endpoints).await?;
             broker.client.flush().await?;
             println!("{} endpoints in herald-endpoints", endpoints.len());
             Ok(())
@@ -203,6 +228,14 @@ fn new_token(args: NewTokenArgs) -> anyhow::Result<()> {
     eprintln!("Add this entry to the tokens file (api.tokens_file) and restart the API:");
     print!("{}", made.entry.to_toml());
     Ok(())
+}
+
+/// `k20261129T053000`: ids that sort by creation and say when.
+fn default_key_id() -> String {
+    let format = time::macros::format_description!("k[year][month][day]T[hour][minute][second]");
+    time::OffsetDateTime::now_utc()
+        .format(&format)
+        .unwrap_or_else(|_| "k1".into())
 }
 
 /// The CRD as `herald crd` prints it.

@@ -5,7 +5,7 @@
 //! role starts; a bad value stops the process with a message naming it.
 //! `config.example.toml` documents every key.
 
-use std::{path::Path, time::Duration};
+use std::{fmt, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use figment::{
@@ -13,8 +13,9 @@ use figment::{
     providers::{Env, Format, Serialized, Toml},
 };
 use herald_api::ApiConfig;
+use herald_core::keyring::Keyring;
 use herald_operator::OperatorConfig;
-use herald_queue::TopologyConfig;
+use herald_queue::{TopologyConfig, endpoints::RecordWriter};
 use herald_worker::{mail::MailConfig, tasks::TaskWorkerConfig, webhooks::WebhookWorkerConfig};
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +32,89 @@ pub struct Config {
     pub log: LogConfig,
     pub health: HealthConfig,
     pub operator: OperatorConfig,
+    pub secrets: SecretsConfig,
+}
+
+/// The keyring that seals endpoint records (and so signing secrets) in
+/// `herald-endpoints`, and the signing-secret rotation overlap.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// A file holding the keyring: one `<id>:<base64 32 bytes>` key per
+    /// line, the first encrypting (`herald secrets new-key` makes one).
+    pub key_file: String,
+    /// The keyring itself, keys separated by commas; for
+    /// `HERALD_SECRETS__KEY`. Set this or `key_file`, not both.
+    pub key: String,
+    /// How long a replaced signing secret keeps signing next to the new one.
+    #[serde(with = "herald_worker::duration_serde")]
+    pub rotation_overlap: Duration,
+}
+
+impl Default for SecretsConfig {
+    fn default() -> Self {
+        Self {
+            key_file: String::new(),
+            key: String::new(),
+            rotation_overlap: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl fmt::Debug for SecretsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretsConfig")
+            .field("key_file", &self.key_file)
+            .field("key", &if self.key.is_empty() { "" } else { "***" })
+            .field("rotation_overlap", &self.rotation_overlap)
+            .finish()
+    }
+}
+
+impl SecretsConfig {
+    /// The configured keyring, if any.
+    pub fn keyring(&self) -> anyhow::Result<Option<Keyring>> {
+        let (text, source) = match (self.key.trim().is_empty(), self.key_file.is_empty()) {
+            (true, true) => return Ok(None),
+            (false, false) => {
+                bail!("invalid configuration: set secrets.key or secrets.key_file, not both")
+            }
+            (false, true) => (self.key.clone(), "secrets.key".to_string()),
+            (true, false) => (
+                std::fs::read_to_string(&self.key_file).with_context(|| {
+                    format!(
+                        "invalid configuration: cannot read secrets.key_file {}",
+                        self.key_file
+                    )
+                })?,
+                format!("secrets.key_file {}", self.key_file),
+            ),
+        };
+        Keyring::parse(&text)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {source}: {e}"))
+    }
+
+    /// The keyring a role that reads or writes endpoint records needs;
+    /// without one it refuses to start rather than store or expect
+    /// secrets in clear.
+    pub fn require_keyring(&self, role: &str) -> anyhow::Result<Arc<Keyring>> {
+        self.keyring()?.map(Arc::new).with_context(|| {
+            format!(
+                "{role} needs the key that encrypts signing secrets in herald-endpoints: \
+                 set secrets.key_file (HERALD_SECRETS__KEY_FILE) or HERALD_SECRETS__KEY; \
+                 make one with `herald secrets new-key`"
+            )
+        })
+    }
+
+    /// How a role that writes endpoint records writes them.
+    pub fn record_writer(&self, role: &str) -> anyhow::Result<RecordWriter> {
+        Ok(RecordWriter {
+            keyring: self.require_keyring(role)?,
+            rotation_overlap: self.rotation_overlap,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,8 +185,9 @@ impl Default for LogConfig {
 
 /// Top-level sections; other `HERALD_*` variables (`HERALD_CONFIG`,
 /// `HERALD_TOOLS`...) are not configuration keys.
-const SECTIONS: [&str; 10] = [
-    "nats", "topology", "api", "tasks", "webhooks", "mail", "shutdown", "log", "health", "operator",
+const SECTIONS: [&str; 11] = [
+    "nats", "topology", "api", "tasks", "webhooks", "mail", "shutdown", "log", "health",
+    "operator", "secrets",
 ];
 
 /// Builds the configuration from every layer. `overrides` are the flags,
@@ -197,6 +282,9 @@ impl Config {
         self.mail
             .from_mailbox()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        // A malformed keyring stops every role at once, not only those
+        // that read endpoints.
+        self.secrets.keyring()?;
         Ok(())
     }
 }
@@ -223,6 +311,38 @@ mod tests {
         .unwrap_err();
         assert!(
             err.to_string().contains("webhooks.ssrf.allow") && err.to_string().contains("/33"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_keyring_comes_from_the_environment_or_a_file_and_is_checked() {
+        let key = herald_core::keyring::new_key_text("k1").unwrap();
+        let config = load(None, json!({ "secrets": { "key": key } })).unwrap();
+        assert_eq!(config.secrets.require_keyring("x").unwrap().ids(), ["k1"]);
+        assert!(!format!("{config:?}").contains(&key));
+
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let k2 = herald_core::keyring::new_key_text("k2").unwrap();
+        std::fs::write(file.path(), format!("{k2}\n{key}\n")).unwrap();
+        let path = file.path().display().to_string();
+        let config = load(None, json!({ "secrets": { "key_file": path } })).unwrap();
+        assert_eq!(
+            config.secrets.keyring().unwrap().unwrap().ids(),
+            ["k2", "k1"]
+        );
+
+        let err = load(None, json!({ "secrets": { "key": "k1:short" } })).unwrap_err();
+        assert!(err.to_string().contains("secrets.key"), "{err}");
+        let err = load(None, json!({ "secrets": { "key": key, "key_file": path } })).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let err = Config::default()
+            .secrets
+            .require_keyring("herald operator")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("herald operator")
+                && err.to_string().contains("HERALD_SECRETS__KEY_FILE"),
             "{err}"
         );
     }

@@ -65,6 +65,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
     }
     init_logging(&config.log);
+    if config.secrets.keyring()?.is_none() {
+        // Nothing outlives a dev run unless --store-dir keeps it; endpoint
+        // records a later run cannot read are rewritten from the file.
+        config.secrets.key = herald_core::keyring::new_key_text("dev-ephemeral")?;
+        println!(
+            "herald dev: signing secrets are encrypted under a key made for this run (set secrets.key_file to keep one)"
+        );
+    }
+    let records = config.secrets.record_writer("herald dev")?;
     let shutdown = shutdown::on_signal().context("cannot install signal handlers")?;
 
     // Read the endpoints before starting anything: a bad file fails fast.
@@ -83,7 +92,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let result = async {
         let broker = herald_queue::connect(&config.nats.url, "herald-dev").await?;
         topology::ensure(&broker, &config.topology).await?;
-        sync_endpoints(&broker, &file_endpoints).await?;
+        sync_endpoints(&broker, &records, &file_endpoints).await?;
         println!(
             "herald dev: NATS on {} (store and nats-server.log in {})",
             config.nats.url,
@@ -135,9 +144,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Makes the bucket hold exactly the file's endpoints.
+/// Makes the bucket hold exactly the file's endpoints. An endpoint whose
+/// secret changed since the last sync keeps signing with the old one too
+/// for the rotation overlap.
 pub(crate) async fn sync_endpoints(
     broker: &herald_queue::Broker,
+    records: &endpoints::RecordWriter,
     file: &[endpoints_file::FileEndpoint],
 ) -> anyhow::Result<()> {
     let wanted: Vec<String> = file
@@ -153,7 +165,7 @@ pub(crate) async fn sync_endpoints(
         }
     }
     for endpoint in file {
-        endpoints::put(broker, &endpoint.config).await?;
+        endpoints::put_if_changed(broker, records, &endpoint.config).await?;
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ use crate::{
 /// The probes report ready once the topology exists; a standby replica is
 /// ready too, waiting for the lease.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let records = config.secrets.record_writer("herald operator")?;
     let client = kube::Client::try_default()
         .await
         .context("cannot configure a Kubernetes client (KUBECONFIG or in-cluster)")?;
@@ -37,6 +38,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             config.operator.clone(),
             client,
             broker.clone(),
+            records,
             shutdown.clone(),
             || tracing::info!("leading: reconciling WebhookEndpoints"),
         )

@@ -86,6 +86,19 @@ pub async fn run_with(
     handlers: impl FnOnce(std::time::Duration) -> HandlerRegistry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let needs_endpoints =
+        roles.workers.contains(&WorkerKind::Tasks) || roles.workers.contains(&WorkerKind::Webhooks);
+    // Checked before anything starts: without the key the workers could
+    // not read a single endpoint.
+    let keyring = if needs_endpoints {
+        Some(
+            config
+                .secrets
+                .require_keyring("the task and webhook workers")?,
+        )
+    } else {
+        None
+    };
     let mut running = JoinSet::new();
 
     // The API starts at once and answers 503 until the topology exists.
@@ -133,10 +146,8 @@ pub async fn run_with(
         state.set_topology_ready();
     }
 
-    let needs_endpoints =
-        roles.workers.contains(&WorkerKind::Tasks) || roles.workers.contains(&WorkerKind::Webhooks);
-    if needs_endpoints {
-        let cache = EndpointCache::start(broker.clone(), shutdown.clone());
+    if let Some(keyring) = keyring {
+        let cache = EndpointCache::start(broker.clone(), keyring, shutdown.clone());
         tokio::select! {
             _ = shutdown.cancelled() => return drain(running).await,
             _ = cache.wait_loaded() => {}

@@ -18,6 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// The keyring that seals endpoint records in tests (`herald secrets
+/// new-key --id test`); every role a test starts gets it.
+pub const TEST_KEY: &str = "test:HqWjj/vKuy7sEWzqDN5kuOo291IaepnS170DQB/TvRw=";
+
 /// Herald's roles running in this process.
 pub struct Herald {
     pub api: String,
@@ -44,6 +48,7 @@ pub fn test_config(nats: &NatsServer, mail: Option<&Mailpit>) -> Config {
     config.webhooks.health_flush_interval = Duration::from_millis(100);
     config.mail.retry_schedule = schedule(&[50, 100]);
     config.shutdown.grace = Duration::from_secs(5);
+    config.secrets.key = TEST_KEY.into();
     if let Some(mail) = mail {
         config.mail.smtp_port = mail.smtp_port();
     }
@@ -196,7 +201,11 @@ pub async fn add_endpoint_spec(
     herald_queue::topology::ensure(&broker, &Default::default())
         .await
         .unwrap();
-    herald_queue::endpoints::put(&broker, &config)
+    let records = test_config(nats, None)
+        .secrets
+        .record_writer("a test")
+        .unwrap();
+    herald_queue::endpoints::put_if_changed(&broker, &records, &config)
         .await
         .unwrap();
     (config, secret)
@@ -219,6 +228,7 @@ pub async fn broker(nats: &NatsServer) -> Broker {
 pub fn worker_process(nats: &NatsServer, env: &[(&str, &str)]) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["worker", "tasks,webhooks", "--nats-url", &nats.url()])
+        .env("HERALD_SECRETS__KEY", TEST_KEY)
         .env(ALLOW_LOOPBACK_ENV.0, ALLOW_LOOPBACK_ENV.1)
         .envs(env.iter().copied())
         .env("HERALD_LOG__FILTER", "warn")

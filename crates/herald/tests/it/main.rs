@@ -18,4 +18,5 @@ mod operator;
 mod policies;
 mod probes;
 mod resilience;
+mod secrets;
 mod ssrf;

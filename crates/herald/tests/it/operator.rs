@@ -11,9 +11,13 @@ use herald_testkit::{
     ControlPlane, NatsServer, ReceivedWebhook, ReceiverBehaviour, TestReceiver, free_port,
     http_client, verify_with_standardwebhooks, wait_until,
 };
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use serde_json::json;
 
-use crate::harness::{DEADLINE, Herald, test_config};
+use crate::harness::{DEADLINE, Herald, TEST_KEY, test_config};
 
 /// Runs kubectl; panics with its output unless it succeeds.
 fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
@@ -87,6 +91,7 @@ fn operator_process_with(
 ) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .arg("operator")
+        .env("HERALD_SECRETS__KEY", TEST_KEY)
         .envs(env.iter().copied())
         .env("KUBECONFIG", cp.kubeconfig_path())
         .env("HERALD_NATS__URL", nats.url())
@@ -101,6 +106,29 @@ fn operator_process_with(
         .kill_on_drop(true)
         .spawn()
         .expect("start herald operator")
+}
+
+/// How many signatures a webhook carries.
+fn signatures(webhook: &ReceivedWebhook) -> usize {
+    webhook.headers["webhook-signature"].split(' ').count()
+}
+
+/// A tampered body, a stale timestamp or another secret fail the
+/// reference verifier.
+fn refused_when_tampered(webhook: &ReceivedWebhook, secrets: &[&SigningSecret]) {
+    for secret in secrets {
+        let mut tampered = webhook.clone();
+        tampered.body.push(' ');
+        assert!(verify_with_standardwebhooks(&secret.expose(), &tampered).is_err());
+        let mut stale = webhook.clone();
+        let sent: u64 = webhook.headers["webhook-timestamp"].parse().unwrap();
+        stale
+            .headers
+            .insert("webhook-timestamp".into(), (sent - 600).to_string());
+        assert!(verify_with_standardwebhooks(&secret.expose(), &stale).is_err());
+    }
+    let stranger = SigningSecret::generate();
+    assert!(verify_with_standardwebhooks(&stranger.expose(), webhook).is_err());
 }
 
 /// `kubectl get whe <name> -o jsonpath=<path>`.
@@ -147,7 +175,9 @@ async fn a_webhook_endpoint_resource_routes_signed_deliveries_through_its_life()
     let receiver = TestReceiver::start(ReceiverBehaviour::Ok).await;
     install_crd(&cp);
     let herald = Herald::start(test_config(&nats, None), Roles::all()).await;
-    let _operator = operator_process(&cp, &nats, "operator-a");
+    // Long enough to see both signatures, short enough to see it end.
+    let overlap = &[("HERALD_SECRETS__ROTATION_OVERLAP", "20s")];
+    let mut operator = operator_process_with(&cp, &nats, "operator-a", overlap);
 
     let first = SigningSecret::generate();
     apply_ok(&cp, &secret_yaml("hook-secret", &first));
@@ -174,10 +204,11 @@ async fn a_webhook_endpoint_resource_routes_signed_deliveries_through_its_life()
     );
     next_delivery_at(&herald, "op1", &receiver, "/b").await;
 
-    // A rotated Secret signs the next deliveries.
+    // A rotated Secret signs the next deliveries, and for the overlap the
+    // old one signs too: a receiver holding either secret verifies them.
     let second = SigningSecret::generate();
     apply_ok(&cp, &secret_yaml("hook-secret", &second));
-    wait_until(
+    let during = wait_until(
         "deliveries signed with the new secret",
         DEADLINE,
         || async {
@@ -188,6 +219,41 @@ async fn a_webhook_endpoint_resource_routes_signed_deliveries_through_its_life()
         },
     )
     .await;
+    verify_with_standardwebhooks(&first.expose(), &during)
+        .expect("the old secret still signs during the overlap");
+    assert_eq!(signatures(&during), 2, "{:?}", during.headers);
+    refused_when_tampered(&during, &[&first, &second]);
+
+    // The overlap is kept in herald-endpoints, not in the operator's
+    // memory: a restarted operator that rewrites the record (new URL)
+    // keeps the old secret signing.
+    kill(
+        Pid::from_raw(operator.id().expect("running") as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    operator.wait().await.unwrap();
+    let _operator = operator_process_with(&cp, &nats, "operator-a", overlap);
+    apply_ok(
+        &cp,
+        &endpoint_yaml("orders", "op1", &receiver.url("/c"), ref_to_secret),
+    );
+    let restarted = next_delivery_at(&herald, "op1", &receiver, "/c").await;
+    for secret in [&first, &second] {
+        verify_with_standardwebhooks(&secret.expose(), &restarted)
+            .expect("both secrets sign after the operator restarted");
+    }
+
+    // The overlap ends: the old secret no longer verifies.
+    let after = wait_until("the old secret to stop signing", DEADLINE, || async {
+        let webhook = next_delivery_at(&herald, "op1", &receiver, "/c").await;
+        verify_with_standardwebhooks(&first.expose(), &webhook)
+            .is_err()
+            .then_some(webhook)
+    })
+    .await;
+    verify_with_standardwebhooks(&second.expose(), &after).expect("the new secret signs");
+    assert_eq!(signatures(&after), 1, "{:?}", after.headers);
 
     // Deleted: the finalizer removes the record, then the resource goes.
     kubectl(&cp, &["delete", "whe", "orders", "--timeout=30s"]);

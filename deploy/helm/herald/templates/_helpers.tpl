@@ -252,7 +252,7 @@ secret (or to which Secret is referenced) rolls its pods:
 {{- $used := dict }}
 {{- if eq .component "api" }}{{ $_ := set $used "apiTokens" $s.apiTokens }}{{ end }}
 {{- if eq .component "worker-mail" }}{{ $_ := set $used "smtp" $s.smtp }}{{ end }}
-{{- if has .component (list "worker-webhooks" "operator") }}{{ $_ := set $used "encryptionKey" $s.encryptionKey }}{{ end }}
+{{- if has .component (list "worker-tasks" "worker-webhooks" "operator") }}{{ $_ := set $used "encryptionKey" $s.encryptionKey }}{{ end }}
 {{- toJson $used | sha256sum }}
 {{- end }}
 
