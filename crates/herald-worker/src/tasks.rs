@@ -180,6 +180,21 @@ impl MessageHandler for TaskWorker {
                 return;
             }
         };
+        let prefix = format!("{}.", task.user);
+        if let Some((key, why)) = self
+            .endpoints
+            .unreadable()
+            .into_iter()
+            .find(|(key, _)| key.starts_with(&prefix))
+        {
+            // Fanning out now would silently skip an endpoint this process
+            // cannot open (a keyring missing its key): wait for a fixed one.
+            tracing::error!(task = %task.id, endpoint = %key, reason = %why, "an endpoint of the user is unreadable; retrying the task later");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(60))))
+                .await;
+            return;
+        }
         let outcome =
             with_progress(&message, self.progress_interval, self.run_handler(&task)).await;
         if let Err(error) = &outcome {

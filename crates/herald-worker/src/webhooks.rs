@@ -270,6 +270,18 @@ impl WebhookWorker {
             .attempt
             .saturating_add(delivery_count(message).saturating_sub(1));
         let Some(endpoint) = self.endpoints.get(&job.user, &job.endpoint) else {
+            let key = names::endpoint_key(&job.user, &job.endpoint);
+            if let Some(why) = self.endpoints.unreadable().get(&key) {
+                // The record exists but this process cannot open it (a
+                // keyring missing its key): keep the delivery, not an
+                // attempt, until a fixed keyring reads it.
+                tracing::error!(task = %job.task, endpoint = %job.endpoint, reason = %why, "endpoint record unreadable; keeping its delivery");
+                let later = herald_core::now_ms() + self.config.paused_recheck.as_millis() as u64;
+                let deferred = reschedule(&job, job.attempt, later, None);
+                self.finish(message, &job, vec![deferred], AckKind::Ack)
+                    .await;
+                return;
+            }
             tracing::info!(task = %job.task, endpoint = %job.endpoint, "endpoint removed; dropping its delivery");
             let event = self.attempt_event(
                 &job,

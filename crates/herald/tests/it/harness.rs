@@ -237,3 +237,36 @@ pub fn worker_process(nats: &NatsServer, env: &[(&str, &str)]) -> tokio::process
         .spawn()
         .expect("start herald worker")
 }
+
+/// Waits until the delivery of `task` to `endpoint` waits in
+/// `HERALD_WEBHOOKS` as a message schedule (a retry or a deferral).
+pub async fn wait_for_scheduled_delivery(
+    nats: &NatsServer,
+    user: &str,
+    endpoint: &str,
+    task: &str,
+) {
+    let broker = broker(nats).await;
+    let stream = broker
+        .jetstream
+        .get_stream(herald_core::names::WEBHOOKS_STREAM)
+        .await
+        .unwrap();
+    let subject = herald_core::names::retry_subject(
+        &user.parse().unwrap(),
+        &endpoint.parse().unwrap(),
+        &task.parse().unwrap(),
+    );
+    wait_until(&format!("a schedule on {subject}"), DEADLINE, || {
+        let stream = stream.clone();
+        let subject = subject.clone();
+        async move {
+            stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+                .ok()
+                .map(|_| ())
+        }
+    })
+    .await;
+}

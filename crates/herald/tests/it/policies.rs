@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use herald::roles::Roles;
-use herald_core::names;
-use herald_testkit::{NatsServer, ReceiverBehaviour, TestReceiver, wait_until};
+use herald_testkit::{NatsServer, ReceiverBehaviour, TestReceiver};
 use serde_json::{Value, json};
 
-use crate::harness::{DEADLINE, Herald, add_endpoint_spec, broker, test_config};
+use crate::harness::{
+    DEADLINE, Herald, add_endpoint_spec, test_config, wait_for_scheduled_delivery,
+};
 
 fn throttle(status: u16, retry_after: &str) -> ReceiverBehaviour {
     ReceiverBehaviour::Throttle {
@@ -134,33 +135,7 @@ async fn a_paused_endpoint_keeps_its_deliveries_as_schedules_until_resumed() {
 
     let id = herald.accept("1", "echo", json!({})).await;
     // The delivery waits as a message schedule, outside the consumer.
-    let broker = broker(&nats).await;
-    let stream = broker
-        .jetstream
-        .get_stream(names::WEBHOOKS_STREAM)
-        .await
-        .unwrap();
-    let retries = names::retry_subject(
-        &"1".parse().unwrap(),
-        &"default_hooks".parse().unwrap(),
-        &id.parse().unwrap(),
-    );
-    wait_until(
-        "the paused delivery to be stored as a schedule",
-        DEADLINE,
-        || {
-            let stream = stream.clone();
-            let retries = retries.clone();
-            async move {
-                stream
-                    .get_last_raw_message_by_subject(&retries)
-                    .await
-                    .ok()
-                    .map(|_| ())
-            }
-        },
-    )
-    .await;
+    wait_for_scheduled_delivery(&nats, "1", "default_hooks", &id).await;
     assert!(receiver.received().is_empty());
     let (_, task) = herald.get_task("1", &id).await;
     assert_eq!(task["state"], "delivering", "{task}");

@@ -5,7 +5,7 @@
 
 use std::{path::Path, process::Stdio, sync::Arc, time::Duration};
 
-use herald::roles::Roles;
+use herald::{cli::WorkerKind, roles::Roles};
 use herald_core::{
     endpoint::WebhookEndpointSpec,
     keyring::{Keyring, new_key_text},
@@ -20,7 +20,9 @@ use herald_testkit::{
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{DEADLINE, Herald, TEST_KEY, broker, test_config};
+use crate::harness::{
+    DEADLINE, Herald, TEST_KEY, add_endpoint, broker, test_config, wait_for_scheduled_delivery,
+};
 
 fn writer(keys: &[&str]) -> RecordWriter {
     RecordWriter {
@@ -312,4 +314,42 @@ async fn roles_that_read_or_write_endpoints_refuse_to_start_without_the_key() {
         .unwrap();
     let key = String::from_utf8(output.stdout).unwrap();
     assert_eq!(Keyring::parse(&key).unwrap().ids(), ["k7"]);
+}
+
+#[tokio::test]
+async fn a_keyring_missing_the_endpoints_key_keeps_its_deliveries() {
+    let nats = NatsServer::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Ok).await;
+    add_endpoint(&nats, "1", "hooks", &receiver.url("/"), None).await;
+    let fan_out = Herald::start(
+        test_config(&nats, None),
+        Roles {
+            api: true,
+            workers: [WorkerKind::Tasks].into(),
+        },
+    )
+    .await;
+    let mut wrong_key = test_config(&nats, None);
+    wrong_key.secrets.key = new_key_text("other").unwrap();
+    wrong_key.webhooks.paused_recheck = Duration::from_millis(100);
+    let blind = Herald::start(wrong_key, Roles::workers([WorkerKind::Webhooks].into())).await;
+
+    let id = fan_out.accept("1", "echo", json!({})).await;
+    // Not dropped as "endpoint removed": kept as a schedule, no attempt made.
+    wait_for_scheduled_delivery(&nats, "1", "default_hooks", &id).await;
+    let (_, task) = fan_out.get_task("1", &id).await;
+    assert_eq!(task["state"], "delivering", "{task}");
+    assert_eq!(task["attempts"], json!([]), "{task}");
+    blind.stop().await;
+
+    let fixed = Herald::start(
+        test_config(&nats, None),
+        Roles::workers([WorkerKind::Webhooks].into()),
+    )
+    .await;
+    let task = fan_out.wait_for_state("1", &id, "delivered").await;
+    assert_eq!(task["attempts"].as_array().unwrap().len(), 1, "{task}");
+    assert_eq!(receiver.received().len(), 1);
+    fixed.stop().await;
+    fan_out.stop().await;
 }
