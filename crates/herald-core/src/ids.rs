@@ -137,6 +137,12 @@ token_type!(
     "endpoint id"
 );
 
+/// A fresh, time-ordered id for a redelivery round started by the
+/// redeliver call.
+pub fn redelivery_id() -> String {
+    format!("rd-{}", uuid::Uuid::now_v7().simple())
+}
+
 impl TaskId {
     /// A fresh, time-ordered id for a task posted without an idempotency key.
     pub fn generate() -> Self {

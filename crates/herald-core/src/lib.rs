@@ -37,3 +37,33 @@ pub fn rfc3339(ms: u64) -> String {
         })
         .unwrap_or_default()
 }
+
+/// Reads an RFC 3339 time as a wire timestamp; `None` when it is not one or
+/// lies before 1970.
+pub fn parse_rfc3339(text: &str) -> Option<u64> {
+    let at =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_round_trips_and_refuses_garbage() {
+        assert_eq!(
+            super::rfc3339(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
+        assert_eq!(
+            super::parse_rfc3339("2023-11-14T22:13:20.123Z"),
+            Some(1_700_000_000_123)
+        );
+        assert_eq!(
+            super::parse_rfc3339("2023-11-14T23:13:20+01:00"),
+            Some(1_700_000_000_000)
+        );
+        for bad in ["", "yesterday", "2023-11-14", "1969-12-31T23:59:59Z"] {
+            assert_eq!(super::parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+}

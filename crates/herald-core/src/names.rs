@@ -83,8 +83,18 @@ pub fn attempt_msg_id(
     }
 }
 
-pub fn mail_msg_id(task: &TaskId, endpoint: &EndpointId) -> String {
-    format!("{task}.{endpoint}.mail")
+/// `Nats-Msg-Id` of the mail that ends a delivery (in redelivery round
+/// `redelivery`, if any: a round that fails again mails again).
+pub fn mail_msg_id(task: &TaskId, endpoint: &EndpointId, redelivery: Option<&str>) -> String {
+    match redelivery {
+        Some(round) => format!("{task}.{endpoint}.{round}.mail"),
+        None => format!("{task}.{endpoint}.mail"),
+    }
+}
+
+/// `Nats-Msg-Id` of the event that records a redelivery round.
+pub fn redelivery_event_msg_id(task: &TaskId, endpoint: &EndpointId, redelivery: &str) -> String {
+    format!("{task}.{endpoint}.{redelivery}.queued")
 }
 
 /// Key of an endpoint in `herald-endpoints` and `herald-endpoint-health`.

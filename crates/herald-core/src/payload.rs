@@ -117,6 +117,9 @@ pub struct MailJob {
     pub attempts: u32,
     pub last_error: String,
     pub failed_at_ms: u64,
+    /// The redelivery round whose attempts ended in this mail, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redelivery: Option<String>,
 }
 
 /// How one delivery attempt ended.
@@ -192,6 +195,11 @@ pub struct DeliveryAttempt {
     /// When the next attempt is due, for `retrying`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_in_ms: Option<u64>,
+    /// The redelivery round this attempt belongs to; absent for the
+    /// deliveries the task fanned out to. Attempt numbers start at 1 in
+    /// every round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redelivery: Option<String>,
 }
 
 /// How much of a response body an attempt record keeps.
@@ -211,6 +219,31 @@ pub struct MailOutcome {
     pub sent: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The redelivery round the mail is about, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redelivery: Option<String>,
+}
+
+/// Why a delivery was sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedeliveryCause {
+    /// `POST /users/{user}/tasks/{id}/redeliver`.
+    Redeliver,
+    /// `POST /users/{user}/endpoints/{endpoint}/recover`, or enabling a
+    /// disabled endpoint, which recovers what it held.
+    Recover,
+}
+
+/// A delivery queued again: it starts a new round of attempts, and from
+/// then on the latest round decides the delivery's state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RedeliveryQueued {
+    pub endpoint: EndpointId,
+    /// The round's id, carried by its jobs, attempts and mail.
+    pub redelivery: String,
+    pub cause: RedeliveryCause,
+    pub at_ms: u64,
 }
 
 /// An entry of a task's history in `HERALD_ATTEMPTS`.
@@ -219,6 +252,37 @@ pub struct MailOutcome {
 pub enum TaskEvent {
     Delivery(DeliveryAttempt),
     Mail(MailOutcome),
+    Redelivery(RedeliveryQueued),
+}
+
+impl TaskEvent {
+    /// The endpoint the event is about.
+    pub fn endpoint(&self) -> &EndpointId {
+        match self {
+            TaskEvent::Delivery(attempt) => &attempt.endpoint,
+            TaskEvent::Mail(mail) => &mail.endpoint,
+            TaskEvent::Redelivery(queued) => &queued.endpoint,
+        }
+    }
+
+    /// When the event happened (unix ms).
+    pub fn at_ms(&self) -> u64 {
+        match self {
+            TaskEvent::Delivery(attempt) => attempt.at_ms,
+            TaskEvent::Mail(mail) => mail.at_ms,
+            TaskEvent::Redelivery(queued) => queued.at_ms,
+        }
+    }
+
+    /// The redelivery round the event belongs to; `None` for the deliveries
+    /// the task fanned out to.
+    pub fn redelivery(&self) -> Option<&str> {
+        match self {
+            TaskEvent::Delivery(attempt) => attempt.redelivery.as_deref(),
+            TaskEvent::Mail(mail) => mail.redelivery.as_deref(),
+            TaskEvent::Redelivery(queued) => Some(&queued.redelivery),
+        }
+    }
 }
 
 /// The envelope of a [`TaskEvent`] on the wire.
@@ -236,6 +300,16 @@ pub struct TaskEventMessage {
 pub enum HandlerOutcome {
     Completed,
     Failed,
+}
+
+impl HandlerOutcome {
+    /// The suffix of the event type: `<task type>.completed` or `.failed`.
+    pub fn event_suffix(self) -> &'static str {
+        match self {
+            HandlerOutcome::Completed => "completed",
+            HandlerOutcome::Failed => "failed",
+        }
+    }
 }
 
 /// A task after its handler ran (`herald-tasks`), written once by the task
@@ -336,6 +410,50 @@ pub struct EndpointHealth {
     pub owner_notified: bool,
 }
 
+impl TaskRecord {
+    /// The event type and exact body of the task's webhook. Built only from
+    /// the record, so a redelivery sends the same bytes as the original.
+    pub fn webhook(&self) -> (String, String) {
+        let event_type = format!("{}.{}", self.task_type, self.outcome.event_suffix());
+        let body = serde_json::to_string(&WebhookBody {
+            event_type: &event_type,
+            timestamp: crate::rfc3339(self.finished_at_ms),
+            data: WebhookData {
+                task_id: self.id.as_str(),
+                user: self.user.as_str(),
+                task_type: self.task_type.as_str(),
+                result: self.result.as_ref(),
+                error: self.error.as_deref(),
+            },
+        })
+        .expect("webhook bodies always serialize");
+        (event_type, body)
+    }
+
+    /// The job that delivers `webhook` (from [`Self::webhook`]) to
+    /// `endpoint`: attempt 1 of the fan-out, or of redelivery round
+    /// `redelivery`.
+    pub fn delivery_job(
+        &self,
+        endpoint: &EndpointId,
+        (event_type, body): &(String, String),
+        redelivery: Option<String>,
+    ) -> DeliveryJob {
+        DeliveryJob {
+            v: VERSION,
+            task: self.id.clone(),
+            user: self.user.clone(),
+            endpoint: endpoint.clone(),
+            event_type: event_type.clone(),
+            body: body.clone(),
+            accepted_at_ms: self.accepted_at_ms,
+            attempt: 1,
+            redelivery,
+            rate_slot_ms: None,
+        }
+    }
+}
+
 /// The body of a webhook request (Standard Webhooks payload structure).
 #[derive(Debug, Serialize)]
 pub struct WebhookBody<'a> {
@@ -372,6 +490,7 @@ mod tests {
             Gone,
             EndpointRemoved,
             Abandoned,
+            Held,
         ] {
             assert_eq!(serde_json::to_value(outcome).unwrap(), outcome.as_str());
         }
@@ -404,11 +523,45 @@ mod tests {
                 at_ms: 5,
                 sent: true,
                 error: None,
+                redelivery: None,
             }),
         };
         let json = String::from_utf8(encode(&event)).unwrap();
         assert!(json.contains(r#""kind":"mail""#), "{json}");
         let back: TaskEventMessage = decode(json.as_bytes()).unwrap();
         assert_eq!(back.event, event.event);
+    }
+
+    #[test]
+    fn a_stored_record_gives_the_same_webhook_bytes() {
+        let record = TaskRecord {
+            v: VERSION,
+            id: TaskId::new("t1").unwrap(),
+            user: UserId::new("u").unwrap(),
+            task_type: TaskType::new("transcode").unwrap(),
+            accepted_at_ms: 1,
+            finished_at_ms: 1_700_000_000_123,
+            outcome: HandlerOutcome::Completed,
+            result: Some(serde_json::json!({"z": 1.5, "a": [1, "x"], "m": {"k": null}})),
+            error: None,
+            endpoints: vec![],
+        };
+        let (event_type, body) = record.webhook();
+        assert_eq!(event_type, "transcode.completed");
+        let stored: TaskRecord = decode(&encode(&record)).unwrap();
+        assert_eq!(stored.webhook(), (event_type, body.clone()));
+        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(parsed["timestamp"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(parsed["data"]["result"]["z"], 1.5);
+
+        let failed = TaskRecord {
+            outcome: HandlerOutcome::Failed,
+            result: None,
+            error: Some("boom".into()),
+            ..record
+        };
+        let (event_type, body) = failed.webhook();
+        assert_eq!(event_type, "transcode.failed");
+        assert!(body.contains(r#""error":"boom""#), "{body}");
     }
 }

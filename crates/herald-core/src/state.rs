@@ -63,14 +63,65 @@ impl EndpointDeliveryState {
     fn is_settled(self) -> bool {
         !matches!(self, Self::Pending | Self::Retrying | Self::Failed)
     }
+
+    /// Whether attempts are still to come in the current round, so a new
+    /// round now would run beside it.
+    pub fn is_in_progress(self) -> bool {
+        matches!(self, Self::Pending | Self::Retrying)
+    }
+
+    /// Whether the current round ended without the endpoint accepting the
+    /// webhook, so recovering it can help.
+    pub fn is_recoverable(self) -> bool {
+        matches!(
+            self,
+            Self::Failed | Self::Mailed | Self::MailFailed | Self::Abandoned | Self::Held
+        )
+    }
 }
 
 /// The state of delivery to `endpoint`, from the task's events in order.
+///
+/// A delivery is attempted in rounds: the fan-out, then one round per
+/// redelivery (each with its own id, carried by its attempts and mail). The
+/// latest round decides: when a round starts, the state is pending again,
+/// and events of a round it superseded (a late mail, say) change nothing.
 pub fn endpoint_state(endpoint: &EndpointId, events: &[TaskEvent]) -> EndpointDeliveryState {
+    follow_rounds(endpoint, events).0
+}
+
+/// The redelivery round that decides the delivery to `endpoint`; `None`
+/// while the fan-out's does.
+pub fn current_round<'a>(endpoint: &EndpointId, events: &'a [TaskEvent]) -> Option<&'a str> {
+    follow_rounds(endpoint, events).1
+}
+
+fn follow_rounds<'a>(
+    endpoint: &EndpointId,
+    events: &'a [TaskEvent],
+) -> (EndpointDeliveryState, Option<&'a str>) {
     let mut state = EndpointDeliveryState::Pending;
-    for event in events {
+    let mut round: Option<&str> = None;
+    let mut superseded: Vec<Option<&str>> = Vec::new();
+    for event in events.iter().filter(|e| e.endpoint() == endpoint) {
+        if let TaskEvent::Mail(mail) = event
+            && !mail.reason.is_none_or(MailReason::ends_delivery)
+        {
+            // About the endpoint as a whole (disabled, recovered): in no
+            // round, and settles no delivery.
+            continue;
+        }
+        let event_round = event.redelivery();
+        if event_round != round {
+            if superseded.contains(&event_round) {
+                continue;
+            }
+            superseded.push(round);
+            round = event_round;
+            state = EndpointDeliveryState::Pending;
+        }
         match event {
-            TaskEvent::Delivery(attempt) if &attempt.endpoint == endpoint => {
+            TaskEvent::Delivery(attempt) => {
                 if state == EndpointDeliveryState::Delivered {
                     continue; // a duplicate after success changes nothing
                 }
@@ -87,21 +138,19 @@ pub fn endpoint_state(endpoint: &EndpointId, events: &[TaskEvent]) -> EndpointDe
             }
             // A mail after a late success (a duplicate delivery) changes
             // nothing either.
-            TaskEvent::Mail(mail)
-                if &mail.endpoint == endpoint
-                    && state != EndpointDeliveryState::Delivered
-                    && mail.reason.is_none_or(MailReason::ends_delivery) =>
-            {
+            TaskEvent::Mail(mail) if state != EndpointDeliveryState::Delivered => {
                 state = if mail.sent {
                     EndpointDeliveryState::Mailed
                 } else {
                     EndpointDeliveryState::MailFailed
                 };
             }
-            _ => {}
+            // Its jobs may be attempted before the event is stored: it only
+            // starts the round when no attempt of the round came first.
+            TaskEvent::Mail(_) | TaskEvent::Redelivery(_) => {}
         }
     }
-    state
+    (state, round)
 }
 
 /// The state of a task whose handler has run.
@@ -143,7 +192,7 @@ mod tests {
     use super::*;
     use crate::{
         TaskId, TaskType, UserId,
-        payload::{DeliveryAttempt, MailOutcome},
+        payload::{DeliveryAttempt, MailOutcome, RedeliveryCause, RedeliveryQueued},
     };
 
     fn ep(name: &str) -> EndpointId {
@@ -162,6 +211,30 @@ mod tests {
             error: None,
             response_body: None,
             next_attempt_in_ms: None,
+            redelivery: None,
+        })
+    }
+
+    fn in_round(event: TaskEvent, round: &str) -> TaskEvent {
+        match event {
+            TaskEvent::Delivery(a) => TaskEvent::Delivery(DeliveryAttempt {
+                redelivery: Some(round.into()),
+                ..a
+            }),
+            TaskEvent::Mail(m) => TaskEvent::Mail(MailOutcome {
+                redelivery: Some(round.into()),
+                ..m
+            }),
+            other => other,
+        }
+    }
+
+    fn queued(endpoint: &str, round: &str) -> TaskEvent {
+        TaskEvent::Redelivery(RedeliveryQueued {
+            endpoint: ep(endpoint),
+            redelivery: round.into(),
+            cause: RedeliveryCause::Redeliver,
+            at_ms: 50,
         })
     }
 
@@ -174,6 +247,7 @@ mod tests {
             at_ms: 9,
             sent,
             error: None,
+            redelivery: None,
         })
     }
 
@@ -257,7 +331,7 @@ mod tests {
                 reason: Some(MailReason::EndpointDisabled),
                 ..match mail("b", true) {
                     TaskEvent::Mail(m) => m,
-                    TaskEvent::Delivery(_) => unreachable!(),
+                    _ => unreachable!(),
                 }
             }),
         ];
@@ -266,5 +340,87 @@ mod tests {
         assert_eq!(task_state(&rec, &events), TaskState::Held);
         events.push(attempt("b", 2, AttemptOutcome::Delivered));
         assert_eq!(task_state(&rec, &events), TaskState::Delivered);
+    }
+
+    #[test]
+    fn the_latest_round_decides() {
+        let rec = record(&["a", "b"], HandlerOutcome::Completed);
+        let mut events = vec![
+            attempt("a", 1, AttemptOutcome::Delivered),
+            attempt("b", 1, AttemptOutcome::Exhausted),
+            mail("b", true),
+        ];
+        assert_eq!(task_state(&rec, &events), TaskState::Mailed);
+        // Queued again: delivering, though no attempt of the round ran yet.
+        events.push(queued("b", "r1"));
+        assert_eq!(
+            endpoint_state(&ep("b"), &events),
+            EndpointDeliveryState::Pending
+        );
+        assert_eq!(task_state(&rec, &events), TaskState::Delivering);
+        events.push(in_round(attempt("b", 1, AttemptOutcome::Retrying), "r1"));
+        assert_eq!(task_state(&rec, &events), TaskState::Delivering);
+        events.push(in_round(attempt("b", 2, AttemptOutcome::Delivered), "r1"));
+        assert_eq!(task_state(&rec, &events), TaskState::Delivered);
+        // A late event of the superseded round changes nothing.
+        events.push(mail("b", false));
+        assert_eq!(task_state(&rec, &events), TaskState::Delivered);
+
+        // A delivered endpoint sent again is delivering, then delivered.
+        events.push(queued("a", "r2"));
+        assert_eq!(task_state(&rec, &events), TaskState::Delivering);
+        events.push(in_round(attempt("a", 1, AttemptOutcome::Delivered), "r2"));
+        assert_eq!(task_state(&rec, &events), TaskState::Delivered);
+        assert_eq!(current_round(&ep("a"), &events), Some("r2"));
+        assert_eq!(current_round(&ep("b"), &events), Some("r1"));
+    }
+
+    #[test]
+    fn a_mail_about_the_endpoint_starts_no_round() {
+        // Events since a time, as recover reads them: a recovered mail about
+        // the endpoint (no round) after the round's attempts.
+        let events = [
+            in_round(attempt("a", 1, AttemptOutcome::Held), "r1"),
+            TaskEvent::Mail(MailOutcome {
+                reason: Some(MailReason::EndpointRecovered),
+                ..match mail("a", true) {
+                    TaskEvent::Mail(m) => m,
+                    _ => unreachable!(),
+                }
+            }),
+        ];
+        assert_eq!(
+            endpoint_state(&ep("a"), &events),
+            EndpointDeliveryState::Held
+        );
+        assert_eq!(current_round(&ep("a"), &events), Some("r1"));
+    }
+
+    #[test]
+    fn a_round_attempted_before_its_event_was_stored_is_not_restarted() {
+        let events = [
+            attempt("a", 1, AttemptOutcome::Held),
+            in_round(attempt("a", 1, AttemptOutcome::Delivered), "r1"),
+            queued("a", "r1"),
+        ];
+        assert_eq!(
+            endpoint_state(&ep("a"), &events),
+            EndpointDeliveryState::Delivered
+        );
+    }
+
+    #[test]
+    fn a_failed_round_is_recoverable_and_a_running_one_in_progress() {
+        let events = [
+            attempt("a", 1, AttemptOutcome::Delivered),
+            queued("a", "r1"),
+            in_round(attempt("a", 1, AttemptOutcome::Exhausted), "r1"),
+            in_round(mail("a", true), "r1"),
+        ];
+        let state = endpoint_state(&ep("a"), &events);
+        assert_eq!(state, EndpointDeliveryState::Mailed);
+        assert!(state.is_recoverable() && !state.is_in_progress());
+        let state = endpoint_state(&ep("a"), &events[..2]);
+        assert!(state.is_in_progress() && !state.is_recoverable());
     }
 }

@@ -104,6 +104,9 @@ impl Pending {
                     ))
                 ));
                 transition = Transition::Disabled;
+                // The disabled mail tells the owner, so the first success
+                // after the endpoint is enabled again sends the recovered one.
+                health.owner_notified = true;
             }
             if health.disabled {
                 health.disabled_at_ms = Some(now_ms);
@@ -173,6 +176,29 @@ impl HealthTracker {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&names::endpoint_key(user, endpoint))
+    }
+
+    /// Whether the bucket itself still has the endpoint disabled; forgets
+    /// the local flag when it does not. A redelivery queued just after the
+    /// endpoint was enabled can reach a worker before the bucket's watch
+    /// does, and must not be held again. When the bucket cannot be read, the
+    /// local flag stands.
+    pub async fn confirm_disabled(
+        &self,
+        broker: &Broker,
+        user: &UserId,
+        endpoint: &EndpointId,
+    ) -> bool {
+        match read(broker, user, endpoint).await {
+            Ok(Some(health)) if !health.disabled => {
+                self.disabled
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&names::endpoint_key(user, endpoint));
+                false
+            }
+            _ => true,
+        }
     }
 
     pub fn record_success(&self, user: &UserId, endpoint: &EndpointId, task: &TaskId, at_ms: u64) {
@@ -300,10 +326,11 @@ impl HealthTracker {
             attempts: 0,
             last_error: pending.last_error.clone().unwrap_or_default(),
             failed_at_ms: herald_core::now_ms(),
+            redelivery: None,
         };
         let message = Outgoing::new(
             names::mail_subject(&user),
-            format!("{}.{suffix}", names::mail_msg_id(&task, &endpoint)),
+            format!("{}.{suffix}", names::mail_msg_id(&task, &endpoint, None)),
             encode(&mail),
         );
         if let Err(e) = broker.publish(message).await {
@@ -525,6 +552,7 @@ mod tests {
         assert!(disabled.disabled);
         assert_eq!(disabled.disabled_at_ms, Some(now));
         assert_eq!(transition, Transition::Disabled);
+        assert!(disabled.owner_notified, "the disabled mail told the owner");
 
         let (again, transition) = failures(1, now + 5).merge_into(disabled, now + 5, DAY);
         assert!(again.disabled);

@@ -181,6 +181,7 @@ impl MailWorker {
                 at_ms: herald_core::now_ms(),
                 sent: error.is_none(),
                 error,
+                redelivery: job.redelivery.clone(),
             }),
         );
         match self.broker.publish(event).await {
@@ -319,6 +320,7 @@ mod tests {
             attempts: 8,
             last_error: "HTTP 500".into(),
             failed_at_ms: 0,
+            redelivery: None,
         };
         let text = body(&job);
         for needle in [

@@ -131,6 +131,7 @@ pub async fn handle(
             error: Some(error.clone()),
             response_body: None,
             next_attempt_in_ms: None,
+            redelivery: job.redelivery.clone(),
         }),
     )];
     if let Some(to) = email {
@@ -145,10 +146,11 @@ pub async fn handle(
             attempts,
             last_error: error,
             failed_at_ms: herald_core::now_ms(),
+            redelivery: job.redelivery.clone(),
         };
         outgoing.push(Outgoing::new(
             names::mail_subject(&job.user),
-            names::mail_msg_id(&job.task, &job.endpoint),
+            names::mail_msg_id(&job.task, &job.endpoint, job.redelivery.as_deref()),
             encode(&mail),
         ));
     }

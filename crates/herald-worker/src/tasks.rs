@@ -14,10 +14,7 @@ use futures::FutureExt;
 use herald_core::{
     metrics::Metrics,
     names,
-    payload::{
-        DeliveryJob, HandlerOutcome, TaskMessage, TaskRecord, VERSION, WebhookBody, WebhookData,
-        decode, encode,
-    },
+    payload::{HandlerOutcome, TaskMessage, TaskRecord, VERSION, decode, encode},
 };
 use herald_queue::{
     Broker,
@@ -94,70 +91,47 @@ impl TaskWorker {
 
     /// Everything a finished task produces: its delivery jobs and record.
     fn outputs(&self, task: &TaskMessage, outcome: Result<Value, String>) -> Vec<Outgoing> {
-        let (handler_outcome, suffix) = match outcome {
-            Ok(_) => (HandlerOutcome::Completed, "completed"),
-            Err(_) => (HandlerOutcome::Failed, "failed"),
+        let (handler_outcome, result, error) = match outcome {
+            Ok(result) => (HandlerOutcome::Completed, Some(result), None),
+            Err(error) => (HandlerOutcome::Failed, None, Some(error)),
         };
-        Metrics::count(&herald_core::metrics::metrics().tasks_handled, suffix);
-        let event_type = format!("{}.{suffix}", task.task_type);
-        let finished_at_ms = herald_core::now_ms();
-        let (result, error) = match outcome {
-            Ok(result) => (Some(result), None),
-            Err(error) => (None, Some(error)),
-        };
-        let body = serde_json::to_string(&WebhookBody {
-            event_type: &event_type,
-            timestamp: herald_core::rfc3339(finished_at_ms),
-            data: WebhookData {
-                task_id: task.id.as_str(),
-                user: task.user.as_str(),
-                task_type: task.task_type.as_str(),
-                result: result.as_ref(),
-                error: error.as_deref(),
-            },
-        })
-        .expect("webhook bodies always serialize");
-
-        let endpoints: Vec<_> = self
-            .endpoints
-            .for_user(&task.user)
-            .into_iter()
-            .filter(|e| e.wants(&event_type))
-            .collect();
-        let mut outgoing: Vec<Outgoing> = endpoints
-            .iter()
-            .map(|endpoint| {
-                let job = DeliveryJob {
-                    v: VERSION,
-                    task: task.id.clone(),
-                    user: task.user.clone(),
-                    endpoint: endpoint.id.clone(),
-                    event_type: event_type.clone(),
-                    body: body.clone(),
-                    accepted_at_ms: task.accepted_at_ms,
-                    attempt: 1,
-                    redelivery: None,
-                    rate_slot_ms: None,
-                };
-                Outgoing::new(
-                    names::webhook_subject(&task.user, &endpoint.id),
-                    names::delivery_msg_id(&task.id, &endpoint.id),
-                    encode(&job),
-                )
-            })
-            .collect();
-        let record = TaskRecord {
+        Metrics::count(
+            &herald_core::metrics::metrics().tasks_handled,
+            handler_outcome.event_suffix(),
+        );
+        let mut record = TaskRecord {
             v: VERSION,
             id: task.id.clone(),
             user: task.user.clone(),
             task_type: task.task_type.clone(),
             accepted_at_ms: task.accepted_at_ms,
-            finished_at_ms,
+            finished_at_ms: herald_core::now_ms(),
             outcome: handler_outcome,
             result,
             error,
-            endpoints: endpoints.iter().map(|e| e.id.clone()).collect(),
+            endpoints: Vec::new(),
         };
+        // The body comes from the record alone, so a redelivery, which has
+        // only the record, sends the same bytes.
+        let webhook = record.webhook();
+        record.endpoints = self
+            .endpoints
+            .for_user(&task.user)
+            .into_iter()
+            .filter(|e| e.wants(&webhook.0))
+            .map(|e| e.id.clone())
+            .collect();
+        let mut outgoing: Vec<Outgoing> = record
+            .endpoints
+            .iter()
+            .map(|endpoint| {
+                Outgoing::new(
+                    names::webhook_subject(&task.user, endpoint),
+                    names::delivery_msg_id(&task.id, endpoint),
+                    encode(&record.delivery_job(endpoint, &webhook, None)),
+                )
+            })
+            .collect();
         // A KV put is a publish to `$KV.<bucket>.<key>`.
         outgoing.push(Outgoing::new(
             format!("$KV.{}.{}", names::TASKS_BUCKET, names::task_key(&task.id)),

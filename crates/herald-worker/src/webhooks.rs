@@ -294,7 +294,13 @@ impl WebhookWorker {
             self.finish(message, &job, vec![event], AckKind::Ack).await;
             return;
         };
-        if self.health.is_disabled(&job.user, &job.endpoint) {
+        let disabled = self.health.is_disabled(&job.user, &job.endpoint)
+            && (job.redelivery.is_none()
+                || self
+                    .health
+                    .confirm_disabled(&self.broker, &job.user, &job.endpoint)
+                    .await);
+        if disabled {
             // Kept in the task's history, not sent: the recover call (or
             // enabling the endpoint) re-sends it.
             let event = self.attempt_event(
@@ -469,6 +475,7 @@ impl WebhookWorker {
                 error: response.and_then(|r| r.error.clone()),
                 response_body: response.and_then(|r| r.body.clone()),
                 next_attempt_in_ms: next_delay.map(|d| d.as_millis() as u64),
+                redelivery: job.redelivery.clone(),
             }),
         )
     }
@@ -612,10 +619,11 @@ fn mail_job(
         attempts,
         last_error: response.error.clone().unwrap_or_default(),
         failed_at_ms: herald_core::now_ms(),
+        redelivery: job.redelivery.clone(),
     };
     Outgoing::new(
         names::mail_subject(&job.user),
-        names::mail_msg_id(&job.task, &job.endpoint),
+        names::mail_msg_id(&job.task, &job.endpoint, job.redelivery.as_deref()),
         encode(&mail),
     )
 }
