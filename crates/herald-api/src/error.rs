@@ -40,6 +40,10 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The request is valid but the resource is not in a state that allows
+    /// it; `code` says which state.
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
     /// NATS is down or slow: nothing was accepted, try again.
     #[error("the task queue is unavailable; nothing was stored, retry later")]
     Unavailable(#[source] QueueError),
@@ -47,7 +51,7 @@ pub enum ApiError {
 
 impl ApiError {
     /// Every [`ApiError::code`], for the OpenAPI document's enum.
-    pub const CODES: [&'static str; 9] = [
+    pub const CODES: [&'static str; 13] = [
         "bad_request",
         "invalid_json",
         "unauthorized",
@@ -56,6 +60,10 @@ impl ApiError {
         "method_not_allowed",
         "payload_too_large",
         "unsupported_media_type",
+        "task_not_finished",
+        "delivery_in_progress",
+        "no_endpoints",
+        "endpoint_disabled",
         "unavailable",
     ];
 
@@ -68,6 +76,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -84,6 +93,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::Conflict { code, .. } => code,
             ApiError::Unavailable(_) => "unavailable",
         }
     }

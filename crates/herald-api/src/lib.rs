@@ -3,15 +3,18 @@
 //! `POST /users/{user}/tasks/{type}` accepts a task once JetStream has
 //! stored it; `GET /users/{user}/tasks/{id}` reports its state and attempts;
 //! `/healthz` and `/readyz` serve the probes, `/metrics` Prometheus and
-//! `/openapi.json` the OpenAPI document generated from this code. Every
-//! error is JSON (`{"error": {"code", "message"}}`) with a 4xx for anything
-//! a client can send, and 503 when NATS is unavailable. Bearer tokens guard
-//! every route under `/users/{user}/` ([`auth`]).
+//! `/openapi.json` the OpenAPI document generated from this code; the calls
+//! in [`replay`] send deliveries again (redeliver a task, recover an
+//! endpoint's failures, enable a disabled endpoint). Every error is JSON
+//! (`{"error": {"code", "message"}}`) with a 4xx for anything a client can
+//! send, and 503 when NATS is unavailable. Bearer tokens guard every route
+//! under `/users/{user}/` ([`auth`]).
 
 pub mod auth;
 mod error;
 mod health;
 mod openapi;
+mod replay;
 mod tasks;
 
 use std::{
@@ -116,7 +119,11 @@ fn app(access: &Access) -> OpenApiRouter<AppState> {
     // Everything under /users/{user}/: a token for that user.
     // (POST's segment is a task type and GET's a task id: axum needs one
     // parameter name per position, hence `{task}` for both.)
-    let users = OpenApiRouter::new().routes(routes!(tasks::create, tasks::show));
+    let users = OpenApiRouter::new()
+        .routes(routes!(tasks::create, tasks::show))
+        .routes(routes!(replay::redeliver))
+        .routes(routes!(replay::recover))
+        .routes(routes!(replay::enable));
     // Open or token-protected, as `api.metrics_require_token` says.
     let metrics = OpenApiRouter::new().routes(routes!(health::metrics));
     // Always open: probes and the document itself.

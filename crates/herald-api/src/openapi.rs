@@ -32,6 +32,8 @@ use crate::{auth, error::ErrorBody};
     modifiers(&BearerScheme),
     tags(
         (name = "tasks", description = "A user's tasks: post one, follow its delivery."),
+        (name = "replay", description = "Send deliveries again: redeliver a task, recover an \
+            endpoint's failures, enable a disabled endpoint."),
         (name = "operations", description = "Probes, metrics and this document."),
     ),
 )]

@@ -9,9 +9,9 @@ use axum::{
 };
 use herald_core::{
     TaskId, TaskType, UserId, names,
-    payload::{TaskEvent, TaskMessage, VERSION, encode},
+    payload::{RedeliveryCause, TaskEvent, TaskMessage, VERSION, encode},
     rfc3339,
-    state::{EndpointDeliveryState, TaskState, endpoint_state, task_state},
+    state::{EndpointDeliveryState, TaskState, current_round, endpoint_state, task_state},
 };
 use herald_queue::{
     history::{self, StoredTask},
@@ -162,7 +162,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// The body as JSON, checked for media type, size and syntax. An empty body
 /// is the JSON `null`.
-async fn read_json_body(
+pub(crate) async fn read_json_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
@@ -235,6 +235,8 @@ pub(crate) struct TaskView {
     endpoints: Vec<EndpointView>,
     attempts: Vec<AttemptView>,
     mails: Vec<MailView>,
+    /// Deliveries queued again by the redeliver and recover calls.
+    redeliveries: Vec<RedeliveryView>,
 }
 
 /// Where delivery to one of the user's endpoints stands.
@@ -242,8 +244,13 @@ pub(crate) struct TaskView {
 #[schema(as = TaskEndpoint)]
 struct EndpointView {
     endpoint: String,
+    /// The state of the latest round.
     state: EndpointDeliveryState,
+    /// Attempts in every round.
     attempts: usize,
+    /// The latest round, when the delivery was queued again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redelivery: Option<String>,
 }
 
 /// One webhook delivery attempt.
@@ -267,6 +274,10 @@ struct AttemptView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(format = DateTime)]
     next_attempt_at: Option<String>,
+    /// The redelivery round of the attempt; absent for the fan-out's.
+    /// Attempt numbers start at 1 in every round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redelivery: Option<String>,
 }
 
 /// A mail to an endpoint's owner about a delivery that failed.
@@ -282,6 +293,20 @@ struct MailView {
     sent: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redelivery: Option<String>,
+}
+
+/// A delivery queued again: a new round of attempts.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Redelivery)]
+struct RedeliveryView {
+    endpoint: String,
+    /// The round's id; its attempts and mail carry it.
+    redelivery: String,
+    cause: RedeliveryCause,
+    #[schema(format = DateTime)]
+    at: String,
 }
 
 /// Show a task: its state, its delivery attempts and mails.
@@ -330,6 +355,7 @@ pub(crate) async fn show(
             endpoints: vec![],
             attempts: vec![],
             mails: vec![],
+            redeliveries: vec![],
         },
         StoredTask::Recorded(record) => {
             let events = history::task_events(&state.broker, &user, &task_id).await?;
@@ -343,10 +369,11 @@ pub(crate) async fn show(
                         .iter()
                         .filter(|ev| matches!(ev, TaskEvent::Delivery(a) if &a.endpoint == e))
                         .count(),
+                    redelivery: current_round(e, &events).map(str::to_string),
                 })
                 .collect();
             let state = task_state(&record, &events);
-            let (attempts, mails) = split_events(events);
+            let (attempts, mails, redeliveries) = split_events(events);
             TaskView {
                 id: record.id,
                 user: record.user,
@@ -359,15 +386,17 @@ pub(crate) async fn show(
                 endpoints,
                 attempts,
                 mails,
+                redeliveries,
             }
         }
     };
     Ok(Json(view))
 }
 
-fn split_events(events: Vec<TaskEvent>) -> (Vec<AttemptView>, Vec<MailView>) {
+fn split_events(events: Vec<TaskEvent>) -> (Vec<AttemptView>, Vec<MailView>, Vec<RedeliveryView>) {
     let mut attempts = Vec::new();
     let mut mails = Vec::new();
+    let mut redeliveries = Vec::new();
     for event in events {
         match event {
             TaskEvent::Delivery(a) => attempts.push(AttemptView {
@@ -381,6 +410,7 @@ fn split_events(events: Vec<TaskEvent>) -> (Vec<AttemptView>, Vec<MailView>) {
                 error: a.error,
                 response_body: a.response_body,
                 next_attempt_at: a.next_attempt_in_ms.map(|d| rfc3339(a.at_ms + d)),
+                redelivery: a.redelivery,
             }),
             TaskEvent::Mail(m) => mails.push(MailView {
                 endpoint: m.endpoint.to_string(),
@@ -389,8 +419,15 @@ fn split_events(events: Vec<TaskEvent>) -> (Vec<AttemptView>, Vec<MailView>) {
                 at: rfc3339(m.at_ms),
                 sent: m.sent,
                 error: m.error,
+                redelivery: m.redelivery,
+            }),
+            TaskEvent::Redelivery(r) => redeliveries.push(RedeliveryView {
+                endpoint: r.endpoint.to_string(),
+                redelivery: r.redelivery,
+                cause: r.cause,
+                at: rfc3339(r.at_ms),
             }),
         }
     }
-    (attempts, mails)
+    (attempts, mails, redeliveries)
 }

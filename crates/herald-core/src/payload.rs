@@ -226,6 +226,7 @@ pub struct MailOutcome {
 
 /// Why a delivery was sent again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RedeliveryCause {
     /// `POST /users/{user}/tasks/{id}/redeliver`.

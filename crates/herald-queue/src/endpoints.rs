@@ -281,6 +281,29 @@ pub async fn put_if_changed(
     Ok(true)
 }
 
+/// Whether the bucket holds a record for the endpoint. Records are sealed
+/// and the API has no keyring: presence is what it can know, and all it
+/// needs to tell an endpoint from a mistyped id.
+pub async fn exists(
+    broker: &Broker,
+    user: &UserId,
+    endpoint: &EndpointId,
+) -> Result<bool, QueueError> {
+    if !broker.is_connected() {
+        return Err(QueueError::Disconnected);
+    }
+    let bucket = broker
+        .jetstream
+        .get_key_value(names::ENDPOINTS_BUCKET)
+        .await
+        .map_err(|e| QueueError::request("open endpoints bucket", e))?;
+    let value = bucket
+        .get(names::endpoint_key(user, endpoint))
+        .await
+        .map_err(|e| QueueError::request("read endpoint", e))?;
+    Ok(value.is_some())
+}
+
 fn warn_unreadable_replaced(key: &str, error: &RecordError) {
     tracing::warn!(
         key,

@@ -5,8 +5,8 @@
 //! with a server acknowledgement ([`publish`]), the pull-consumer loop every
 //! worker runs ([`consume`]), the local cache of `herald-endpoints`
 //! ([`endpoints`]), endpoint health ([`health`]), the shared per-endpoint
-//! rate limit ([`rate_limit`]) and reading a task's stored state back
-//! ([`history`]).
+//! rate limit ([`rate_limit`]), reading a task's stored state back
+//! ([`history`]) and sending deliveries again ([`replay`]).
 
 pub mod connect;
 pub mod consume;
@@ -16,6 +16,7 @@ pub mod health;
 pub mod history;
 pub mod publish;
 pub mod rate_limit;
+pub mod replay;
 pub mod topology;
 
 pub use connect::{Broker, connect};

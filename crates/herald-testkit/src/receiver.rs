@@ -60,7 +60,7 @@ pub struct TestReceiver {
 }
 
 struct ReceiverState {
-    behaviour: ReceiverBehaviour,
+    behaviour: Mutex<ReceiverBehaviour>,
     received: Mutex<Vec<ReceivedWebhook>>,
     seen_per_webhook_id: Mutex<HashMap<String, usize>>,
 }
@@ -79,7 +79,7 @@ impl TestReceiver {
             .unwrap_or_else(|e| panic!("cannot bind {address}: {e}"));
         let base = format!("http://{}", listener.local_addr().expect("bound address"));
         let state = Arc::new(ReceiverState {
-            behaviour,
+            behaviour: Mutex::new(behaviour),
             received: Mutex::default(),
             seen_per_webhook_id: Mutex::default(),
         });
@@ -99,6 +99,12 @@ impl TestReceiver {
     /// The URL of `path` on this receiver.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// Answers from now on as `behaviour` says: an endpoint that is fixed,
+    /// or breaks.
+    pub fn set_behaviour(&self, behaviour: ReceiverBehaviour) {
+        *lock(&self.state.behaviour) = behaviour;
     }
 
     /// Every request so far, in arrival order.
@@ -145,7 +151,8 @@ async fn record(
         body: String::from_utf8_lossy(&body).into_owned(),
         received_at: SystemTime::now(),
     });
-    let status = match &state.behaviour {
+    let behaviour = lock(&state.behaviour).clone();
+    let status = match &behaviour {
         ReceiverBehaviour::Ok => 200,
         ReceiverBehaviour::Status(status) => *status,
         ReceiverBehaviour::Gone => 410,

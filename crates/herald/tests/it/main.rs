@@ -17,6 +17,7 @@ mod openapi;
 mod operator;
 mod policies;
 mod probes;
+mod replay;
 mod resilience;
 mod secrets;
 mod ssrf;

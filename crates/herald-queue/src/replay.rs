@@ -1,0 +1,494 @@
+//! Sending deliveries again: redeliver a task, recover what failed for an
+//! endpoint since a time, and enable a disabled endpoint (which recovers
+//! what it held).
+//!
+//! Every re-send is a new *round* of attempts for one task and endpoint: a
+//! delivery job carrying the round's id, so its `Nats-Msg-Id`s
+//! ([`names::attempt_msg_id`]) stay apart from earlier rounds' and the
+//! stream's duplicate window does not drop it, while the `webhook-id` (and
+//! the body, rebuilt from the task's record) stay the same, so receivers can
+//! still de-duplicate. Attempt numbers start at 1 in each round, which also
+//! gives the round the whole retry schedule. A [`RedeliveryQueued`] event
+//! in the task's history marks the round; from then on the latest round
+//! decides the delivery's state ([`herald_core::state`]).
+//!
+//! The jobs are stored before the events: if the events were stored and the
+//! jobs not, the history would show a round that never runs. A round whose
+//! first attempt is recorded before its event is recognised by its id.
+
+use std::{collections::HashMap, time::Duration};
+
+use async_nats::jetstream::{
+    consumer::{DeliverPolicy, pull::OrderedConfig},
+    kv::{self, UpdateErrorKind},
+};
+use futures::{StreamExt, TryStreamExt, stream};
+use herald_core::{
+    EndpointId, TaskId, UserId, names,
+    payload::{
+        EndpointHealth, RedeliveryCause, RedeliveryQueued, TaskEvent, TaskEventMessage, TaskRecord,
+        VERSION, decode, encode,
+    },
+    state::endpoint_state,
+};
+
+use crate::{
+    Broker, QueueError, endpoints, health,
+    history::{self, StoredTask},
+    publish::Outgoing,
+};
+
+/// At most this many tasks are examined by one recover call; the answer
+/// says where to continue.
+pub const RECOVER_LIMIT: usize = 10_000;
+
+/// Deliveries a worker held on its own (after a 410, before its write
+/// marking the endpoint disabled was stored) are this much older than
+/// `disabled_at_ms`; enabling recovers from this far before it.
+const HELD_BEFORE_DISABLED: Duration = Duration::from_secs(60);
+
+/// Longest wait for the next event while reading history; the read stops
+/// at the stream's last message, so this only bounds a stalled server.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a redelivery was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("no such task")]
+    TaskNotFound,
+    /// The task is queued or its handler is running: there is no webhook
+    /// to send yet.
+    #[error("the task has not finished; its webhook is not built yet")]
+    NotFinished,
+    #[error("endpoint {0} is not an endpoint of this user or task")]
+    EndpointNotFound(String),
+    /// Attempts of an earlier round are still to come for these endpoints.
+    #[error("delivery to {} is still in progress", list(.0))]
+    InProgress(Vec<EndpointId>),
+    #[error("none of the task's endpoints exists any more")]
+    NoEndpoints,
+    #[error("the endpoint is disabled: enable it, which recovers what it held")]
+    Disabled,
+}
+
+fn list(endpoints: &[EndpointId]) -> String {
+    endpoints
+        .iter()
+        .map(EndpointId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A redelivery queued by [`redeliver`].
+#[derive(Debug, Clone)]
+pub struct Redelivered {
+    pub redelivery: String,
+    pub endpoints: Vec<EndpointId>,
+}
+
+/// Sends a finished task's webhook again to `endpoint`, or to every
+/// endpoint it was fanned out to that still exists.
+pub async fn redeliver(
+    broker: &Broker,
+    user: &UserId,
+    task: &TaskId,
+    endpoint: Option<&EndpointId>,
+) -> Result<Redelivered, ReplayError> {
+    let record = match history::find_task(broker, user, task).await? {
+        None => return Err(ReplayError::TaskNotFound),
+        Some(StoredTask::Queued(_)) => return Err(ReplayError::NotFinished),
+        Some(StoredTask::Recorded(record)) => record,
+    };
+    let targets = match endpoint {
+        Some(endpoint) => {
+            if !record.endpoints.contains(endpoint)
+                || !endpoints::exists(broker, user, endpoint).await?
+            {
+                return Err(ReplayError::EndpointNotFound(endpoint.to_string()));
+            }
+            vec![endpoint.clone()]
+        }
+        None => {
+            let mut existing = Vec::new();
+            for endpoint in &record.endpoints {
+                if endpoints::exists(broker, user, endpoint).await? {
+                    existing.push(endpoint.clone());
+                }
+            }
+            if existing.is_empty() {
+                return Err(ReplayError::NoEndpoints);
+            }
+            existing
+        }
+    };
+    // A round beside a running one would share its retry schedule subject,
+    // and each would replace the other's next attempt.
+    let events = history::task_events(broker, user, task).await?;
+    let busy: Vec<_> = targets
+        .iter()
+        .filter(|e| endpoint_state(e, &events).is_in_progress())
+        .cloned()
+        .collect();
+    if !busy.is_empty() {
+        return Err(ReplayError::InProgress(busy));
+    }
+    let round = herald_core::ids::redelivery_id();
+    let webhook = record.webhook();
+    let resends: Vec<_> = targets
+        .iter()
+        .map(|endpoint| Resend {
+            record: &record,
+            endpoint,
+            round: round.clone(),
+        })
+        .collect();
+    queue(broker, &resends, &webhook, RedeliveryCause::Redeliver).await?;
+    Ok(Redelivered {
+        redelivery: round,
+        endpoints: targets,
+    })
+}
+
+/// What a recover call queued.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    /// Tasks whose delivery was queued again, in the order they failed.
+    pub tasks: Vec<TaskId>,
+    /// Recoverable deliveries queued by an identical call moments before.
+    pub already_queued: usize,
+    /// Recoverable deliveries whose task record has expired.
+    pub expired: usize,
+    /// Set when [`RECOVER_LIMIT`] tasks were examined before the end of
+    /// the history: call again from this time for the rest.
+    pub next_since_ms: Option<u64>,
+}
+
+/// Re-sends every delivery to `endpoint` whose latest round, as recorded
+/// since `since_ms`, ended without the endpoint accepting it (exhausted,
+/// gone, abandoned or held). Refused while the endpoint is disabled.
+pub async fn recover(
+    broker: &Broker,
+    user: &UserId,
+    endpoint: &EndpointId,
+    since_ms: u64,
+) -> Result<Recovered, ReplayError> {
+    if !endpoints::exists(broker, user, endpoint).await? {
+        return Err(ReplayError::EndpointNotFound(endpoint.to_string()));
+    }
+    if health::read(broker, user, endpoint)
+        .await?
+        .is_some_and(|h| h.disabled)
+    {
+        return Err(ReplayError::Disabled);
+    }
+    Ok(recover_since(broker, user, endpoint, since_ms).await?)
+}
+
+/// What enabling an endpoint did.
+#[derive(Debug, Clone)]
+pub struct Enabled {
+    /// False when the endpoint was not disabled: nothing was changed.
+    pub was_disabled: bool,
+    /// The time the recovery of held deliveries started from, and its
+    /// result.
+    pub recovered: Option<(u64, Recovered)>,
+}
+
+/// Clears an endpoint's disabled flag (and its failure streak), then
+/// recovers what failed or was held since shortly before it was disabled.
+pub async fn enable(
+    broker: &Broker,
+    user: &UserId,
+    endpoint: &EndpointId,
+) -> Result<Enabled, ReplayError> {
+    if !endpoints::exists(broker, user, endpoint).await? {
+        return Err(ReplayError::EndpointNotFound(endpoint.to_string()));
+    }
+    let Some(disabled) = clear_disabled(broker, user, endpoint).await? else {
+        return Ok(Enabled {
+            was_disabled: false,
+            recovered: None,
+        });
+    };
+    let disabled_at = disabled
+        .disabled_at_ms
+        .or(disabled.failing_since_ms)
+        .unwrap_or_else(herald_core::now_ms);
+    let since = disabled_at.saturating_sub(HELD_BEFORE_DISABLED.as_millis() as u64);
+    let recovered = recover_since(broker, user, endpoint, since).await?;
+    Ok(Enabled {
+        was_disabled: true,
+        recovered: Some((since, recovered)),
+    })
+}
+
+/// Compare-and-set: writes the health record without the disabled flag and
+/// failure streak, at the revision read, so a worker's concurrent merge is
+/// not lost (whoever loses reads again). Returns the record as it was when
+/// it was disabled, or `None` when it was not.
+async fn clear_disabled(
+    broker: &Broker,
+    user: &UserId,
+    endpoint: &EndpointId,
+) -> Result<Option<EndpointHealth>, QueueError> {
+    let bucket = broker
+        .jetstream
+        .get_key_value(names::HEALTH_BUCKET)
+        .await
+        .map_err(|e| QueueError::request("open health bucket", e))?;
+    let key = names::endpoint_key(user, endpoint);
+    for _ in 0..10 {
+        let Some(entry) = bucket
+            .entry(&key)
+            .await
+            .map_err(|e| QueueError::request("read endpoint health", e))?
+        else {
+            return Ok(None);
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        let Ok(before) = decode::<EndpointHealth>(&entry.value) else {
+            return Ok(None);
+        };
+        if !before.disabled {
+            return Ok(None);
+        }
+        // `owner_notified` stays: the first success sends the recovered mail.
+        let enabled = EndpointHealth {
+            v: VERSION,
+            disabled: false,
+            disabled_at_ms: None,
+            disabled_reason: None,
+            consecutive_failures: 0,
+            failing_since_ms: None,
+            ..before.clone()
+        };
+        match bucket
+            .update(&key, encode(&enabled).into(), entry.revision)
+            .await
+        {
+            Ok(_) => return Ok(Some(before)),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+            Err(e) => return Err(QueueError::request("write endpoint health", e)),
+        }
+    }
+    Err(QueueError::request(
+        "write endpoint health",
+        "too many concurrent writers",
+    ))
+}
+
+/// The events of one task's delivery to the endpoint being recovered.
+struct Candidate {
+    task: TaskId,
+    events: Vec<TaskEvent>,
+    /// Stream sequence of the latest of them: names the recovery round, so
+    /// two identical calls queue one round (same `Nats-Msg-Id`s).
+    last_sequence: u64,
+}
+
+async fn recover_since(
+    broker: &Broker,
+    user: &UserId,
+    endpoint: &EndpointId,
+    since_ms: u64,
+) -> Result<Recovered, QueueError> {
+    let (candidates, next_since_ms) = read_deliveries(broker, user, endpoint, since_ms).await?;
+    let failed: Vec<_> = candidates
+        .into_iter()
+        .filter(|c| endpoint_state(endpoint, &c.events).is_recoverable())
+        .collect();
+    // Owned inputs: a stream of futures borrowing the candidates trips the
+    // compiler's higher-ranked lifetime inference in axum handlers.
+    let tasks: Vec<TaskId> = failed.iter().map(|c| c.task.clone()).collect();
+    let records: Vec<Option<TaskRecord>> = stream::iter(tasks)
+        .map(|task| {
+            let broker = broker.clone();
+            async move { history::task_record(&broker, &task).await }
+        })
+        .buffered(16)
+        .try_collect()
+        .await?;
+    let mut recovered = Recovered {
+        next_since_ms,
+        ..Default::default()
+    };
+    let mut resends = Vec::new();
+    for (candidate, record) in failed.iter().zip(&records) {
+        match record {
+            Some(record) if &record.user == user => resends.push(Resend {
+                record,
+                endpoint,
+                round: format!("rc-{}", candidate.last_sequence),
+            }),
+            _ => recovered.expired += 1,
+        }
+    }
+    for chunk in resends.chunks(256) {
+        // Each record has its own body; the webhooks are built per task.
+        for (resend, duplicate) in chunk
+            .iter()
+            .zip(queue_each(broker, chunk, RedeliveryCause::Recover).await?)
+        {
+            if duplicate {
+                recovered.already_queued += 1;
+            } else {
+                recovered.tasks.push(resend.record.id.clone());
+            }
+        }
+    }
+    Ok(recovered)
+}
+
+/// Reads the user's history from `since_ms` up to the stream's end at the
+/// time of the call, keeping the events about `endpoint` per task. Stops
+/// taking new tasks after [`RECOVER_LIMIT`] (but still follows the ones it
+/// took to the end), and then returns the time to continue from.
+async fn read_deliveries(
+    broker: &Broker,
+    user: &UserId,
+    endpoint: &EndpointId,
+    since_ms: u64,
+) -> Result<(Vec<Candidate>, Option<u64>), QueueError> {
+    if !broker.is_connected() {
+        return Err(QueueError::Disconnected);
+    }
+    let attempts = broker
+        .jetstream
+        .get_stream(names::ATTEMPTS_STREAM)
+        .await
+        .map_err(|e| QueueError::request("get stream", e))?;
+    let end = attempts.cached_info().state.last_sequence;
+    let start_time = async_nats::datetime::from_nanos(i128::from(since_ms) * 1_000_000)
+        .map_err(|e| QueueError::request("read task history", e))?;
+    let consumer = attempts
+        .create_consumer(OrderedConfig {
+            filter_subject: format!("herald.attempts.{user}.>"),
+            deliver_policy: DeliverPolicy::ByStartTime { start_time },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| QueueError::request("read task history", e))?;
+    let mut candidates: Vec<Candidate> = Vec::new();
+    let mut index: HashMap<TaskId, usize> = HashMap::new();
+    let mut next_since_ms = None;
+    if consumer.cached_info().num_pending == 0 {
+        return Ok((candidates, next_since_ms));
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| QueueError::request("read task history", e))?;
+    loop {
+        let message = match tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => return Err(QueueError::request("read task history", e)),
+            Ok(None) => break,
+            Err(_) => return Err(QueueError::request("read task history", "timed out")),
+        };
+        let info = message
+            .info()
+            .map_err(|e| QueueError::request("read task history", e))?;
+        let (sequence, pending) = (info.stream_sequence, info.pending);
+        if let Ok(event) = decode::<TaskEventMessage>(&message.payload)
+            && event.event.endpoint() == endpoint
+        {
+            match index.get(&event.task) {
+                Some(&i) => {
+                    candidates[i].events.push(event.event);
+                    candidates[i].last_sequence = sequence;
+                }
+                None if candidates.len() < RECOVER_LIMIT => {
+                    index.insert(event.task.clone(), candidates.len());
+                    candidates.push(Candidate {
+                        task: event.task,
+                        events: vec![event.event],
+                        last_sequence: sequence,
+                    });
+                }
+                None => {
+                    next_since_ms.get_or_insert(event.event.at_ms());
+                }
+            }
+        }
+        if pending == 0 || sequence >= end {
+            break;
+        }
+    }
+    Ok((candidates, next_since_ms))
+}
+
+/// One delivery to queue again.
+struct Resend<'a> {
+    record: &'a TaskRecord,
+    endpoint: &'a EndpointId,
+    round: String,
+}
+
+impl Resend<'_> {
+    fn job(&self, webhook: &(String, String)) -> Outgoing {
+        let (task, user) = (&self.record.id, &self.record.user);
+        Outgoing::new(
+            names::webhook_subject(user, self.endpoint),
+            names::attempt_msg_id(task, self.endpoint, Some(&self.round), 1),
+            encode(
+                &self
+                    .record
+                    .delivery_job(self.endpoint, webhook, Some(self.round.clone())),
+            ),
+        )
+    }
+
+    fn event(&self, cause: RedeliveryCause) -> Outgoing {
+        let (task, user) = (&self.record.id, &self.record.user);
+        let message = TaskEventMessage {
+            v: VERSION,
+            task: task.clone(),
+            event: TaskEvent::Redelivery(RedeliveryQueued {
+                endpoint: self.endpoint.clone(),
+                redelivery: self.round.clone(),
+                cause,
+                at_ms: herald_core::now_ms(),
+            }),
+        };
+        Outgoing::new(
+            names::attempts_subject(user, task),
+            names::redelivery_event_msg_id(task, self.endpoint, &self.round),
+            encode(&message),
+        )
+    }
+}
+
+/// Stores the jobs of one task's resends, then their events.
+async fn queue(
+    broker: &Broker,
+    resends: &[Resend<'_>],
+    webhook: &(String, String),
+    cause: RedeliveryCause,
+) -> Result<(), QueueError> {
+    broker
+        .publish_all(resends.iter().map(|r| r.job(webhook)).collect())
+        .await?;
+    broker
+        .publish_all(resends.iter().map(|r| r.event(cause)).collect())
+        .await?;
+    Ok(())
+}
+
+/// Like [`queue`] for resends of different tasks; returns, per resend,
+/// whether JetStream dropped its job as a duplicate.
+async fn queue_each(
+    broker: &Broker,
+    resends: &[Resend<'_>],
+    cause: RedeliveryCause,
+) -> Result<Vec<bool>, QueueError> {
+    let jobs = resends.iter().map(|r| r.job(&r.record.webhook())).collect();
+    let acks = broker.publish_all(jobs).await?;
+    broker
+        .publish_all(resends.iter().map(|r| r.event(cause)).collect())
+        .await?;
+    Ok(acks.iter().map(|ack| ack.duplicate).collect())
+}
