@@ -356,6 +356,9 @@ async fn read_deliveries(
     if !broker.is_connected() {
         return Err(QueueError::Disconnected);
     }
+    if since_ms > herald_core::now_ms() {
+        return Ok((Vec::new(), None));
+    }
     let attempts = broker
         .jetstream
         .get_stream(names::ATTEMPTS_STREAM)

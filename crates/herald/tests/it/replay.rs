@@ -141,9 +141,11 @@ async fn exhausted_deliveries_are_recovered_once_the_receiver_is_fixed() {
 
     // Nothing failed after now: nothing to recover.
     let recover = "/users/32/endpoints/default_hooks/recover";
-    let (status, nothing) = post(&herald, recover, Some(json!({ "since": now_rfc3339() }))).await;
-    assert_eq!(status, 202, "{nothing}");
-    assert_eq!(nothing["queued"], 0, "{nothing}");
+    for later in [now_rfc3339(), "2999-01-01T00:00:00Z".to_string()] {
+        let (status, nothing) = post(&herald, recover, Some(json!({ "since": later }))).await;
+        assert_eq!(status, 202, "{nothing}");
+        assert_eq!(nothing["queued"], 0, "{nothing}");
+    }
 
     receiver.set_behaviour(ReceiverBehaviour::Ok);
     let (status, recovered) = post(&herald, recover, Some(json!({ "since": since }))).await;
@@ -483,5 +485,30 @@ async fn bad_replay_requests_get_json_client_errors() {
         );
     }
     // Nothing above queued anything.
+    assert_eq!(receiver.received().len(), 1);
+}
+
+#[tokio::test]
+async fn replay_calls_answer_503_while_nats_is_down() {
+    let mut nats = NatsServer::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Ok).await;
+    add_endpoint(&nats, "36", "hooks", &receiver.url("/hooks"), None).await;
+    let herald = Herald::start(test_config(&nats, None), Roles::all()).await;
+    let id = herald.accept("36", "echo", json!({})).await;
+    herald.wait_for_state("36", &id, "delivered").await;
+
+    nats.stop().await;
+    for (path, body) in [
+        (format!("/users/36/tasks/{id}/redeliver"), None),
+        (
+            "/users/36/endpoints/default_hooks/recover".to_string(),
+            Some(json!({ "since": "2024-05-01T12:00:00Z" })),
+        ),
+        ("/users/36/endpoints/default_hooks/enable".to_string(), None),
+    ] {
+        let (status, answer) = post(&herald, &path, body).await;
+        assert_eq!(status, 503, "{path}: {answer}");
+        assert_eq!(answer["error"]["code"], "unavailable", "{path}: {answer}");
+    }
     assert_eq!(receiver.received().len(), 1);
 }
