@@ -272,7 +272,7 @@ pub(crate) async fn recover(
     };
     let since_ms = herald_core::parse_rfc3339(&request.since).ok_or_else(|| {
         ApiError::BadRequest(format!(
-            "since {:?} is not an RFC 3339 time after 1970 (like 2024-05-01T12:00:00Z)",
+            "since {:?} is not an RFC 3339 time (like 2024-05-01T12:00:00Z)",
             request.since
         ))
     })?;

@@ -38,12 +38,23 @@ pub fn rfc3339(ms: u64) -> String {
         .unwrap_or_default()
 }
 
-/// Reads an RFC 3339 time as a wire timestamp; `None` when it is not one or
-/// lies before 1970.
+/// Reads an RFC 3339 time as a wire timestamp. A time before 1970 is 1970
+/// (the wire has nothing earlier), and a leap second (`:60`) is read as the
+/// second before it.
 pub fn parse_rfc3339(text: &str) -> Option<u64> {
-    let at =
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
-    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
+    use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+    let at = OffsetDateTime::parse(text, &Rfc3339).or_else(|e| {
+        // `time` takes `:60` only where a leap second really was.
+        let leap = text.get(17..19) == Some("60");
+        match text.get(..17).zip(text.get(19..)) {
+            Some((head, tail)) if leap => {
+                OffsetDateTime::parse(&format!("{head}59{tail}"), &Rfc3339)
+            }
+            _ => Err(e),
+        }
+    });
+    let nanos = at.ok()?.unix_timestamp_nanos();
+    Some(u64::try_from(nanos.max(0) / 1_000_000).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -62,7 +73,16 @@ mod tests {
             super::parse_rfc3339("2023-11-14T23:13:20+01:00"),
             Some(1_700_000_000_000)
         );
-        for bad in ["", "yesterday", "2023-11-14", "1969-12-31T23:59:59Z"] {
+        assert_eq!(super::parse_rfc3339("0327-04-15T02:06:15Z"), Some(0));
+        assert_eq!(
+            super::parse_rfc3339("2023-11-14t22:13:20.123z"),
+            Some(1_700_000_000_123)
+        );
+        assert_eq!(
+            super::parse_rfc3339("2023-11-14T22:13:60Z"),
+            Some(1_700_000_039_000)
+        );
+        for bad in ["", "yesterday", "2023-11-14", "2023-11-14T22:13:20"] {
             assert_eq!(super::parse_rfc3339(bad), None, "{bad}");
         }
     }

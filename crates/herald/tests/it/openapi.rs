@@ -10,11 +10,12 @@
 use std::{process::Stdio, time::Duration};
 
 use herald::roles::Roles;
-use herald_testkit::{NatsServer, tools_dir};
+use herald_testkit::{NatsServer, ReceiverBehaviour, TestReceiver, tools_dir};
+use serde_json::json;
 
 use crate::{
     auth::tokens_file,
-    harness::{Herald, test_config},
+    harness::{DEADLINE, Herald, add_endpoint, test_config},
 };
 
 /// Generated cases per operation and phase: enough to cover every
@@ -34,6 +35,10 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
         schemathesis.display()
     );
     let nats = NatsServer::start().await;
+    // The replay calls need an endpoint and a finished task that exist, or
+    // every generated case ends in a 404 before their logic.
+    let receiver = TestReceiver::start(ReceiverBehaviour::Ok).await;
+    add_endpoint(&nats, "fuzz", "hooks", &receiver.url("/hooks"), None).await;
     let tokens = tokens_file();
     let mut config = test_config(&nats, None);
     config.api.tokens_file = tokens.file.path().display().to_string();
@@ -44,7 +49,36 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
     let examples =
         std::env::var("HERALD_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| MAX_EXAMPLES.into());
     let seed = std::env::var("HERALD_SCHEMATHESIS_SEED").unwrap_or_else(|_| SEED.into());
+    let posted: serde_json::Value = herald
+        .http
+        .post(format!("{}/users/fuzz/tasks/echo", herald.api))
+        .bearer_auth(&tokens.all)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let task = posted["id"].as_str().unwrap().to_string();
+    receiver.wait_for(1, DEADLINE).await;
     let scratch = tempfile::tempdir().unwrap();
+    // Read by schemathesis from its working directory.
+    std::fs::write(
+        scratch.path().join("schemathesis.toml"),
+        format!(
+            r#"
+[[operations]]
+include-operation-id = "redeliver_task"
+parameters = {{ "path.user" = "fuzz", "path.task" = "{task}" }}
+
+[[operations]]
+include-path-regex = "/endpoints/"
+parameters = {{ "path.user" = "fuzz", "path.endpoint" = "default_hooks" }}
+"#
+        ),
+    )
+    .unwrap();
     let run = tokio::process::Command::new(&schemathesis)
         .arg("run")
         .arg(format!("{}/openapi.json", herald.api))
