@@ -387,12 +387,8 @@ async fn follow_disabled(
 ) {
     while !shutdown.is_cancelled() {
         let followed = async {
-            let bucket = broker
-                .jetstream
-                .get_key_value(names::HEALTH_BUCKET)
-                .await
-                .map_err(|e| QueueError::request("open health bucket", e))?;
-            let mut watch = bucket
+            let mut watch = bucket(&broker)
+                .await?
                 .watch_all()
                 .await
                 .map_err(|e| QueueError::request("watch endpoint health", e))?;
@@ -470,18 +466,23 @@ async fn merge(
     ))
 }
 
+/// `herald-endpoint-health`.
+pub(crate) async fn bucket(broker: &Broker) -> Result<kv::Store, QueueError> {
+    broker
+        .jetstream
+        .get_key_value(names::HEALTH_BUCKET)
+        .await
+        .map_err(|e| QueueError::request("open health bucket", e))
+}
+
 /// Reads an endpoint's health record.
 pub async fn read(
     broker: &Broker,
     user: &UserId,
     endpoint: &EndpointId,
 ) -> Result<Option<EndpointHealth>, QueueError> {
-    let bucket = broker
-        .jetstream
-        .get_key_value(names::HEALTH_BUCKET)
-        .await
-        .map_err(|e| QueueError::request("open health bucket", e))?;
-    let value = bucket
+    let value = bucket(broker)
+        .await?
         .get(names::endpoint_key(user, endpoint))
         .await
         .map_err(|e| QueueError::request("read endpoint health", e))?;

@@ -233,11 +233,7 @@ async fn clear_disabled(
     user: &UserId,
     endpoint: &EndpointId,
 ) -> Result<Option<EndpointHealth>, QueueError> {
-    let bucket = broker
-        .jetstream
-        .get_key_value(names::HEALTH_BUCKET)
-        .await
-        .map_err(|e| QueueError::request("open health bucket", e))?;
+    let bucket = crate::health::bucket(broker).await?;
     let key = names::endpoint_key(user, endpoint);
     for _ in 0..10 {
         let Some(entry) = bucket
