@@ -324,25 +324,10 @@ impl WebhookWorker {
             return;
         }
         let key = names::endpoint_key(&job.user, &job.endpoint);
-        let Some(_in_flight) = self
-            .in_flight
-            .enter(&key, self.config.max_in_flight_per_endpoint)
-        else {
-            // This endpoint already holds its share of the workers: come
-            // back after about one request timeout, spread out, without
-            // counting an attempt.
-            let timeout = endpoint
-                .timeout_ms
-                .map(Duration::from_millis)
-                .unwrap_or(self.config.timeout);
-            let spread = rand::random_range(1.0..2.0);
-            let later = herald_core::now_ms() + timeout.mul_f64(spread).as_millis() as u64;
-            let deferred = reschedule(&job, job.attempt, later, None);
-            self.finish(message, &job, vec![deferred], AckKind::Ack)
-                .await;
-            return;
-        };
-        if let Some(per_second) = endpoint.rate_limit_per_second {
+        // The rate limit first: waiting for a slot is not a request in
+        // flight, and must not push the endpoint's own deliveries over its
+        // in-flight share.
+        let rate_slot = if let Some(per_second) = endpoint.rate_limit_per_second {
             let slot = match job.rate_slot_ms {
                 Some(slot) => slot,
                 None => {
@@ -359,15 +344,44 @@ impl WebhookWorker {
                     }
                 }
             };
-            let wait = slot.saturating_sub(herald_core::now_ms());
-            if wait > RATE_LIMIT_WAIT_IN_WORKER.as_millis() as u64 {
+            if slot.saturating_sub(herald_core::now_ms())
+                > RATE_LIMIT_WAIT_IN_WORKER.as_millis() as u64
+            {
                 // Stored until its slot, holding no worker meanwhile.
                 let deferred = reschedule(&job, job.attempt, slot, Some(slot));
                 self.finish(message, &job, vec![deferred], AckKind::Ack)
                     .await;
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(wait)).await;
+            Some(slot)
+        } else {
+            None
+        };
+
+        let Some(_in_flight) = self
+            .in_flight
+            .enter(&key, self.config.max_in_flight_per_endpoint)
+        else {
+            // This endpoint already holds its share of the workers: come
+            // back after about one request timeout, spread out, without
+            // counting an attempt (and without the rate-limit slot, which
+            // goes unused).
+            let timeout = endpoint
+                .timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(self.config.timeout);
+            let spread = rand::random_range(1.0..2.0);
+            let later = herald_core::now_ms() + timeout.mul_f64(spread).as_millis() as u64;
+            let deferred = reschedule(&job, job.attempt, later, None);
+            self.finish(message, &job, vec![deferred], AckKind::Ack)
+                .await;
+            return;
+        };
+        if let Some(slot) = rate_slot {
+            tokio::time::sleep(Duration::from_millis(
+                slot.saturating_sub(herald_core::now_ms()),
+            ))
+            .await;
         }
 
         let response =
