@@ -87,10 +87,6 @@ impl Access {
         }
     }
 
-    pub fn is_on(&self) -> bool {
-        self.store.is_some()
-    }
-
     fn tokens(&self) -> Option<Arc<Tokens>> {
         self.store.as_ref().map(|store| store.tokens())
     }

@@ -121,10 +121,6 @@ impl Tokens {
         self.tokens.is_empty()
     }
 
-    pub fn load(path: &Path) -> Result<Tokens, TokensFileError> {
-        read_tokens(path).map(|(tokens, _)| tokens)
-    }
-
     /// Parses and checks a tokens file; the error names the entry and the
     /// problem.
     pub fn parse(text: &str) -> Result<Tokens, String> {

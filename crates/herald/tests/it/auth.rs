@@ -138,6 +138,7 @@ async fn every_route_with_every_kind_of_credential() {
         .await;
         assert_eq!(status, 201, "{body}");
         let task = format!("/users/alice/tasks/{}", body["id"].as_str().unwrap());
+        let redeliver = format!("{task}/redeliver");
 
         let routes = [
             (
@@ -147,6 +148,22 @@ async fn every_route_with_every_kind_of_credential() {
                 201,
             ),
             (reqwest::Method::GET, task.as_str(), Guard::User, 200),
+            // Past authentication, the replay calls answer for themselves:
+            // `{"clip": 7}` is neither a redeliver nor a recover request,
+            // and alice has no endpoint to enable.
+            (reqwest::Method::POST, redeliver.as_str(), Guard::User, 400),
+            (
+                reqwest::Method::POST,
+                "/users/alice/endpoints/default_hooks/recover",
+                Guard::User,
+                400,
+            ),
+            (
+                reqwest::Method::POST,
+                "/users/alice/endpoints/default_hooks/enable",
+                Guard::User,
+                404,
+            ),
             (reqwest::Method::GET, "/metrics", Guard::Metrics, 200),
             (reqwest::Method::GET, "/healthz", Guard::Open, 200),
             (reqwest::Method::GET, "/readyz", Guard::Open, 200),
