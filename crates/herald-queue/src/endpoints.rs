@@ -242,43 +242,70 @@ pub async fn put_if_changed(
         .await
         .map_err(|e| QueueError::request("open endpoints bucket", e))?;
     let key = names::endpoint_key(&config.user, &config.id);
-    let current = bucket
-        .get(&key)
-        .await
-        .map_err(|e| QueueError::request("read endpoint", e))?;
-    let stored = match current.map(|bytes| open_record(&key, &bytes, &writer.keyring)) {
-        None => None,
-        Some(Ok(opened)) => Some(opened),
-        Some(Err(e)) => {
-            warn_unreadable_replaced(&key, &e);
-            None
+    // Compare-and-set on the revision read: the operator and `herald
+    // endpoints` may write the same record, and a blind put could drop a
+    // secret still inside its rotation overlap.
+    for _ in 0..10 {
+        let current = bucket
+            .entry(&key)
+            .await
+            .map_err(|e| QueueError::request("read endpoint", e))?
+            .filter(|entry| entry.operation == kv::Operation::Put);
+        let stored = match current
+            .as_ref()
+            .map(|entry| open_record(&key, &entry.value, &writer.keyring))
+        {
+            None => None,
+            Some(Ok(opened)) => Some(opened),
+            Some(Err(e)) => {
+                warn_unreadable_replaced(&key, &e);
+                None
+            }
+        };
+        let mut wanted = config.clone();
+        wanted.carry_over_secrets(
+            stored.as_ref().map(|s| &s.config),
+            herald_core::now_ms(),
+            writer.rotation_overlap,
+        );
+        let primary = writer.keyring.primary().id();
+        if let Some(stored) = &stored {
+            if stored.config == wanted && stored.kid == primary {
+                return Ok(false);
+            }
+            if stored.kid != primary {
+                tracing::info!(
+                    key,
+                    from = stored.kid,
+                    to = primary,
+                    "re-encrypting endpoint record"
+                );
+            }
         }
-    };
-    let mut wanted = config.clone();
-    wanted.carry_over_secrets(
-        stored.as_ref().map(|s| &s.config),
-        herald_core::now_ms(),
-        writer.rotation_overlap,
-    );
-    let primary = writer.keyring.primary().id();
-    if let Some(stored) = &stored {
-        if stored.config == wanted && stored.kid == primary {
-            return Ok(false);
-        }
-        if stored.kid != primary {
-            tracing::info!(
-                key,
-                from = stored.kid,
-                to = primary,
-                "re-encrypting endpoint record"
-            );
+        let sealed = seal_record(&wanted, &writer.keyring);
+        let written = match &current {
+            Some(entry) => bucket
+                .update(&key, sealed.into(), entry.revision)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
+            None => bucket
+                .create(&key, sealed.into())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
+        };
+        match written {
+            Ok(()) => return Ok(true),
+            // Another writer came first: read its record and decide again.
+            Err(true) => continue,
+            Err(false) => return Err(QueueError::request("put endpoint", &key)),
         }
     }
-    bucket
-        .put(key, seal_record(&wanted, &writer.keyring).into())
-        .await
-        .map_err(|e| QueueError::request("put endpoint", e))?;
-    Ok(true)
+    Err(QueueError::request(
+        "put endpoint",
+        "too many concurrent writers",
+    ))
 }
 
 /// Whether the bucket holds a record for the endpoint. Records are sealed
