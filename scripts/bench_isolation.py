@@ -263,6 +263,18 @@ def main():
     rate = limited["e2e_deliveries_per_s"]
     print(f"  delivered                  {rate:.1f} /s ({rate / LIMIT:.3f} x the limit; target within 10%), missing {limited['missing']}")
     print(f"results: {OUT / 'isolation.json'}")
+    missed = [
+        name
+        for name, ok in [
+            ("p99 with a dead endpoint's backlog", ratio <= 2),
+            ("p99 with an endpoint hanging", hung["latency_ms"]["p99"] / alone["latency_ms"]["p99"] <= 2),
+            ("the shared rate limit", abs(rate / LIMIT - 1) <= 0.1),
+            ("no webhook missing", alone["missing"] + loaded["missing"] + hung["missing"] + limited["missing"] == 0),
+        ]
+        if not ok
+    ]
+    if missed:
+        sys.exit("bench: target missed: " + ", ".join(missed))
 
 
 if __name__ == "__main__":
