@@ -42,10 +42,20 @@ pub fn webhook_subject(user: &UserId, endpoint: &EndpointId) -> String {
     format!("herald.webhooks.{user}.{endpoint}")
 }
 
-/// The schedule that holds the next attempt of one delivery. A subject holds
-/// one schedule, so scheduling again replaces what was pending.
-pub fn retry_subject(user: &UserId, endpoint: &EndpointId, task: &TaskId) -> String {
-    format!("herald.retries.{user}.{endpoint}.{task}")
+/// The schedule that holds the next attempt of one delivery (in
+/// redelivery round `redelivery`, if any). A subject holds one schedule, so
+/// scheduling again replaces what was pending; rounds do not replace each
+/// other's.
+pub fn retry_subject(
+    user: &UserId,
+    endpoint: &EndpointId,
+    task: &TaskId,
+    redelivery: Option<&str>,
+) -> String {
+    match redelivery {
+        Some(round) => format!("herald.retries.{user}.{endpoint}.{task}.{round}"),
+        None => format!("herald.retries.{user}.{endpoint}.{task}"),
+    }
 }
 
 pub fn mail_subject(user: &UserId) -> String {

@@ -179,7 +179,7 @@ impl HealthTracker {
     }
 
     /// Whether the bucket itself still has the endpoint disabled; forgets
-    /// the local flag when it does not. A redelivery queued just after the
+    /// the local flag when it does not. A delivery arriving just after the
     /// endpoint was enabled can reach a worker before the bucket's watch
     /// does, and must not be held again. When the bucket cannot be read, the
     /// local flag stands.
@@ -379,7 +379,10 @@ pub struct Failure<'a> {
     pub owner_notified: bool,
 }
 
-/// Follows the bucket and keeps the set of disabled endpoints current.
+/// Follows the bucket and keeps the set of disabled endpoints current. Each
+/// (re)connection reads the bucket's current records first and swaps the
+/// rebuilt set in once caught up, so what changed while the watch was down
+/// is not missed.
 async fn follow_disabled(
     broker: Broker,
     disabled: Arc<std::sync::RwLock<HashSet<String>>>,
@@ -387,20 +390,36 @@ async fn follow_disabled(
 ) {
     while !shutdown.is_cancelled() {
         let followed = async {
-            let mut watch = bucket(&broker)
-                .await?
-                .watch_all()
+            let bucket = bucket(&broker).await?;
+            let empty = bucket
+                .status()
+                .await
+                .map_err(|e| QueueError::request("health bucket status", e))?
+                .values()
+                == 0;
+            let mut watch = bucket
+                .watch_with_history(">")
                 .await
                 .map_err(|e| QueueError::request("watch endpoint health", e))?;
+            let mut fresh = HashSet::new();
+            let mut caught_up = empty;
+            if caught_up {
+                *disabled.write().unwrap_or_else(|p| p.into_inner()) = HashSet::new();
+            }
             while let Some(entry) = watch.next().await {
                 let entry = entry.map_err(|e| QueueError::request("watch endpoint health", e))?;
                 let is_disabled = entry.operation == kv::Operation::Put
                     && decode::<EndpointHealth>(&entry.value).is_ok_and(|h| h.disabled);
-                let mut set = disabled.write().unwrap_or_else(|p| p.into_inner());
-                if is_disabled {
-                    set.insert(entry.key);
+                if caught_up {
+                    let mut set = disabled.write().unwrap_or_else(|p| p.into_inner());
+                    mark(&mut set, entry.key, is_disabled);
                 } else {
-                    set.remove(&entry.key);
+                    mark(&mut fresh, entry.key, is_disabled);
+                    if entry.delta == 0 {
+                        caught_up = true;
+                        *disabled.write().unwrap_or_else(|p| p.into_inner()) =
+                            std::mem::take(&mut fresh);
+                    }
                 }
             }
             Ok::<(), QueueError>(())
@@ -415,6 +434,14 @@ async fn follow_disabled(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+fn mark(set: &mut HashSet<String>, key: String, disabled: bool) {
+    if disabled {
+        set.insert(key);
+    } else {
+        set.remove(&key);
     }
 }
 

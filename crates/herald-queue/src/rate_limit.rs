@@ -8,7 +8,9 @@
 //! there are. A slot in the future is not waited for in a worker: the
 //! delivery is deferred to it (see the webhook worker), so a limited
 //! endpoint's backlog holds no worker. Slots are spaced exactly `1/rate`
-//! apart, with no burst: the limit holds over any window.
+//! apart, with no burst allowance; requests start at their slot or a little
+//! later (a deferred one that arrives more than a second late reserves
+//! again), so over any window longer than a second the limit holds.
 //!
 //! Within a process, reservations for the same endpoint queue on a lock, so
 //! only replicas, not hundreds of tasks, contend on the revision. Clocks of

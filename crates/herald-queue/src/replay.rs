@@ -123,8 +123,9 @@ pub async fn redeliver(
             existing
         }
     };
-    // A round beside a running one would share its retry schedule subject,
-    // and each would replace the other's next attempt.
+    // One round at a time: a round beside a running one would send the
+    // webhook twice over. (Two calls racing past this check run two rounds,
+    // each with its own retry schedule subject; the latest decides.)
     let events = history::task_events(broker, user, task).await?;
     let busy: Vec<_> = targets
         .iter()

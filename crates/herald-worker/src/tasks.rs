@@ -155,14 +155,21 @@ impl MessageHandler for TaskWorker {
             }
         };
         let prefix = format!("{}.", task.user);
+        let cached: Vec<String> = self
+            .endpoints
+            .for_user(&task.user)
+            .iter()
+            .map(|e| names::endpoint_key(&e.user, &e.id))
+            .collect();
         if let Some((key, why)) = self
             .endpoints
             .unreadable()
             .into_iter()
-            .find(|(key, _)| key.starts_with(&prefix))
+            .find(|(key, _)| key.starts_with(&prefix) && !cached.contains(key))
         {
             // Fanning out now would silently skip an endpoint this process
-            // cannot open (a keyring missing its key): wait for a fixed one.
+            // cannot open and has no earlier version of (a keyring missing
+            // its key): wait for a fixed keyring.
             tracing::error!(task = %task.id, endpoint = %key, reason = %why, "an endpoint of the user is unreadable; retrying the task later");
             let _ = message
                 .ack_with(AckKind::Nak(Some(Duration::from_secs(60))))

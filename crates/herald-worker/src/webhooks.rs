@@ -143,6 +143,12 @@ pub fn http_client_with(ssrf: &SsrfConfig, resolver: Arc<dyn Resolver>) -> Guard
 /// defers the delivery to it as a message schedule.
 const RATE_LIMIT_WAIT_IN_WORKER: Duration = Duration::from_millis(250);
 
+/// How late a deferred delivery may reach a worker and still use its
+/// rate-limit slot. Schedules fire up to ~100 ms late under load; a delivery
+/// later than this reserves again, so late arrivals can bunch into at most
+/// this much of the limit.
+const RATE_SLOT_TOLERANCE: Duration = Duration::from_secs(1);
+
 pub struct WebhookWorker {
     broker: Broker,
     endpoints: EndpointCache,
@@ -294,12 +300,14 @@ impl WebhookWorker {
             self.finish(message, &job, vec![event], AckKind::Ack).await;
             return;
         };
+        // Held only when the bucket agrees: an enable whose change has not
+        // reached this worker's watch yet must not hold a delivery after the
+        // enable's recover has looked for held ones.
         let disabled = self.health.is_disabled(&job.user, &job.endpoint)
-            && (job.redelivery.is_none()
-                || self
-                    .health
-                    .confirm_disabled(&self.broker, &job.user, &job.endpoint)
-                    .await);
+            && self
+                .health
+                .confirm_disabled(&self.broker, &job.user, &job.endpoint)
+                .await;
         if disabled {
             // Kept in the task's history, not sent: the recover call (or
             // enabling the endpoint) re-sends it.
@@ -324,11 +332,17 @@ impl WebhookWorker {
             return;
         }
         let key = names::endpoint_key(&job.user, &job.endpoint);
-        // The rate limit first: waiting for a slot is not a request in
-        // flight, and must not push the endpoint's own deliveries over its
-        // in-flight share.
+        // The rate limit first: waiting for a slot (deferred, or up to
+        // RATE_LIMIT_WAIT_IN_WORKER here) is not a request in flight, and
+        // must not push the endpoint's own deliveries over its share.
         let rate_slot = if let Some(per_second) = endpoint.rate_limit_per_second {
-            let slot = match job.rate_slot_ms {
+            // A slot the job was deferred to is used as is, unless the
+            // schedule fired it more than RATE_SLOT_TOLERANCE late: sending
+            // then would burst with the slots after it, so it takes a new one.
+            let carried = job.rate_slot_ms.filter(|slot| {
+                herald_core::now_ms() <= slot + RATE_SLOT_TOLERANCE.as_millis() as u64
+            });
+            let slot = match carried {
                 Some(slot) => slot,
                 None => {
                     match self.rate_limiter.reserve(&key, per_second).await {
@@ -358,6 +372,13 @@ impl WebhookWorker {
             None
         };
 
+        if let Some(slot) = rate_slot {
+            tokio::time::sleep(Duration::from_millis(
+                slot.saturating_sub(herald_core::now_ms()),
+            ))
+            .await;
+        }
+
         let Some(_in_flight) = self
             .in_flight
             .enter(&key, self.config.max_in_flight_per_endpoint)
@@ -377,13 +398,6 @@ impl WebhookWorker {
                 .await;
             return;
         };
-        if let Some(slot) = rate_slot {
-            tokio::time::sleep(Duration::from_millis(
-                slot.saturating_sub(herald_core::now_ms()),
-            ))
-            .await;
-        }
-
         let response =
             with_progress(message, self.progress_interval, self.post(&endpoint, &job)).await;
         let now = herald_core::now_ms();
@@ -597,15 +611,26 @@ fn reschedule(job: &DeliveryJob, attempt: u32, at_ms: u64, rate_slot_ms: Option<
         rate_slot_ms,
         ..job.clone()
     };
+    let attempt_id =
+        names::attempt_msg_id(&job.task, &job.endpoint, job.redelivery.as_deref(), attempt);
+    // The next attempt has one id, so a worker repeating its work after a
+    // lost ack cannot schedule it twice. A deferral keeps the attempt number
+    // and may happen many times; its time keeps each one's id apart.
+    let msg_id = if attempt > job.attempt {
+        attempt_id
+    } else {
+        format!("{attempt_id}.{at_ms}")
+    };
     Outgoing::scheduled(
-        names::retry_subject(&job.user, &job.endpoint, &job.task),
+        names::retry_subject(
+            &job.user,
+            &job.endpoint,
+            &job.task,
+            job.redelivery.as_deref(),
+        ),
         names::webhook_subject(&job.user, &job.endpoint),
         at_ms,
-        // A deferral keeps the attempt number; the time keeps its id apart.
-        format!(
-            "{}.{at_ms}",
-            names::attempt_msg_id(&job.task, &job.endpoint, job.redelivery.as_deref(), attempt)
-        ),
+        msg_id,
         encode(&next),
     )
 }

@@ -256,6 +256,7 @@ pub async fn wait_for_scheduled_delivery(
         &user.parse().unwrap(),
         &endpoint.parse().unwrap(),
         &task.parse().unwrap(),
+        None,
     );
     wait_until(&format!("a schedule on {subject}"), DEADLINE, || {
         let stream = stream.clone();
