@@ -225,3 +225,42 @@ async fn a_hanging_endpoint_holds_only_its_share_of_the_workers() {
     );
     herald.stop().await;
 }
+
+#[tokio::test]
+async fn a_worker_started_after_an_endpoint_was_disabled_holds_its_deliveries() {
+    let nats = NatsServer::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Ok).await;
+    add_endpoint_spec(
+        &nats,
+        "hooks",
+        json!({ "userId": "1", "url": receiver.url("/") }),
+    )
+    .await;
+    // Disabled before any worker runs: the worker must learn it from the
+    // bucket's current records, not only from later changes.
+    let health = herald_core::payload::EndpointHealth {
+        v: 1,
+        disabled: true,
+        disabled_at_ms: Some(herald_core::now_ms()),
+        ..Default::default()
+    };
+    crate::harness::broker(&nats)
+        .await
+        .jetstream
+        .get_key_value(herald_core::names::HEALTH_BUCKET)
+        .await
+        .unwrap()
+        .put(
+            "1.default_hooks",
+            herald_core::payload::encode(&health).into(),
+        )
+        .await
+        .unwrap();
+    let herald = Herald::start(test_config(&nats, None), Roles::all()).await;
+
+    let id = herald.accept("1", "echo", json!({})).await;
+    let task = herald.wait_for_state("1", &id, "held").await;
+    assert_eq!(task["attempts"][0]["outcome"], "held", "{task}");
+    assert!(receiver.received().is_empty());
+    herald.stop().await;
+}
