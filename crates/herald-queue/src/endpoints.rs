@@ -31,7 +31,7 @@ use herald_core::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Broker, QueueError};
+use crate::{Broker, QueueError, cas};
 
 #[derive(Debug, Default, Clone)]
 struct Endpoints {
@@ -282,25 +282,12 @@ pub async fn put_if_changed(
                 );
             }
         }
-        let sealed = seal_record(&wanted, &writer.keyring);
-        let written = match &current {
-            Some(entry) => bucket
-                .update(&key, sealed.into(), entry.revision)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
-            None => bucket
-                .create(&key, sealed.into())
-                .await
-                .map(|_| ())
-                .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
-        };
-        match written {
-            Ok(()) => return Ok(true),
-            // Another writer came first: read its record and decide again.
-            Err(true) => continue,
-            Err(false) => return Err(QueueError::request("put endpoint", &key)),
+        let sealed = seal_record(&wanted, &writer.keyring).into();
+        let revision = current.as_ref().map(|entry| entry.revision);
+        if cas::write_at(&bucket, &key, sealed, revision, "put endpoint").await? {
+            return Ok(true);
         }
+        // Another writer came first: read its record and decide again.
     }
     Err(QueueError::request(
         "put endpoint",

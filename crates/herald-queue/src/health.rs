@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use async_nats::jetstream::kv::{self, UpdateErrorKind};
+use async_nats::jetstream::kv;
 use futures::StreamExt;
 use herald_core::{
     EndpointId, TaskId, UserId, names,
@@ -28,7 +28,7 @@ use herald_core::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Broker, QueueError, endpoints::EndpointCache, publish::Outgoing};
+use crate::{Broker, QueueError, cas, endpoints::EndpointCache, publish::Outgoing};
 
 /// Outcomes seen by this process since the last flush.
 #[derive(Debug, Default, Clone)]
@@ -468,24 +468,18 @@ async fn merge(
             None => (EndpointHealth::default(), None),
         };
         let (health, transition) = pending.merge_into(health, herald_core::now_ms(), disable_after);
-        let value = encode(&health);
-        let written = match revision {
-            Some(revision) => bucket
-                .update(key, value.into(), revision)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.kind() == UpdateErrorKind::WrongLastRevision),
-            None => bucket
-                .create(key, value.into())
-                .await
-                .map(|_| ())
-                .map_err(|e| e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists),
-        };
-        match written {
-            Ok(()) => return Ok(transition),
-            Err(true) => continue, // another worker wrote first: merge again
-            Err(false) => return Err(QueueError::request("write endpoint health", key)),
+        if cas::write_at(
+            bucket,
+            key,
+            encode(&health).into(),
+            revision,
+            "write endpoint health",
+        )
+        .await?
+        {
+            return Ok(transition);
         }
+        // Another worker wrote first: merge again.
     }
     Err(QueueError::request(
         "write endpoint health",

@@ -8,6 +8,7 @@
 //! rate limit ([`rate_limit`]), reading a task's stored state back
 //! ([`history`]) and sending deliveries again ([`replay`]).
 
+mod cas;
 pub mod connect;
 pub mod consume;
 pub mod endpoints;

@@ -22,11 +22,11 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
+use async_nats::jetstream::kv;
 use herald_core::names;
 use tokio::sync::OnceCell;
 
-use crate::{Broker, QueueError};
+use crate::{Broker, QueueError, cas};
 
 pub struct RateLimiter {
     broker: Broker,
@@ -77,24 +77,11 @@ impl RateLimiter {
                 .unwrap_or(0);
             let slot_us = next_free_us.max(now_us());
             let value = (slot_us + interval_us).to_string();
-            let written = match &entry {
-                Some(entry) => bucket
-                    .update(key, value.into(), entry.revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.kind() == UpdateErrorKind::WrongLastRevision),
-                None => bucket
-                    .create(key, value.into())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.kind() == CreateErrorKind::AlreadyExists),
-            };
-            match written {
-                Ok(()) => return Ok(slot_us / 1000),
-                // Another replica took a slot first: read again.
-                Err(true) => continue,
-                Err(false) => return Err(QueueError::request("write rate limit", key)),
+            let revision = entry.as_ref().map(|e| e.revision);
+            if cas::write_at(bucket, key, value.into(), revision, "write rate limit").await? {
+                return Ok(slot_us / 1000);
             }
+            // Another replica took a slot first: read again.
         }
         Err(QueueError::request(
             "write rate limit",

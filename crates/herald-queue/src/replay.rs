@@ -20,7 +20,7 @@ use std::{collections::HashMap, time::Duration};
 
 use async_nats::jetstream::{
     consumer::{DeliverPolicy, pull::OrderedConfig},
-    kv::{self, UpdateErrorKind},
+    kv,
 };
 use futures::{StreamExt, TryStreamExt, stream};
 use herald_core::{
@@ -33,7 +33,7 @@ use herald_core::{
 };
 
 use crate::{
-    Broker, QueueError, endpoints, health,
+    Broker, QueueError, cas, endpoints, health,
     history::{self, StoredTask},
     publish::Outgoing,
 };
@@ -263,13 +263,17 @@ async fn clear_disabled(
             failing_since_ms: None,
             ..before.clone()
         };
-        match bucket
-            .update(&key, encode(&enabled).into(), entry.revision)
-            .await
+        let value = encode(&enabled).into();
+        if cas::write_at(
+            &bucket,
+            &key,
+            value,
+            Some(entry.revision),
+            "write endpoint health",
+        )
+        .await?
         {
-            Ok(_) => return Ok(Some(before)),
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
-            Err(e) => return Err(QueueError::request("write endpoint health", e)),
+            return Ok(Some(before));
         }
     }
     Err(QueueError::request(
