@@ -89,6 +89,37 @@ def last_json(output):
     raise RuntimeError("no JSON line in:\n" + output[-2000:])
 
 
+def endpoint_doc(name, user, url, extra=""):
+    """A WebhookEndpoint document for `herald endpoints`."""
+    return (
+        "apiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\n"
+        f"metadata: {{name: {name}}}\n"
+        f"spec: {{userId: '{user}', url: '{url}'{extra}}}\n"
+    )
+
+
+def load_endpoints(herald, store, url, docs):
+    """Writes the endpoints into NATS with `herald endpoints`; returns the
+    environment every Herald process of the run needs."""
+    endpoints = store / "endpoints.yaml"
+    endpoints.write_text("---\n".join(docs))
+    # Endpoint records are sealed: every role that reads or writes them
+    # needs the same key.
+    key = subprocess.run(
+        [str(herald), "secrets", "new-key", "--id", "bench"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    keyed = {**os.environ, "HERALD_SECRETS__KEY": key}
+    subprocess.run([str(herald), "endpoints", str(endpoints), "--nats-url", url], env=keyed, check=True, capture_output=True)
+    return {
+        "HERALD_LOG__FILTER": "warn",
+        "HERALD_NATS__URL": url,
+        # The receivers are on loopback, which the SSRF guard refuses
+        # unless the allow-list opens it.
+        "HERALD_WEBHOOKS__SSRF__ALLOW": '["127.0.0.0/8"]',
+        "HERALD_SECRETS__KEY": key,
+    }
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     nats_bin = TOOLS / "bin" / "nats-server"
@@ -117,29 +148,11 @@ def main():
         wait_port(nats_port)
         url = f"nats://127.0.0.1:{nats_port}"
 
-        endpoints = store / "endpoints.yaml"
-        docs = []
-        for u in range(1, USERS + 1):
-            docs.append(
-                "apiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\n"
-                f"metadata: {{name: user-{u}}}\n"
-                f"spec: {{userId: '{u}', url: 'http://127.0.0.1:{receiver_port}/webhooks/{u}', email: 'user{u}@example.com'}}\n"
-            )
-        endpoints.write_text("---\n".join(docs))
-        # Endpoint records are sealed: every role that reads or writes them
-        # needs the same key.
-        key = subprocess.run([str(herald), "secrets", "new-key", "--id", "bench"], check=True, capture_output=True, text=True).stdout.strip()
-        keyed = {**os.environ, "HERALD_SECRETS__KEY": key}
-        subprocess.run([str(herald), "endpoints", str(endpoints), "--nats-url", url], env=keyed, check=True, capture_output=True)
-
-        # The receiver is on loopback, which the SSRF guard refuses unless
-        # the allow-list opens it.
-        env = {
-            "HERALD_LOG__FILTER": "warn",
-            "HERALD_NATS__URL": url,
-            "HERALD_WEBHOOKS__SSRF__ALLOW": '["127.0.0.0/8"]',
-            "HERALD_SECRETS__KEY": key,
-        }
+        docs = [
+            endpoint_doc(f"user-{u}", u, f"http://127.0.0.1:{receiver_port}/webhooks/{u}", f", email: 'user{u}@example.com'")
+            for u in range(1, USERS + 1)
+        ]
+        env = load_endpoints(herald, store, url, docs)
         api = spawn([str(herald), "api", "--listen", f"127.0.0.1:{api_port}"], env, name="api")
         tasks = spawn([str(herald), "worker", "tasks"], env, name="worker-tasks")
         hooks = spawn([str(herald), "worker", "webhooks,mail"], env, name="worker-webhooks")

@@ -33,7 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import OUT, ROOT, SHARED, TOOLS, build, free_port, last_json, wait_port  # noqa: E402
+from bench import (  # noqa: E402
+    OUT, ROOT, SHARED, TOOLS, build, endpoint_doc, free_port, last_json, load_endpoints, wait_port,
+)
 
 RATE = int(os.environ.get("BENCH_ISOLATION_RATE", "500"))
 HEALTHY_TASKS = int(os.environ.get("BENCH_ISOLATION_TASKS", "10000"))
@@ -55,14 +57,6 @@ def hold_connections(server):
         except OSError:
             return
         held.append(connection)
-
-
-def endpoint_doc(name, user, url, extra=""):
-    return (
-        "apiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\n"
-        f"metadata: {{name: {name}}}\n"
-        f"spec: {{userId: '{user}', url: '{url}'{extra}}}\n"
-    )
 
 
 def jsz(mon_port):
@@ -160,22 +154,7 @@ def main():
         docs.append(endpoint_doc("dead", DEAD_USER, f"http://127.0.0.1:{dead_port}/gone-away"))
         docs.append(endpoint_doc("hanging", HANGING_USER, f"http://127.0.0.1:{hanging_port}/", ", timeoutSeconds: 30"))
         docs.append(endpoint_doc("limited", LIMITED_USER, f"{receiver}/limited", f", rateLimit: {{perSecond: {LIMIT}}}"))
-        endpoints = store / "endpoints.yaml"
-        endpoints.write_text("---\n".join(docs))
-        # Endpoint records are sealed: every role that reads or writes them
-        # needs the same key.
-        key = subprocess.run([str(herald), "secrets", "new-key", "--id", "bench"], check=True, capture_output=True, text=True).stdout.strip()
-        keyed = {**os.environ, "HERALD_SECRETS__KEY": key}
-        subprocess.run([str(herald), "endpoints", str(endpoints), "--nats-url", url], env=keyed, check=True, capture_output=True)
-
-        env = {
-            "HERALD_LOG__FILTER": "warn",
-            "HERALD_NATS__URL": url,
-            # The receivers are on loopback, which the SSRF guard refuses
-            # unless told otherwise.
-            "HERALD_WEBHOOKS__SSRF__ALLOW": '["127.0.0.0/8"]',
-            "HERALD_SECRETS__KEY": key,
-        }
+        env = load_endpoints(herald, store, url, docs)
         spawn([str(herald), "api", "--listen", f"127.0.0.1:{api_port}"], env, "api")
         spawn([str(herald), "worker", "tasks"], env, "worker-tasks")
         hooks = [spawn([str(herald), "worker", "webhooks"], env, f"worker-webhooks-{i}") for i in range(3)]
