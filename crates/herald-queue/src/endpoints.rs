@@ -105,6 +105,29 @@ impl EndpointCache {
         self.read().unreadable.clone()
     }
 
+    /// An endpoint of `user` whose record cannot be read and of which no
+    /// earlier version is cached, with why; `None` in the normal case, at
+    /// the cost of one lookup in an empty map.
+    pub fn unreadable_for(&self, user: &UserId) -> Option<(String, String)> {
+        let map = self.read();
+        if map.unreadable.is_empty() {
+            return None;
+        }
+        let prefix = format!("{user}.");
+        let cached = map.by_user.get(user);
+        map.unreadable
+            .iter()
+            .filter(|(key, _)| key.starts_with(&prefix))
+            .find(|(key, _)| {
+                !cached.is_some_and(|endpoints| {
+                    endpoints
+                        .iter()
+                        .any(|e| names::endpoint_key(&e.user, &e.id) == **key)
+                })
+            })
+            .map(|(key, why)| (key.clone(), why.clone()))
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Endpoints> {
         self.endpoints
             .read()

@@ -154,19 +154,7 @@ impl MessageHandler for TaskWorker {
                 return;
             }
         };
-        let prefix = format!("{}.", task.user);
-        let cached: Vec<String> = self
-            .endpoints
-            .for_user(&task.user)
-            .iter()
-            .map(|e| names::endpoint_key(&e.user, &e.id))
-            .collect();
-        if let Some((key, why)) = self
-            .endpoints
-            .unreadable()
-            .into_iter()
-            .find(|(key, _)| key.starts_with(&prefix) && !cached.contains(key))
-        {
+        if let Some((key, why)) = self.endpoints.unreadable_for(&task.user) {
             // Fanning out now would silently skip an endpoint this process
             // cannot open and has no earlier version of (a keyring missing
             // its key): wait for a fixed keyring.

@@ -353,3 +353,40 @@ async fn a_keyring_missing_the_endpoints_key_keeps_its_deliveries() {
     fixed.stop().await;
     fan_out.stop().await;
 }
+
+#[tokio::test]
+async fn a_task_worker_that_cannot_read_an_endpoint_does_not_fan_out_without_it() {
+    let nats = NatsServer::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Ok).await;
+    add_endpoint(&nats, "1", "hooks", &receiver.url("/"), None).await;
+    let mut wrong_key = test_config(&nats, None);
+    wrong_key.secrets.key = new_key_text("other").unwrap();
+    let herald = Herald::start(
+        wrong_key,
+        Roles {
+            api: true,
+            workers: [WorkerKind::Tasks].into(),
+        },
+    )
+    .await;
+
+    let id = herald.accept("1", "echo", json!({})).await;
+    // The task worker has taken the task and handed it back...
+    let broker = broker(&nats).await;
+    wait_until("the task worker to hand the task back", DEADLINE, || {
+        let jetstream = broker.jetstream.clone();
+        async move {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = jetstream
+                .get_consumer_from_stream(names::TASKS_CONSUMER, names::TASKS_STREAM)
+                .await
+                .ok()?;
+            let info = consumer.info().await.ok()?;
+            (info.delivered.consumer_sequence >= 1 && info.num_ack_pending == 1).then_some(())
+        }
+    })
+    .await;
+    // ...instead of fanning out to no endpoint: it is still queued.
+    let (_, task) = herald.get_task("1", &id).await;
+    assert_eq!(task["state"], "queued", "{task}");
+    herald.stop().await;
+}
