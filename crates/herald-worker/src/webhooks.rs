@@ -143,6 +143,10 @@ pub fn http_client_with(ssrf: &SsrfConfig, resolver: Arc<dyn Resolver>) -> Guard
 /// defers the delivery to it as a message schedule.
 const RATE_LIMIT_WAIT_IN_WORKER: Duration = Duration::from_millis(250);
 
+/// How long a delivery waits for its endpoint's in-flight share before it
+/// is deferred.
+const IN_FLIGHT_WAIT: Duration = Duration::from_millis(250);
+
 /// How late a deferred delivery may reach a worker and still use its
 /// rate-limit slot. Schedules fire up to ~100 ms late under load; a delivery
 /// later than this reserves again, so late arrivals can bunch into at most
@@ -382,6 +386,7 @@ impl WebhookWorker {
         let Some(_in_flight) = self
             .in_flight
             .enter(&key, self.config.max_in_flight_per_endpoint)
+            .await
         else {
             // This endpoint already holds its share of the workers: come
             // back after about one request timeout, spread out, without
@@ -534,41 +539,29 @@ impl WebhookWorker {
     }
 }
 
-/// Requests in flight per endpoint in this process.
+/// Requests in flight per endpoint in this process: a semaphore each, kept
+/// for the life of the process (one per endpoint it has delivered to).
 #[derive(Default)]
-struct InFlight(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
-
-/// One request counted in [`InFlight`] until dropped.
-struct InFlightGuard {
-    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
-    key: String,
-}
+struct InFlight(std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>);
 
 impl InFlight {
-    /// Counts one more request to `key`, or `None` when `limit` are in flight.
-    fn enter(&self, key: &str, limit: usize) -> Option<InFlightGuard> {
-        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(key.to_string()).or_default();
-        if *count >= limit {
-            return None;
-        }
-        *count += 1;
-        Some(InFlightGuard {
-            counts: self.0.clone(),
-            key: key.to_string(),
-        })
-    }
-}
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.key);
-            }
-        }
+    /// A permit for one more request to `key`, waiting up to
+    /// [`IN_FLIGHT_WAIT`] for one of its `limit` to free up; `None` when the
+    /// endpoint keeps them all (it is slow or hanging). A fast endpoint
+    /// frees permits within milliseconds, so bursts to it wait briefly
+    /// instead of being deferred.
+    async fn enter(&self, key: &str, limit: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let semaphore = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(limit)))
+            .clone();
+        tokio::time::timeout(IN_FLIGHT_WAIT, semaphore.acquire_owned())
+            .await
+            .ok()?
+            .ok()
     }
 }
 
