@@ -12,6 +12,7 @@ pub mod keyring;
 pub mod metrics;
 pub mod names;
 pub mod payload;
+pub mod redact;
 pub mod schedule;
 pub mod signing;
 pub mod state;
