@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export HERALD_TOOLS ?= $(HOME)/.cache/herald-tools
 
-.PHONY: tools control-plane dev test lint bench
+.PHONY: tools control-plane dev test lint bench soak
 
 ## tools: pinned nats-server, mailpit, the Standard Webhooks verifier and schemathesis, into $(HERALD_TOOLS)
 tools:
@@ -33,3 +33,8 @@ lint: control-plane
 bench: tools
 	python3 scripts/bench.py
 	python3 scripts/bench_isolation.py
+
+## soak: a few minutes of hostile and normal traffic with workers killed;
+## fails on any 5xx and on any accepted task lost, altered or stuck
+soak: tools
+	python3 scripts/soak.py
