@@ -274,11 +274,7 @@ impl WebhookWorker {
     }
 
     async fn deliver(&self, message: &Message, job: DeliveryJob) {
-        // A message delivered again (its worker died mid-request) is one
-        // more HTTP attempt after the one it carries.
-        let attempt = job
-            .attempt
-            .saturating_add(delivery_count(message).saturating_sub(1));
+        let attempt = attempt_number(message, &job);
         let Some(endpoint) = self.endpoints.get(&job.user, &job.endpoint) else {
             let key = names::endpoint_key(&job.user, &job.endpoint);
             if let Some(why) = self.endpoints.unreadable().get(&key) {
@@ -330,7 +326,7 @@ impl WebhookWorker {
             // Stored as a schedule, not pending: a paused endpoint's backlog
             // costs the other endpoints nothing. Not an attempt.
             let later = herald_core::now_ms() + self.config.paused_recheck.as_millis() as u64;
-            let deferred = reschedule(&job, job.attempt, later, None);
+            let deferred = defer(&job, attempt, later, None);
             self.finish(message, &job, vec![deferred], AckKind::Ack)
                 .await;
             return;
@@ -353,9 +349,11 @@ impl WebhookWorker {
                         Ok(slot) => slot,
                         Err(e) => {
                             tracing::warn!(endpoint = %job.endpoint, error = %e, "no rate-limit slot; retrying the job shortly");
-                            // Nak with a delay: NATS is struggling, so do not spin.
-                            let _ = message
-                                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            // Stored again a second later, not nak'd: a
+                            // redelivery would count an attempt never sent.
+                            let later = herald_core::now_ms() + 1000;
+                            let deferred = defer(&job, attempt, later, None);
+                            self.finish(message, &job, vec![deferred], AckKind::Ack)
                                 .await;
                             return;
                         }
@@ -366,7 +364,7 @@ impl WebhookWorker {
                 > RATE_LIMIT_WAIT_IN_WORKER.as_millis() as u64
             {
                 // Stored until its slot, holding no worker meanwhile.
-                let deferred = reschedule(&job, job.attempt, slot, Some(slot));
+                let deferred = defer(&job, attempt, slot, Some(slot));
                 self.finish(message, &job, vec![deferred], AckKind::Ack)
                     .await;
                 return;
@@ -398,7 +396,7 @@ impl WebhookWorker {
                 .unwrap_or(self.config.timeout);
             let spread = rand::random_range(1.0..2.0);
             let later = herald_core::now_ms() + timeout.mul_f64(spread).as_millis() as u64;
-            let deferred = reschedule(&job, job.attempt, later, None);
+            let deferred = defer(&job, attempt, later, None);
             self.finish(message, &job, vec![deferred], AckKind::Ack)
                 .await;
             return;
@@ -595,6 +593,45 @@ impl ResponseClass {
     }
 }
 
+/// The number of the HTTP attempt this delivery would make. The job carries
+/// the number of the next request; a path that sends nothing hands the job
+/// back as a new message with the same number ([`defer`]), never with a
+/// nak, whose redelivery would look like a request. So a message delivered
+/// again means its previous delivery ended without an outcome (a worker
+/// died or hung holding it) after it may have reached the endpoint: one
+/// more attempt each. The one exception: when NATS refuses even the
+/// hand-back, the nak that remains counts once too often, never too rarely.
+fn attempt_number(message: &Message, job: &DeliveryJob) -> u32 {
+    job.attempt
+        .saturating_add(delivery_count(message).saturating_sub(1))
+}
+
+/// The job handed back without a request: stored as a message schedule
+/// that fires at `at_ms` carrying the same attempt number `attempt` (and
+/// the rate-limit slot it was deferred to, if that is why). Deferrals may
+/// repeat; the time keeps each one's `Nats-Msg-Id` apart.
+fn defer(job: &DeliveryJob, attempt: u32, at_ms: u64, rate_slot_ms: Option<u64>) -> Outgoing {
+    let next = DeliveryJob {
+        attempt,
+        rate_slot_ms,
+        ..job.clone()
+    };
+    let attempt_id =
+        names::attempt_msg_id(&job.task, &job.endpoint, job.redelivery.as_deref(), attempt);
+    Outgoing::scheduled(
+        names::retry_subject(
+            &job.user,
+            &job.endpoint,
+            &job.task,
+            job.redelivery.as_deref(),
+        ),
+        names::webhook_subject(&job.user, &job.endpoint),
+        at_ms,
+        format!("{attempt_id}.{at_ms}"),
+        encode(&next),
+    )
+}
+
 /// The job again, as a message schedule that fires onto its webhook subject
 /// at `at_ms` carrying attempt `attempt` (and the rate-limit slot it was
 /// deferred to, if that is why).
@@ -704,10 +741,34 @@ impl MessageHandler for WebhookWorker {
             }
         }
     }
+
+    /// At shutdown: stored again to fire at once, not nak'd, so the
+    /// delivery keeps its attempt number ([`attempt_number`]).
+    async fn hand_back(&self, message: Message) {
+        let Ok(job) = decode::<DeliveryJob>(&message.payload) else {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+            return;
+        };
+        let again = defer(
+            &job,
+            attempt_number(&message, &job),
+            herald_core::now_ms(),
+            job.rate_slot_ms,
+        );
+        match self.broker.publish(again).await {
+            Ok(_) => {
+                let _ = message.ack().await;
+            }
+            Err(_) => {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+    }
 }
 
-/// Builds the worker and its companions, which run until `shutdown`: the
-/// health tracker's flusher and the max-deliveries safety net.
+/// Builds the worker and its companion, which runs until `shutdown`: the
+/// health tracker's flusher. (Jobs past max_deliver:
+/// [`crate::max_deliveries`].)
 pub fn start(
     broker: Broker,
     endpoints: EndpointCache,
@@ -722,11 +783,6 @@ pub fn start(
         config.disable_after,
         shutdown.clone(),
     );
-    tokio::spawn(crate::max_deliveries::watch(
-        broker.clone(),
-        endpoints.clone(),
-        shutdown,
-    ));
     Arc::new(WebhookWorker::new(
         broker, endpoints, health, config, ack_wait,
     ))

@@ -7,8 +7,10 @@
 
 mod harness;
 
+mod abandoned;
 mod auth;
 mod chart;
+mod counts;
 mod delivery;
 mod dev;
 mod failures;
