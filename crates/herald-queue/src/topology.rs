@@ -129,7 +129,9 @@ impl TopologyConfig {
             stream::Config {
                 subjects: ADVISORY_CONSUMERS
                     .iter()
-                    .map(|(_, subject)| subject())
+                    .map(|(_, stream, consumer)| {
+                        names::max_deliveries_advisory_subject(stream, consumer)
+                    })
                     .collect(),
                 ..self.work_queue(names::ADVISORIES_STREAM, "")
             },
@@ -200,17 +202,24 @@ pub const CONSUMERS: [(&str, &str, &str); 3] = [
 ];
 
 /// The consumers of `HERALD_ADVISORIES`, each taking the MAX_DELIVERIES
-/// advisories of one work-queue consumer.
-pub const ADVISORY_CONSUMERS: [(&str, fn() -> String); 3] = [
-    (names::TASKS_MAX_DELIVERIES_CONSUMER, || {
-        names::max_deliveries_advisory_subject(names::TASKS_STREAM, names::TASKS_CONSUMER)
-    }),
-    (names::WEBHOOKS_MAX_DELIVERIES_CONSUMER, || {
-        names::max_deliveries_advisory_subject(names::WEBHOOKS_STREAM, names::WEBHOOKS_CONSUMER)
-    }),
-    (names::MAIL_MAX_DELIVERIES_CONSUMER, || {
-        names::max_deliveries_advisory_subject(names::MAIL_STREAM, names::MAIL_CONSUMER)
-    }),
+/// advisories of one work-queue consumer: (its name, that stream, that
+/// consumer).
+pub const ADVISORY_CONSUMERS: [(&str, &str, &str); 3] = [
+    (
+        names::TASKS_MAX_DELIVERIES_CONSUMER,
+        names::TASKS_STREAM,
+        names::TASKS_CONSUMER,
+    ),
+    (
+        names::WEBHOOKS_MAX_DELIVERIES_CONSUMER,
+        names::WEBHOOKS_STREAM,
+        names::WEBHOOKS_CONSUMER,
+    ),
+    (
+        names::MAIL_MAX_DELIVERIES_CONSUMER,
+        names::MAIL_STREAM,
+        names::MAIL_CONSUMER,
+    ),
 ];
 
 impl TopologyConfig {
@@ -245,8 +254,9 @@ pub async fn ensure(broker: &Broker, config: &TopologyConfig) -> Result<(), Queu
         .get_stream_no_info(names::ADVISORIES_STREAM)
         .await
         .map_err(|e| QueueError::request("get stream", e))?;
-    for (name, subject) in ADVISORY_CONSUMERS {
-        ensure_consumer(&advisories, config.advisory_consumer(name, subject())).await?;
+    for (name, stream, consumer) in ADVISORY_CONSUMERS {
+        let subject = names::max_deliveries_advisory_subject(stream, consumer);
+        ensure_consumer(&advisories, config.advisory_consumer(name, subject)).await?;
     }
     for bucket in config.buckets() {
         js.create_or_update_key_value(bucket)

@@ -28,8 +28,8 @@ use async_nats::jetstream::{AckKind, Message, stream::DirectGetErrorKind};
 use herald_core::{
     names,
     payload::{
-        AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailOutcome, MailReason,
-        TaskEvent, TaskMessage, VERSION, decode, encode,
+        AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailOutcome, MailReason, TaskEvent,
+        TaskMessage, VERSION, decode, encode,
     },
     redact::RedactedUrl,
 };
@@ -195,7 +195,9 @@ impl MaxDeliveries {
                     return Ok(None);
                 };
                 tracing::warn!(task = %job.task, endpoint = %job.endpoint, deliveries, "delivery reached max_deliver; recording it and mailing the owner");
-                Some(abandoned_delivery(endpoints, &job, deliveries, error, record_id))
+                Some(abandoned_delivery(
+                    endpoints, &job, deliveries, error, record_id,
+                ))
             }
             Abandoned::Mail => {
                 let Ok(job) = decode::<MailJob>(payload) else {

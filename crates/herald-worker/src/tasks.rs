@@ -95,7 +95,11 @@ impl TaskWorker {
 
     /// Everything a finished task produces: its delivery jobs and record
     /// (also what ends a task that reached max_deliver).
-    pub(crate) fn outputs(&self, task: &TaskMessage, outcome: Result<Value, String>) -> Vec<Outgoing> {
+    pub(crate) fn outputs(
+        &self,
+        task: &TaskMessage,
+        outcome: Result<Value, String>,
+    ) -> Vec<Outgoing> {
         let (handler_outcome, result, error) = match outcome {
             Ok(result) => (HandlerOutcome::Completed, Some(result), None),
             Err(error) => (HandlerOutcome::Failed, None, Some(error)),

@@ -48,6 +48,7 @@ use herald_core::{
         AttemptOutcome, DeliveryAttempt, DeliveryJob, EndpointConfig, MailJob, MailReason,
         RESPONSE_BODY_LIMIT, TaskEvent, VERSION, decode, encode,
     },
+    redact::RedactedUrl,
     schedule::RetrySchedule,
     signing::signature_header,
 };
@@ -96,6 +97,11 @@ pub struct WebhookWorkerConfig {
     pub max_in_flight_per_endpoint: usize,
     /// Which non-global addresses webhooks may reach anyway.
     pub ssrf: SsrfConfig,
+    /// Bytes of a global endpoint's response body kept in the attempt
+    /// record (at most 1024; 0 keeps none). What the owner's own server
+    /// answered, shown to that owner; for allow-listed addresses see
+    /// `ssrf.allowed_response_body_bytes`.
+    pub response_body_bytes: usize,
 }
 
 impl Default for WebhookWorkerConfig {
@@ -110,6 +116,7 @@ impl Default for WebhookWorkerConfig {
             disable_after: Duration::from_secs(5 * 24 * 3600),
             max_in_flight_per_endpoint: 32,
             ssrf: SsrfConfig::default(),
+            response_body_bytes: RESPONSE_BODY_LIMIT,
         }
     }
 }
@@ -223,14 +230,15 @@ impl WebhookWorker {
             Ok(mut response) => {
                 let status = response.status();
                 let retry_after = retry_after(response.headers());
+                let keep = self.response_body_bytes(response.remote_addr());
                 let mut body = Vec::new();
-                while body.len() < RESPONSE_BODY_LIMIT {
+                while body.len() < keep {
                     match response.chunk().await {
                         Ok(Some(chunk)) => body.extend_from_slice(&chunk),
                         _ => break,
                     }
                 }
-                body.truncate(RESPONSE_BODY_LIMIT);
+                body.truncate(keep);
                 Response {
                     status: Some(status),
                     retry_after,
@@ -244,12 +252,28 @@ impl WebhookWorker {
                 retry_after: None,
                 body: None,
                 error: Some(match e {
-                    SendError::Refused(refused) => refused.to_string(),
-                    SendError::Http(e) => describe_request_error(&e),
+                    SendError::Refused(refused) => {
+                        refused.describe(self.config.ssrf.reveal_refused_address)
+                    }
+                    // Without the URL: its query or path may hold a secret.
+                    SendError::Http(e) => describe_request_error(&e.without_url()),
                 }),
                 latency: started.elapsed(),
             },
         }
+    }
+
+    /// How much of the body of a response from `peer` the attempt keeps:
+    /// an address only the allow-list opens is an internal service, whose
+    /// answer is kept only as far as `ssrf.allowed_response_body_bytes`
+    /// says (an unknown peer counts as one).
+    fn response_body_bytes(&self, peer: Option<std::net::SocketAddr>) -> usize {
+        let limit = if peer.is_some_and(|p| SsrfGuard::is_global(p.ip())) {
+            self.config.response_body_bytes
+        } else {
+            self.config.ssrf.allowed_response_body_bytes
+        };
+        limit.min(RESPONSE_BODY_LIMIT)
     }
 
     /// The delay before the next attempt, or `None` when none is left.
@@ -497,7 +521,7 @@ impl WebhookWorker {
             &job.task,
             TaskEvent::Delivery(DeliveryAttempt {
                 endpoint: job.endpoint.clone(),
-                url: url.to_string(),
+                url: shown_url(url),
                 attempt,
                 at_ms: herald_core::now_ms(),
                 outcome,
@@ -678,7 +702,7 @@ fn mail_job(
         task: job.task.clone(),
         user: job.user.clone(),
         endpoint: job.endpoint.clone(),
-        url: url.to_string(),
+        url: shown_url(url),
         to: email.to_string(),
         reason: if outcome == AttemptOutcome::Gone {
             MailReason::EndpointGone
@@ -695,6 +719,15 @@ fn mail_job(
         names::mail_msg_id(&job.task, &job.endpoint, job.redelivery.as_deref()),
         encode(&mail),
     )
+}
+
+/// An endpoint URL as records and mails show it: redacted
+/// ([`RedactedUrl`]), empty when there is none (endpoint removed).
+fn shown_url(url: &str) -> String {
+    if url.is_empty() {
+        return String::new();
+    }
+    RedactedUrl::from_text(url).to_string()
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date (RFC 9110 10.2.3); a date

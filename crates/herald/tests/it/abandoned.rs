@@ -10,7 +10,9 @@ use herald_queue::Broker;
 use herald_testkit::{Mailpit, NatsServer, ReceiverBehaviour, TestReceiver, wait_until};
 use serde_json::{Value, json};
 
-use crate::harness::{DEADLINE, Herald, add_endpoint, broker, schedule, test_config, worker_command};
+use crate::harness::{
+    DEADLINE, Herald, add_endpoint, broker, schedule, test_config, worker_command,
+};
 
 /// Settings every process of these tests shares: two deliveries, one-second
 /// ack wait, no retry schedules (max_deliver must exceed them).
@@ -62,9 +64,11 @@ async fn kill_mid_job(
         let mut worker = worker_command(nats, kinds, env)
             .spawn()
             .expect("start herald worker");
-        wait_until(&format!("delivery {delivery} on {stream}"), DEADLINE, || async {
-            (deliveries(&broker, stream, consumer).await >= delivery).then_some(())
-        })
+        wait_until(
+            &format!("delivery {delivery} on {stream}"),
+            DEADLINE,
+            || async { (deliveries(&broker, stream, consumer).await >= delivery).then_some(()) },
+        )
         .await;
         if let Some(receiver) = receiver {
             receiver.wait_for(delivery as usize, DEADLINE).await;
@@ -79,16 +83,20 @@ async fn kill_mid_job(
 /// nobody listened.
 async fn wait_for_stored_advisory(nats: &NatsServer, advisory_consumer: &str) {
     let broker = broker(nats).await;
-    wait_until("the max-deliveries advisory to be stored", DEADLINE, || async {
-        let stream = broker
-            .jetstream
-            .get_stream(names::ADVISORIES_STREAM)
-            .await
-            .ok()?;
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-            stream.get_consumer(advisory_consumer).await.ok()?;
-        (consumer.info().await.ok()?.num_pending == 1).then_some(())
-    })
+    wait_until(
+        "the max-deliveries advisory to be stored",
+        DEADLINE,
+        || async {
+            let stream = broker
+                .jetstream
+                .get_stream(names::ADVISORIES_STREAM)
+                .await
+                .ok()?;
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+                stream.get_consumer(advisory_consumer).await.ok()?;
+            (consumer.info().await.ok()?.num_pending == 1).then_some(())
+        },
+    )
     .await;
 }
 
@@ -154,11 +162,15 @@ async fn a_delivery_past_max_deliver_while_no_webhook_worker_runs_is_recorded_an
         .wait_for_messages("owner40@example.com", 1, DEADLINE)
         .await;
     assert!(mails[0].text.contains(&id), "{}", mails[0].text);
-    wait_until("the job and its advisory to be removed", DEADLINE, || async {
-        (stored(&nats, names::WEBHOOKS_STREAM).await == 0
-            && stored(&nats, names::ADVISORIES_STREAM).await == 0)
-            .then_some(())
-    })
+    wait_until(
+        "the job and its advisory to be removed",
+        DEADLINE,
+        || async {
+            (stored(&nats, names::WEBHOOKS_STREAM).await == 0
+                && stored(&nats, names::ADVISORIES_STREAM).await == 0)
+                .then_some(())
+        },
+    )
     .await;
     assert_eq!(receiver.received().len(), 2, "delivered past max_deliver");
     worker.start_kill().unwrap();
@@ -191,7 +203,9 @@ async fn a_task_past_max_deliver_while_no_task_worker_runs_is_recorded_failed_an
         .into_iter()
         .chain([("HERALD_TASKS__TRANSCODE_DURATION", "60s")])
         .collect();
-    let id = herald.accept("41", "transcode", json!({"file": "a.mp4"})).await;
+    let id = herald
+        .accept("41", "transcode", json!({"file": "a.mp4"}))
+        .await;
     kill_mid_job(
         &nats,
         "tasks",
@@ -229,11 +243,15 @@ async fn a_task_past_max_deliver_while_no_task_worker_runs_is_recorded_failed_an
             .contains("max_deliver"),
         "{body}"
     );
-    wait_until("the task and its advisory to be removed", DEADLINE, || async {
-        (stored(&nats, names::TASKS_STREAM).await == 0
-            && stored(&nats, names::ADVISORIES_STREAM).await == 0)
-            .then_some(())
-    })
+    wait_until(
+        "the task and its advisory to be removed",
+        DEADLINE,
+        || async {
+            (stored(&nats, names::TASKS_STREAM).await == 0
+                && stored(&nats, names::ADVISORIES_STREAM).await == 0)
+                .then_some(())
+        },
+    )
     .await;
     worker.start_kill().unwrap();
     let _ = worker.wait().await;

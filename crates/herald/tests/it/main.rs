@@ -15,6 +15,7 @@ mod delivery;
 mod dev;
 mod failures;
 mod inputs;
+mod leaks;
 mod openapi;
 mod operator;
 mod policies;
