@@ -257,3 +257,87 @@ async fn a_task_past_max_deliver_while_no_task_worker_runs_is_recorded_failed_an
     let _ = worker.wait().await;
     herald.stop().await;
 }
+
+#[tokio::test]
+async fn a_mail_past_max_deliver_while_no_mail_worker_runs_is_recorded_failed() {
+    let nats = NatsServer::start().await;
+    let mail = Mailpit::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Status(500)).await;
+    add_endpoint(
+        &nats,
+        "42",
+        "hooks",
+        &receiver.url("/hooks"),
+        Some("owner42@example.com"),
+    )
+    .await;
+    // An SMTP server that accepts connections and never greets: every
+    // mail worker hangs in its send until it is killed.
+    let smtp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging_port = smtp.local_addr().unwrap().port().to_string();
+    let _hanging = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = smtp.accept().await {
+            held.push(socket);
+        }
+    });
+    // Mail only in the worker processes killed below.
+    let roles = Roles {
+        api: true,
+        workers: [WorkerKind::Tasks, WorkerKind::Webhooks].into(),
+    };
+    let herald = Herald::start(config(&nats, &mail), roles).await;
+
+    let id = herald.accept("42", "echo", json!({})).await;
+    let hanging: Vec<(&str, &str)> = SETTINGS
+        .into_iter()
+        .chain([("HERALD_MAIL__SMTP_PORT", hanging_port.as_str())])
+        .collect();
+    kill_mid_job(
+        &nats,
+        "mail",
+        &hanging,
+        (names::MAIL_STREAM, names::MAIL_CONSUMER),
+        2,
+        None,
+    )
+    .await;
+    wait_for_stored_advisory(&nats, names::MAIL_MAX_DELIVERIES_CONSUMER).await;
+    assert_eq!(stored(&nats, names::MAIL_STREAM).await, 1);
+
+    let smtp_port = mail.smtp_port().to_string();
+    let working: Vec<(&str, &str)> = SETTINGS
+        .into_iter()
+        .chain([("HERALD_MAIL__SMTP_PORT", smtp_port.as_str())])
+        .collect();
+    let mut worker = worker_command(&nats, "mail", &working)
+        .spawn()
+        .expect("start herald worker");
+    let task = wait_until("the mail's failure to be recorded", DEADLINE, || async {
+        let (_, task) = herald.get_task("42", &id).await;
+        (task["mails"].as_array()?.len() == 1).then_some(task)
+    })
+    .await;
+    let outcome = &task["mails"][0];
+    assert_eq!(outcome["sent"], false, "{task}");
+    assert!(
+        outcome["error"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 2 deliveries"),
+        "{task}"
+    );
+    wait_until(
+        "the mail job and its advisory to be removed",
+        DEADLINE,
+        || async {
+            (stored(&nats, names::MAIL_STREAM).await == 0
+                && stored(&nats, names::ADVISORIES_STREAM).await == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    worker.start_kill().unwrap();
+    let _ = worker.wait().await;
+    herald.stop().await;
+}
