@@ -180,7 +180,7 @@ check_common default 5
 expect_count "$WORK/default.yaml" "namespaced operator Roles (watch + leader election)" 2 '^kind: Role$'
 expect_count "$WORK/default.yaml" "ClusterRoles" 0 '^kind: ClusterRole$'
 expect_count "$WORK/default.yaml" "chart-created Secrets" 0 '^kind: Secret$'
-grep -q '^    ssrf = { "allow" = \[\] }$' "$WORK/default.yaml" || die "default: config.toml does not keep the SSRF allow-list empty"
+grep -q '^    ssrf = { "allow" = \[\], "allowed_response_body_bytes" = 0, "reveal_refused_address" = false }$' "$WORK/default.yaml" || die "default: config.toml does not keep the SSRF allow-list empty, internal answers unstored and refused addresses hidden"
 expect_count "$WORK/default.yaml" "PodDisruptionBudgets" 5 '^kind: PodDisruptionBudget$'
 
 render all-features -f "$ALL"
@@ -205,7 +205,7 @@ expect_count "$f" "metrics_require_token in config.toml" 1 '^ +metrics_require_t
 expect_count "$f" "ServiceMonitor bearer token" 1 '^ +name: prometheus-herald-token$'
 expect_count "$f" "encryption key file (operator, worker-tasks, worker-webhooks)" 3 '^ +value: /etc/herald/keys/key$'
 expect_count "$f" "SMTP credentials (worker-mail)" 1 '^ +- name: HERALD_MAIL__PASSWORD$'
-grep -q '^    ssrf = { "allow" = \["10.8.0.0/16", "fd00::/8"\] }$' "$f" || die "all-features: config.toml does not carry the SSRF allow-list"
+grep -q '^    ssrf = { "allow" = \["10.8.0.0/16", "fd00::/8"\], ' "$f" || die "all-features: config.toml does not carry the SSRF allow-list"
 
 render all-features-namespaced -f "$ALL" --set operator.clusterWide=false
 check_common all-features-namespaced 5

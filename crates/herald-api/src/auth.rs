@@ -179,14 +179,32 @@ async fn require_user(
     // Fails closed: a route in this group without {user} admits nobody.
     let allowed = user.is_some_and(|user| token.scope.allows(user));
     if !allowed {
-        let user = user.unwrap_or_default().to_string();
+        let user = shown_user(user.unwrap_or_default());
         tracing::info!(token = %name, user = %user, "403: token not valid for this user");
-        return ApiError::Forbidden(format!("token {name:?} is not valid for user {user:?}"))
+        return ApiError::Forbidden(format!("token {name:?} is not valid for user {user}"))
             .into_response();
     }
     next.run(request)
         .instrument(tracing::info_span!("authenticated", token = %name))
         .await
+}
+
+/// A user id from the path as a log line or message may show it: quoted
+/// as is when it is a valid id, else escaped and cut short, since it is
+/// unvalidated client input (newlines would forge log lines, control
+/// characters reach terminals).
+fn shown_user(raw: &str) -> String {
+    const SHOWN_CHARS: usize = 64;
+    if herald_core::UserId::new(raw.to_string()).is_ok() {
+        return format!("{raw:?}");
+    }
+    let escaped: String = raw.escape_default().take(SHOWN_CHARS).collect();
+    let cut = if raw.escape_default().nth(SHOWN_CHARS).is_some() {
+        "…"
+    } else {
+        ""
+    };
+    format!("\"{escaped}{cut}\" (not a valid user id)")
 }
 
 /// Middleware of `/metrics`: any valid token, when so configured.
@@ -271,4 +289,21 @@ pub(crate) fn error_response(description: &str) -> utoipa::openapi::Response {
                 .build(),
         )
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unvalidated_user_is_logged_escaped_and_short() {
+        assert_eq!(shown_user("alice"), "\"alice\"");
+        let forged = "x\n2026-12-01T00:00:00Z INFO herald: token admin accepted\u{1b}[2J";
+        let shown = shown_user(forged);
+        assert!(!shown.contains('\n'), "{shown}");
+        assert!(!shown.contains('\u{1b}'), "{shown}");
+        assert!(shown.contains("\\n") && shown.ends_with("(not a valid user id)"));
+        let long = "é".repeat(500);
+        assert!(shown_user(&long).chars().count() < 120, "cut short");
+    }
 }

@@ -7,10 +7,27 @@ pub const TASKS_STREAM: &str = "HERALD_TASKS";
 pub const WEBHOOKS_STREAM: &str = "HERALD_WEBHOOKS";
 pub const MAIL_STREAM: &str = "HERALD_MAIL";
 pub const ATTEMPTS_STREAM: &str = "HERALD_ATTEMPTS";
+/// Captures the MAX_DELIVERIES advisories of the three work-queue streams,
+/// so one published while no worker listens is kept until a worker reads it.
+pub const ADVISORIES_STREAM: &str = "HERALD_ADVISORIES";
 
 pub const TASKS_CONSUMER: &str = "tasks";
 pub const WEBHOOKS_CONSUMER: &str = "webhooks";
 pub const MAIL_CONSUMER: &str = "mail";
+
+/// The MAX_DELIVERIES advisory of `consumer` on `stream`: core NATS,
+/// published by the server when a message of that consumer reaches its
+/// `max_deliver`.
+pub fn max_deliveries_advisory_subject(stream: &str, consumer: &str) -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}")
+}
+
+/// The consumers of `HERALD_ADVISORIES`, one per work-queue stream, each
+/// filtered to that stream's MAX_DELIVERIES advisories and read by the
+/// workers of that stream.
+pub const TASKS_MAX_DELIVERIES_CONSUMER: &str = "tasks-max-deliveries";
+pub const WEBHOOKS_MAX_DELIVERIES_CONSUMER: &str = "webhooks-max-deliveries";
+pub const MAIL_MAX_DELIVERIES_CONSUMER: &str = "mail-max-deliveries";
 
 pub const ENDPOINTS_BUCKET: &str = "herald-endpoints";
 pub const TASKS_BUCKET: &str = "herald-tasks";

@@ -35,9 +35,33 @@ impl RedactedUrl {
         }
     }
 
+    /// Like [`from_text`](Self::from_text), but text that is already a
+    /// redacted URL stays as it is (redacting it again would change its
+    /// fingerprint): for fields written redacted by one version and in
+    /// clear by an older one.
+    pub fn from_text_or_redacted(text: &str) -> Self {
+        match Url::parse(text) {
+            Ok(url) if is_redacted(&url) => Self(text.to_string()),
+            Ok(url) => Self::new(&url),
+            Err(_) => Self::from_text(text),
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// The shape [`RedactedUrl::new`] writes: no credentials, path `/…`, no
+/// query, an 8-hex-digit fingerprint as the fragment.
+fn is_redacted(url: &Url) -> bool {
+    url.username().is_empty()
+        && url.password().is_none()
+        && url.path() == "/%E2%80%A6"
+        && url.query().is_none()
+        && url
+            .fragment()
+            .is_some_and(|f| f.len() == 8 && f.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 impl fmt::Display for RedactedUrl {
@@ -73,6 +97,19 @@ mod tests {
         assert_eq!(
             a,
             RedactedUrl::from_text("https://hooks.example.com/a?token=1")
+        );
+    }
+
+    #[test]
+    fn redacting_twice_changes_nothing() {
+        let once = RedactedUrl::from_text("https://hooks.example.com/services/T/B/x?token=s");
+        assert_eq!(RedactedUrl::from_text_or_redacted(once.as_str()), once);
+        let clear = "https://hooks.example.com/%E2%80%A6?token=s#abcdef01";
+        assert!(
+            !RedactedUrl::from_text_or_redacted(clear)
+                .as_str()
+                .contains("token"),
+            "a query is never kept"
         );
     }
 

@@ -43,6 +43,14 @@ const MAX_BATCH: usize = 256;
 #[async_trait::async_trait]
 pub trait MessageHandler: Send + Sync + 'static {
     async fn handle(&self, message: Message);
+
+    /// Returns a message received while shutting down, unhandled, so that
+    /// another worker gets it now instead of after `ack_wait`. A nak
+    /// without delay, unless the handler knows better (a nak makes the
+    /// redelivery look like one more delivery).
+    async fn hand_back(&self, message: Message) {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
 }
 
 /// Which consumer to read and how much to take on.
@@ -116,7 +124,7 @@ pub async fn run<H: MessageHandler>(
             loop {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => {
-                        hand_back(batch, consumer_name).await;
+                        hand_back(batch, handler.as_ref(), consumer_name).await;
                         break 'subscribe;
                     }
                     _ = reconnect_check.tick() => {
@@ -206,17 +214,17 @@ async fn pull_consumer(
         .map_err(|e| crate::QueueError::request("get consumer", e))
 }
 
-/// Naks what the open pull delivers in the next moments, so another worker
+/// Hands back what the open pull delivers in the next moments, so another worker
 /// gets it now instead of after `ack_wait`, then drops the pull: the server
 /// checks for a subscriber before sending, so nothing more arrives. The pull
 /// is bounded by the free slots, so this hands back at most one batch.
-async fn hand_back(mut batch: Batch, consumer: &str) {
+async fn hand_back<H: MessageHandler>(mut batch: Batch, handler: &H, consumer: &str) {
     let mut handed_back = 0;
     while let Ok(Some(Ok(message))) =
         tokio::time::timeout(Duration::from_millis(20), batch.next()).await
     {
-        // Nak without delay: shutting down is no reason to postpone the work.
-        let _ = message.ack_with(AckKind::Nak(None)).await;
+        // At once: shutting down is no reason to postpone the work.
+        handler.hand_back(message).await;
         handed_back += 1;
     }
     if handed_back > 0 {

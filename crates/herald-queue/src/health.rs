@@ -43,8 +43,12 @@ struct Pending {
     last_error: Option<String>,
     /// The endpoint answered 410 Gone.
     gone: bool,
-    /// The owner was mailed about a failed delivery.
+    /// The owner was mailed about a failed delivery after the last success
+    /// seen here.
     owner_notified: bool,
+    /// The owner was mailed about a failed delivery and a success followed
+    /// in the same batch: the recovery that mail calls for.
+    notified_then_succeeded: bool,
     /// The task of the latest outcome, named in a disabled/recovered mail.
     last_task: Option<TaskId>,
 }
@@ -62,6 +66,26 @@ enum Transition {
 }
 
 impl Pending {
+    fn success(&mut self, task: &TaskId, at_ms: u64) {
+        self.succeeded = true;
+        self.last_success_ms = Some(at_ms);
+        self.failures = 0;
+        self.first_failure_ms = None;
+        // The mail was about failures this success ends.
+        self.notified_then_succeeded |= std::mem::take(&mut self.owner_notified);
+        self.last_task = Some(task.clone());
+    }
+
+    fn failure(&mut self, failure: &Failure<'_>) {
+        self.failures += 1;
+        self.first_failure_ms.get_or_insert(failure.at_ms);
+        self.last_failure_ms = Some(failure.at_ms);
+        self.last_error = Some(failure.error.chars().take(500).collect());
+        self.gone |= failure.gone;
+        self.owner_notified |= failure.owner_notified;
+        self.last_task = Some(failure.task.clone());
+    }
+
     fn merge_into(
         &self,
         mut health: EndpointHealth,
@@ -74,10 +98,12 @@ impl Pending {
             health.last_success_ms = health.last_success_ms.max(self.last_success_ms);
             health.consecutive_failures = self.failures;
             health.failing_since_ms = self.first_failure_ms;
-            if health.owner_notified && self.failures == 0 {
-                health.owner_notified = false;
+            let notified = health.owner_notified || self.notified_then_succeeded;
+            if notified && self.failures == 0 {
                 transition = Transition::Recovered;
             }
+            // Failures after the success keep the owner's last news "failing".
+            health.owner_notified = notified && self.failures > 0;
         } else {
             health.consecutive_failures += self.failures;
             health.failing_since_ms = health.failing_since_ms.or(self.first_failure_ms);
@@ -203,15 +229,12 @@ impl HealthTracker {
 
     pub fn record_success(&self, user: &UserId, endpoint: &EndpointId, task: &TaskId, at_ms: u64) {
         let key = names::endpoint_key(user, endpoint);
-        {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            let p = pending.entry(key.clone()).or_default();
-            p.succeeded = true;
-            p.last_success_ms = Some(at_ms);
-            p.failures = 0;
-            p.first_failure_ms = None;
-            p.last_task = Some(task.clone());
-        }
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .success(task, at_ms);
         self.flush_if_turned(&key, false);
     }
 
@@ -219,17 +242,12 @@ impl HealthTracker {
     /// at once. `owner_notified`: a mail about it is on its way.
     pub fn record_failure(&self, failure: Failure<'_>) {
         let key = names::endpoint_key(failure.user, failure.endpoint);
-        {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            let p = pending.entry(key.clone()).or_default();
-            p.failures += 1;
-            p.first_failure_ms.get_or_insert(failure.at_ms);
-            p.last_failure_ms = Some(failure.at_ms);
-            p.last_error = Some(failure.error.chars().take(500).collect());
-            p.gone |= failure.gone;
-            p.owner_notified |= failure.owner_notified;
-            p.last_task = Some(failure.task.clone());
-        }
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .failure(&failure);
         if failure.gone {
             // Stop at once in this process; the bucket tells the others.
             self.disabled
@@ -267,7 +285,7 @@ impl HealthTracker {
         let mut unwritten = HashMap::new();
         for (key, pending) in batch {
             match merge(&bucket, &key, &pending, self.disable_after).await {
-                Ok(transition) => self.announce(broker, &key, &pending, transition).await,
+                Ok(written) => self.announce(broker, &key, &pending, written).await,
                 Err(e) => {
                     tracing::warn!(key, error = %e, "could not update endpoint health");
                     unwritten.insert(key, pending);
@@ -278,19 +296,13 @@ impl HealthTracker {
     }
 
     /// Mails the owner about a transition this process's write made.
-    async fn announce(
-        &self,
-        broker: &Broker,
-        key: &str,
-        pending: &Pending,
-        transition: Transition,
-    ) {
-        let reason = match transition {
+    async fn announce(&self, broker: &Broker, key: &str, pending: &Pending, written: Written) {
+        let reason = match written.transition {
             Transition::None | Transition::DisabledByGone => return,
             Transition::Disabled => MailReason::EndpointDisabled,
             Transition::Recovered => MailReason::EndpointRecovered,
         };
-        if transition == Transition::Disabled {
+        if written.transition == Transition::Disabled {
             self.disabled
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
@@ -320,7 +332,7 @@ impl HealthTracker {
             task: task.clone(),
             user: user.clone(),
             endpoint: endpoint.clone(),
-            url: config.url.clone(),
+            url: herald_core::redact::RedactedUrl::from_text(&config.url).to_string(),
             to,
             reason,
             attempts: 0,
@@ -330,7 +342,7 @@ impl HealthTracker {
         };
         let message = Outgoing::new(
             names::mail_subject(&user),
-            format!("{}.{suffix}", names::mail_msg_id(&task, &endpoint, None)),
+            transition_mail_id(key, suffix, written.base_revision),
             encode(&mail),
         );
         if let Err(e) = broker.publish(message).await {
@@ -348,7 +360,14 @@ impl HealthTracker {
                 }
                 Some(newer) => {
                     let merged = if newer.succeeded {
-                        newer
+                        Pending {
+                            // A mail of the older batch came before the
+                            // newer success.
+                            notified_then_succeeded: newer.notified_then_succeeded
+                                || older.owner_notified
+                                || older.notified_then_succeeded,
+                            ..newer
+                        }
                     } else {
                         Pending {
                             failures: older.failures + newer.failures,
@@ -357,6 +376,7 @@ impl HealthTracker {
                             last_error: newer.last_error,
                             gone: older.gone || newer.gone,
                             owner_notified: older.owner_notified || newer.owner_notified,
+                            notified_then_succeeded: older.notified_then_succeeded,
                             last_task: newer.last_task.or(older.last_task),
                             ..older
                         }
@@ -366,6 +386,21 @@ impl HealthTracker {
             }
         }
     }
+}
+
+/// What a successful write of the health record did.
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    transition: Transition,
+    /// The revision the write replaced (0: the record was new). Only one
+    /// write can replace a given revision, so it names the transition.
+    base_revision: u64,
+}
+
+/// `Nats-Msg-Id` of the mail about one health transition of `key`: the same
+/// for every try to queue that mail, different for the next transition.
+fn transition_mail_id(key: &str, suffix: &str, base_revision: u64) -> String {
+    format!("health.{key}.{suffix}.r{base_revision}")
 }
 
 /// One failed attempt, for [`HealthTracker::record_failure`].
@@ -453,7 +488,7 @@ async fn merge(
     key: &str,
     pending: &Pending,
     disable_after: Duration,
-) -> Result<Transition, QueueError> {
+) -> Result<Written, QueueError> {
     for _ in 0..5 {
         let current = bucket
             .entry(key)
@@ -477,7 +512,10 @@ async fn merge(
         )
         .await?
         {
-            return Ok(transition);
+            return Ok(Written {
+                transition,
+                base_revision: revision.unwrap_or(0),
+            });
         }
         // Another worker wrote first: merge again.
     }
@@ -512,6 +550,8 @@ pub async fn read(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -612,5 +652,98 @@ mod tests {
         assert!(!health.owner_notified);
         let (_, transition) = success.merge_into(health, 10, DAY);
         assert_eq!(transition, Transition::None, "only the first success");
+    }
+
+    /// The outcomes of one flush interval, folded as the tracker folds them.
+    fn batch(outcomes: &[&str]) -> Pending {
+        let user = UserId::new("7").unwrap();
+        let endpoint = EndpointId::new("hooks").unwrap();
+        let task = TaskId::new("t-1").unwrap();
+        let mut pending = Pending::default();
+        for (at, outcome) in outcomes.iter().enumerate() {
+            let at_ms = 100 + at as u64;
+            match *outcome {
+                "success" => pending.success(&task, at_ms),
+                failure => pending.failure(&Failure {
+                    user: &user,
+                    endpoint: &endpoint,
+                    task: &task,
+                    at_ms,
+                    error: "HTTP 500",
+                    gone: false,
+                    owner_notified: failure == "failure mailed",
+                }),
+            }
+        }
+        pending
+    }
+
+    /// Mails per flush of `batches`, in order, starting from `stored`.
+    fn transitions(mut stored: EndpointHealth, batches: &[&[&str]]) -> Vec<Transition> {
+        batches
+            .iter()
+            .enumerate()
+            .map(|(i, outcomes)| {
+                let (health, transition) =
+                    batch(outcomes).merge_into(stored.clone(), 1_000 + i as u64, DAY);
+                stored = health;
+                transition
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_failure_mail_and_a_success_in_one_flush_recover_once() {
+        let mailed_before = EndpointHealth {
+            v: 1,
+            owner_notified: true,
+            consecutive_failures: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            transitions(
+                mailed_before,
+                &[&["failure mailed", "success"], &["success"], &["success"]]
+            ),
+            [Transition::Recovered, Transition::None, Transition::None],
+            "one recovered mail, at the flush that saw the recovery"
+        );
+        assert_eq!(
+            transitions(
+                EndpointHealth::default(),
+                &[&["failure mailed", "success"], &["success"]]
+            ),
+            [Transition::Recovered, Transition::None],
+            "the owner was mailed in this very flush, then it recovered"
+        );
+    }
+
+    #[test]
+    fn a_failure_after_the_recovery_in_one_flush_is_no_recovery() {
+        let mailed_before = EndpointHealth {
+            v: 1,
+            owner_notified: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            transitions(
+                mailed_before,
+                &[&["failure mailed", "success", "failure"], &["success"]]
+            ),
+            [Transition::None, Transition::Recovered],
+            "still failing at the first flush; the owner hears of the recovery once"
+        );
+    }
+
+    #[test]
+    fn transition_mail_ids_are_stable_per_write() {
+        assert_eq!(
+            transition_mail_id("7.hooks", "recovered", 12),
+            transition_mail_id("7.hooks", "recovered", 12)
+        );
+        assert_ne!(
+            transition_mail_id("7.hooks", "recovered", 12),
+            transition_mail_id("7.hooks", "recovered", 15)
+        );
     }
 }

@@ -124,6 +124,17 @@ impl TopologyConfig {
                 ..self.work_queue(names::WEBHOOKS_STREAM, names::WEBHOOKS_SUBJECTS)
             },
             self.work_queue(names::MAIL_STREAM, names::MAIL_SUBJECTS),
+            // Created with the others, before any consumer that can reach
+            // max_deliver: no advisory is published while nothing stores it.
+            stream::Config {
+                subjects: ADVISORY_CONSUMERS
+                    .iter()
+                    .map(|(_, stream, consumer)| {
+                        names::max_deliveries_advisory_subject(stream, consumer)
+                    })
+                    .collect(),
+                ..self.work_queue(names::ADVISORIES_STREAM, "")
+            },
             stream::Config {
                 name: names::ATTEMPTS_STREAM.to_string(),
                 subjects: vec![names::ATTEMPTS_SUBJECTS.to_string()],
@@ -190,6 +201,39 @@ pub const CONSUMERS: [(&str, &str, &str); 3] = [
     ),
 ];
 
+/// The consumers of `HERALD_ADVISORIES`, each taking the MAX_DELIVERIES
+/// advisories of one work-queue consumer: (its name, that stream, that
+/// consumer).
+pub const ADVISORY_CONSUMERS: [(&str, &str, &str); 3] = [
+    (
+        names::TASKS_MAX_DELIVERIES_CONSUMER,
+        names::TASKS_STREAM,
+        names::TASKS_CONSUMER,
+    ),
+    (
+        names::WEBHOOKS_MAX_DELIVERIES_CONSUMER,
+        names::WEBHOOKS_STREAM,
+        names::WEBHOOKS_CONSUMER,
+    ),
+    (
+        names::MAIL_MAX_DELIVERIES_CONSUMER,
+        names::MAIL_STREAM,
+        names::MAIL_CONSUMER,
+    ),
+];
+
+impl TopologyConfig {
+    /// An advisory consumer never gives up (`max_deliver` -1): an advisory
+    /// that cannot be handled yet is retried until it can, and never causes
+    /// an advisory of its own.
+    fn advisory_consumer(&self, name: &str, subject: String) -> consumer::pull::Config {
+        consumer::pull::Config {
+            max_deliver: -1,
+            ..self.consumer(name, &subject)
+        }
+    }
+}
+
 /// Creates or updates every stream, consumer and bucket. Safe to run from
 /// any number of processes at once.
 pub async fn ensure(broker: &Broker, config: &TopologyConfig) -> Result<(), QueueError> {
@@ -204,16 +248,15 @@ pub async fn ensure(broker: &Broker, config: &TopologyConfig) -> Result<(), Queu
             .get_stream_no_info(stream)
             .await
             .map_err(|e| QueueError::request("get stream", e))?;
-        let wanted = config.consumer(name, subjects);
-        match stream.update_consumer(wanted.clone()).await {
-            Ok(_) => {}
-            Err(_) => {
-                stream
-                    .create_consumer(wanted)
-                    .await
-                    .map_err(|e| QueueError::request("create consumer", e))?;
-            }
-        }
+        ensure_consumer(&stream, config.consumer(name, subjects)).await?;
+    }
+    let advisories = js
+        .get_stream_no_info(names::ADVISORIES_STREAM)
+        .await
+        .map_err(|e| QueueError::request("get stream", e))?;
+    for (name, stream, consumer) in ADVISORY_CONSUMERS {
+        let subject = names::max_deliveries_advisory_subject(stream, consumer);
+        ensure_consumer(&advisories, config.advisory_consumer(name, subject)).await?;
     }
     for bucket in config.buckets() {
         js.create_or_update_key_value(bucket)
@@ -221,6 +264,20 @@ pub async fn ensure(broker: &Broker, config: &TopologyConfig) -> Result<(), Queu
             .map_err(|e| QueueError::request("create bucket", e))?;
     }
     Ok(())
+}
+
+async fn ensure_consumer(
+    stream: &stream::Stream<()>,
+    wanted: consumer::pull::Config,
+) -> Result<(), QueueError> {
+    match stream.update_consumer(wanted.clone()).await {
+        Ok(_) => Ok(()),
+        Err(_) => stream
+            .create_consumer(wanted)
+            .await
+            .map(|_| ())
+            .map_err(|e| QueueError::request("create consumer", e)),
+    }
 }
 
 /// Whether the streams exist; what `/readyz` asks.

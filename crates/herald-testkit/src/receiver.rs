@@ -34,6 +34,8 @@ pub enum ReceiverBehaviour {
     Hang,
     /// 307 Temporary Redirect to this URL.
     RedirectTo(String),
+    /// `status` with this response body.
+    Answer { status: u16, body: String },
     /// `status` with `Retry-After: retry_after` to the first `times`
     /// requests for each `webhook-id`, then 200: an endpoint that throttles.
     Throttle {
@@ -163,6 +165,10 @@ async fn record(
                 [(header::LOCATION, location.clone())],
             )
                 .into_response();
+        }
+        ReceiverBehaviour::Answer { status, body } => {
+            let status = StatusCode::from_u16(*status).expect("a valid HTTP status");
+            return (status, body.clone()).into_response();
         }
         ReceiverBehaviour::Throttle {
             times,

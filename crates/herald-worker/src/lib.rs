@@ -25,6 +25,20 @@ pub(crate) fn task_event(user: &UserId, task: &TaskId, event: TaskEvent) -> Outg
     Outgoing::new(names::attempts_subject(user, task), None, encode(&message))
 }
 
+/// [`task_event`] with a `Nats-Msg-Id`, for an event that a retry of the
+/// same work must not record twice.
+pub(crate) fn task_event_with_id(
+    user: &UserId,
+    task: &TaskId,
+    event: TaskEvent,
+    msg_id: String,
+) -> Outgoing {
+    Outgoing {
+        msg_id: Some(msg_id),
+        ..task_event(user, task, event)
+    }
+}
+
 /// Parses durations written like "5s" or "250ms" in configuration.
 pub mod duration_serde {
     pub use herald_queue::topology::{

@@ -10,6 +10,7 @@ use async_nats::jetstream::{AckKind, Message};
 use herald_core::{
     metrics::{Metrics, metrics},
     payload::{MailJob, MailOutcome, MailReason, TaskEvent, decode},
+    redact::RedactedUrl,
     schedule::RetrySchedule,
 };
 use herald_queue::{
@@ -37,7 +38,9 @@ pub enum SmtpSecurity {
     Tls,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `Debug` is written by hand: it shows whether a password is set, never
+/// the password.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MailConfig {
     pub smtp_host: String,
@@ -57,6 +60,23 @@ pub struct MailConfig {
     pub retry_schedule: RetrySchedule,
     /// Mails sent at once by one process.
     pub concurrency: usize,
+}
+
+impl std::fmt::Debug for MailConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailConfig")
+            .field("smtp_host", &self.smtp_host)
+            .field("smtp_port", &self.smtp_port)
+            .field("security", &self.security)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("from", &self.from)
+            .field("pool_size", &self.pool_size)
+            .field("timeout", &self.timeout)
+            .field("retry_schedule", &self.retry_schedule)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
 }
 
 impl Default for MailConfig {
@@ -204,12 +224,20 @@ enum SendFailure {
     Permanent(String),
 }
 
+/// The endpoint's URL as a mail shows it: redacted, since mails are read
+/// and forwarded by more people than the owner. Workers queue jobs with it
+/// redacted already; a job queued by an older version is redacted here.
+fn shown_url(job: &MailJob) -> RedactedUrl {
+    RedactedUrl::from_text_or_redacted(&job.url)
+}
+
 fn subject(job: &MailJob) -> String {
+    let url = shown_url(job);
     match job.reason {
-        MailReason::AttemptsExhausted => format!("Webhook deliveries to {} are failing", job.url),
-        MailReason::EndpointGone => format!("Webhook endpoint {} answered 410 Gone", job.url),
-        MailReason::EndpointDisabled => format!("Webhook endpoint {} is disabled", job.url),
-        MailReason::EndpointRecovered => format!("Webhook endpoint {} has recovered", job.url),
+        MailReason::AttemptsExhausted => format!("Webhook deliveries to {url} are failing"),
+        MailReason::EndpointGone => format!("Webhook endpoint {url} answered 410 Gone"),
+        MailReason::EndpointDisabled => format!("Webhook endpoint {url} is disabled"),
+        MailReason::EndpointRecovered => format!("Webhook endpoint {url} has recovered"),
     }
 }
 
@@ -249,7 +277,7 @@ fn body(job: &MailJob) -> String {
          - Check that it does not redirect (Herald does not follow redirects).\n\
          - Then look at the task's attempts with GET /users/{user}/tasks/{task}.\n\n\
          -- Herald\n",
-        url = job.url,
+        url = shown_url(job),
         endpoint = job.endpoint,
         task = job.task,
         attempts = job.attempts,
@@ -324,7 +352,7 @@ mod tests {
         };
         let text = body(&job);
         for needle in [
-            "https://example.com/hooks",
+            "https://example.com/…#",
             "t-1",
             "8 attempts",
             "HTTP 500",
@@ -332,6 +360,43 @@ mod tests {
         ] {
             assert!(text.contains(needle), "mail body lacks {needle:?}:\n{text}");
         }
-        assert!(subject(&job).contains("https://example.com/hooks"));
+        assert!(subject(&job).contains("https://example.com/…#"));
+    }
+
+    #[test]
+    fn a_url_secret_reaches_neither_subject_nor_body() {
+        let job = MailJob {
+            v: 1,
+            task: TaskId::new("t-1").unwrap(),
+            user: UserId::new("7").unwrap(),
+            endpoint: EndpointId::new("default_hooks").unwrap(),
+            url: "https://u:pw@hooks.slack.com/services/T0/B0/SECRET?token=SECRET".into(),
+            to: "ops@example.com".into(),
+            reason: MailReason::AttemptsExhausted,
+            attempts: 8,
+            last_error: "HTTP 500".into(),
+            failed_at_ms: 0,
+            redelivery: None,
+        };
+        for text in [subject(&job), body(&job)] {
+            assert!(text.contains("https://hooks.slack.com/…#"), "{text}");
+            for secret in ["SECRET", "services", "pw@"] {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_the_smtp_password() {
+        let config = MailConfig {
+            username: Some("herald".into()),
+            password: Some("hunter2-SMTP".into()),
+            ..Default::default()
+        };
+        for text in [format!("{config:?}"), format!("{config:#?}")] {
+            assert!(!text.contains("hunter2-SMTP"), "{text}");
+            assert!(text.contains("<redacted>"), "{text}");
+            assert!(text.contains("herald"), "{text}");
+        }
     }
 }

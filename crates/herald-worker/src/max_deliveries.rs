@@ -1,138 +1,264 @@
-//! The safety net under the retry schedule.
+//! The safety net under the retry schedules: jobs that reached
+//! `max_deliver`.
 //!
 //! Workers end a job themselves after its last scheduled attempt. A job can
-//! still reach the consumer's `max_deliver` if its deliveries keep ending
+//! still reach its consumer's `max_deliver` if its deliveries keep ending
 //! without an ack (a worker crashing on it, acks lost while NATS restarts).
 //! JetStream then stops delivering it, leaves it in the work-queue stream,
-//! and publishes a MAX_DELIVERIES advisory. This turns each such job into an
-//! `exhausted` attempt and a mail job, then deletes it: nothing is dropped
-//! silently.
+//! and publishes a MAX_DELIVERIES advisory, a core NATS message.
 //!
-//! Advisories are core NATS messages: one sent while no webhook worker is
-//! subscribed is not seen, and its job stays in the stream for an operator
-//! to find (`nats stream view HERALD_WEBHOOKS`).
+//! Core NATS is heard only by whoever subscribes at that moment, so the
+//! advisories are not subscribed to: the `HERALD_ADVISORIES` stream captures
+//! them (its subjects are the three advisory subjects, created with the
+//! other streams before any consumer exists), and each worker kind reads
+//! its own stream's advisories through a durable consumer with explicit
+//! ack. An advisory published while no worker runs waits there; an
+//! advisory is acked only after the job it names has ended recorded and
+//! has been deleted. How each job ends:
+//!
+//! | stream           | recorded as                                    | owner told            |
+//! |------------------|------------------------------------------------|-----------------------|
+//! | `HERALD_TASKS`   | task `failed` ("gave up after N deliveries")   | `<type>.failed` webhook, as any failed task |
+//! | `HERALD_WEBHOOKS`| attempt `exhausted` (`abandoned` without email) | failure mail          |
+//! | `HERALD_MAIL`    | mail outcome `sent: false`                     | (the mail was the telling) |
 
-use async_nats::jetstream::stream::DirectGetErrorKind;
-use futures::StreamExt;
+use std::time::Duration;
+
+use async_nats::jetstream::{AckKind, Message, stream::DirectGetErrorKind};
 use herald_core::{
     names,
     payload::{
-        AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailReason, TaskEvent, VERSION,
-        decode, encode,
+        AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailOutcome, MailReason, TaskEvent,
+        TaskMessage, VERSION, decode, encode,
     },
+    redact::RedactedUrl,
 };
-use herald_queue::{Broker, QueueError, endpoints::EndpointCache, publish::Outgoing};
+use herald_queue::{
+    Broker, QueueError,
+    consume::{ConsumerSettings, MessageHandler},
+    endpoints::EndpointCache,
+    publish::Outgoing,
+};
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 
-use crate::task_event;
+use crate::{handlers::HandlerRegistry, tasks::TaskWorker};
 
 /// The part of the advisory this needs.
 #[derive(Debug, Deserialize)]
 pub struct MaxDeliveriesAdvisory {
+    pub stream: String,
     pub stream_seq: u64,
     pub deliveries: u64,
 }
 
-pub fn advisory_subject() -> String {
-    format!(
-        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}",
-        names::WEBHOOKS_STREAM,
-        names::WEBHOOKS_CONSUMER
-    )
+/// How long an advisory that could not be handled (NATS refusing a write,
+/// an endpoint this process cannot read yet) waits before it is tried again.
+const RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// Which work-queue stream's abandoned jobs a [`MaxDeliveries`] ends, with
+/// what it needs to record them.
+pub enum Abandoned {
+    /// Reuses the task worker's outputs, so an abandoned task is reported
+    /// exactly like a task whose handler failed.
+    Tasks(Box<TaskWorker>),
+    Webhooks(EndpointCache),
+    Mail,
 }
 
-/// Handles advisories until `shutdown`. Webhook workers share them through
-/// a queue group, so each advisory is handled once.
-pub async fn watch(broker: Broker, endpoints: EndpointCache, shutdown: CancellationToken) {
-    while !shutdown.is_cancelled() {
-        let mut advisories = match broker
-            .client
-            .queue_subscribe(advisory_subject(), "herald-webhooks".into())
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to max-deliveries advisories");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        loop {
-            let message = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                message = advisories.next() => message,
-            };
-            let Some(message) = message else { break };
-            match serde_json::from_slice::<MaxDeliveriesAdvisory>(&message.payload) {
-                Ok(advisory) => {
-                    if let Err(e) = handle(&broker, &endpoints, &advisory).await {
-                        tracing::error!(sequence = advisory.stream_seq, error = %e, "could not turn an abandoned job into a mail job");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "unreadable max-deliveries advisory"),
-            }
+impl Abandoned {
+    pub fn tasks(broker: Broker, endpoints: EndpointCache, ack_wait: Duration) -> Self {
+        Self::Tasks(Box::new(TaskWorker::new(
+            broker,
+            endpoints,
+            HandlerRegistry::new(),
+            ack_wait,
+        )))
+    }
+
+    fn stream(&self) -> &'static str {
+        match self {
+            Abandoned::Tasks(_) => names::TASKS_STREAM,
+            Abandoned::Webhooks(_) => names::WEBHOOKS_STREAM,
+            Abandoned::Mail => names::MAIL_STREAM,
+        }
+    }
+
+    fn consumer(&self) -> &'static str {
+        match self {
+            Abandoned::Tasks(_) => names::TASKS_MAX_DELIVERIES_CONSUMER,
+            Abandoned::Webhooks(_) => names::WEBHOOKS_MAX_DELIVERIES_CONSUMER,
+            Abandoned::Mail => names::MAIL_MAX_DELIVERIES_CONSUMER,
         }
     }
 }
 
-/// Records the abandoned job as exhausted, queues the mail, deletes the job.
-pub async fn handle(
-    broker: &Broker,
-    endpoints: &EndpointCache,
-    advisory: &MaxDeliveriesAdvisory,
-) -> Result<(), QueueError> {
-    let stream = broker
-        .jetstream
-        .get_stream_no_info(names::WEBHOOKS_STREAM)
-        .await
-        .map_err(|e| QueueError::request("get stream", e))?;
-    let stored = match stream.direct_get(advisory.stream_seq).await {
-        Ok(m) => m,
-        Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(()), // handled already
-        Err(e) => return Err(QueueError::request("read abandoned job", e)),
-    };
-    let job: DeliveryJob = match decode(&stored.payload) {
-        Ok(job) => job,
-        Err(e) => {
-            tracing::error!(sequence = advisory.stream_seq, error = %e, "deleting unreadable abandoned job");
-            let _ = stream.delete_message(advisory.stream_seq).await;
-            return Ok(());
+/// Reads one stream's advisories from `HERALD_ADVISORIES`; run it with
+/// [`herald_queue::consume::run`] and [`MaxDeliveries::settings`].
+pub struct MaxDeliveries {
+    broker: Broker,
+    abandoned: Abandoned,
+}
+
+/// Why an advisory is handed back to be tried again later.
+#[derive(Debug, thiserror::Error)]
+enum NotYet {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("an endpoint of the user is unreadable: {0}")]
+    UnreadableEndpoint(String),
+}
+
+impl MaxDeliveries {
+    pub fn new(broker: Broker, abandoned: Abandoned) -> Self {
+        Self { broker, abandoned }
+    }
+
+    /// Advisories are rare: a few at a time is plenty.
+    pub fn settings(&self, grace: Duration) -> ConsumerSettings {
+        ConsumerSettings {
+            stream: names::ADVISORIES_STREAM,
+            consumer: self.abandoned.consumer(),
+            concurrency: 4,
+            grace,
         }
-    };
+    }
+
+    /// Records the abandoned job's end, then deletes it. `Ok` also when the
+    /// job is gone already (an earlier try deleted it).
+    async fn end(&self, advisory: &MaxDeliveriesAdvisory) -> Result<(), NotYet> {
+        let stream = self
+            .broker
+            .jetstream
+            .get_stream_no_info(self.abandoned.stream())
+            .await
+            .map_err(|e| QueueError::request("get stream", e))?;
+        let stored = match stream.direct_get(advisory.stream_seq).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(QueueError::request("read abandoned job", e).into()),
+        };
+        let error = format!(
+            "gave up after {} deliveries without an outcome (max_deliver)",
+            advisory.deliveries
+        );
+        match self.outgoing(&stored.payload, advisory, error)? {
+            Some(outgoing) => {
+                self.broker.publish_all(outgoing).await?;
+            }
+            None => {
+                tracing::error!(
+                    stream = self.abandoned.stream(),
+                    sequence = advisory.stream_seq,
+                    "deleting an unreadable abandoned job"
+                );
+            }
+        }
+        if let Err(e) = stream.delete_message(advisory.stream_seq).await {
+            // Fine if another try of the same advisory deleted it meanwhile.
+            let gone = matches!(
+                stream.direct_get(advisory.stream_seq).await,
+                Err(ref missing) if missing.kind() == DirectGetErrorKind::NotFound
+            );
+            if !gone {
+                return Err(QueueError::request("delete abandoned job", e).into());
+            }
+        }
+        Ok(())
+    }
+
+    /// What records the end of the job in `payload`; `None` when it does
+    /// not parse (it never will: deleted without a record).
+    fn outgoing(
+        &self,
+        payload: &[u8],
+        advisory: &MaxDeliveriesAdvisory,
+        error: String,
+    ) -> Result<Option<Vec<Outgoing>>, NotYet> {
+        // The record of an abandoned job has one id per stream message, so
+        // a second try after a failed delete records nothing twice.
+        let record_id = format!("{}.{}.max-deliver", advisory.stream, advisory.stream_seq);
+        let deliveries = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
+        Ok(match &self.abandoned {
+            Abandoned::Tasks(worker) => {
+                let Ok(task) = decode::<TaskMessage>(payload) else {
+                    return Ok(None);
+                };
+                if let Some((key, why)) = worker.endpoints().unreadable_for(&task.user) {
+                    // Fanning the failure out now would skip that endpoint.
+                    return Err(NotYet::UnreadableEndpoint(format!("{key}: {why}")));
+                }
+                tracing::warn!(task = %task.id, deliveries, "task reached max_deliver; recording it as failed");
+                Some(worker.outputs(&task, Err(error)))
+            }
+            Abandoned::Webhooks(endpoints) => {
+                let Ok(job) = decode::<DeliveryJob>(payload) else {
+                    return Ok(None);
+                };
+                tracing::warn!(task = %job.task, endpoint = %job.endpoint, deliveries, "delivery reached max_deliver; recording it and mailing the owner");
+                Some(abandoned_delivery(
+                    endpoints, &job, deliveries, error, record_id,
+                ))
+            }
+            Abandoned::Mail => {
+                let Ok(job) = decode::<MailJob>(payload) else {
+                    return Ok(None);
+                };
+                tracing::error!(task = %job.task, deliveries, "mail job reached max_deliver; recording it as failed");
+                let event = TaskEvent::Mail(MailOutcome {
+                    endpoint: job.endpoint.clone(),
+                    reason: Some(job.reason),
+                    to: job.to.clone(),
+                    attempt: deliveries,
+                    at_ms: herald_core::now_ms(),
+                    sent: false,
+                    error: Some(error),
+                    redelivery: job.redelivery.clone(),
+                });
+                Some(vec![crate::task_event_with_id(
+                    &job.user, &job.task, event, record_id,
+                )])
+            }
+        })
+    }
+}
+
+/// An `exhausted` attempt and the failure mail (or `abandoned` when the
+/// endpoint has no email), as the webhook worker's last attempt would.
+fn abandoned_delivery(
+    endpoints: &EndpointCache,
+    job: &DeliveryJob,
+    deliveries: u32,
+    error: String,
+    record_id: String,
+) -> Vec<Outgoing> {
     let endpoint = endpoints.get(&job.user, &job.endpoint);
-    let url = endpoint.as_ref().map(|e| e.url.clone()).unwrap_or_default();
+    let url = endpoint
+        .as_ref()
+        .map(|e| RedactedUrl::from_text(&e.url).to_string())
+        .unwrap_or_default();
     let email = endpoint.as_ref().and_then(|e| e.email.clone());
-    let error = format!(
-        "gave up after {} deliveries without an outcome (max_deliver)",
-        advisory.deliveries
-    );
-    // Each delivery of the message was one more HTTP attempt after the
-    // attempt the job carried.
-    let deliveries = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
+    // Each delivery of the message that ended without an outcome may have
+    // reached the endpoint: one more attempt after the one the job carried.
     let attempts = job.attempt.saturating_add(deliveries.saturating_sub(1));
-    let mut outgoing = vec![task_event(
-        &job.user,
-        &job.task,
-        TaskEvent::Delivery(DeliveryAttempt {
-            endpoint: job.endpoint.clone(),
-            url: url.clone(),
-            attempt: attempts,
-            at_ms: herald_core::now_ms(),
-            outcome: if email.is_some() {
-                AttemptOutcome::Exhausted
-            } else {
-                AttemptOutcome::Abandoned
-            },
-            status: None,
-            latency_ms: 0,
-            error: Some(error.clone()),
-            response_body: None,
-            next_attempt_in_ms: None,
-            redelivery: job.redelivery.clone(),
-        }),
+    let attempt = TaskEvent::Delivery(DeliveryAttempt {
+        endpoint: job.endpoint.clone(),
+        url: url.clone(),
+        attempt: attempts,
+        at_ms: herald_core::now_ms(),
+        outcome: if email.is_some() {
+            AttemptOutcome::Exhausted
+        } else {
+            AttemptOutcome::Abandoned
+        },
+        status: None,
+        latency_ms: 0,
+        error: Some(error.clone()),
+        response_body: None,
+        next_attempt_in_ms: None,
+        redelivery: job.redelivery.clone(),
+    });
+    let mut outgoing = vec![crate::task_event_with_id(
+        &job.user, &job.task, attempt, record_id,
     )];
     if let Some(to) = email {
         let mail = MailJob {
@@ -154,11 +280,38 @@ pub async fn handle(
             encode(&mail),
         ));
     }
-    broker.publish_all(outgoing).await?;
-    stream
-        .delete_message(advisory.stream_seq)
-        .await
-        .map_err(|e| QueueError::request("delete abandoned job", e))?;
-    tracing::warn!(task = %job.task, endpoint = %job.endpoint, "job reached max_deliver; recorded and mailed");
-    Ok(())
+    outgoing
+}
+
+#[async_trait::async_trait]
+impl MessageHandler for MaxDeliveries {
+    async fn handle(&self, message: Message) {
+        let advisory = match serde_json::from_slice::<MaxDeliveriesAdvisory>(&message.payload) {
+            Ok(a) if a.stream == self.abandoned.stream() => a,
+            Ok(a) => {
+                tracing::error!(stream = %a.stream, consumer = self.abandoned.consumer(), "advisory for another stream; dropping it");
+                // Term: the consumer's filter should make this impossible.
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(subject = %message.subject, error = %e, "unreadable max-deliveries advisory; dropping it");
+                // Term: it will never parse.
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        match self.end(&advisory).await {
+            Ok(()) => {
+                // Plain ack: a lost ack redelivers the advisory, and a second
+                // try finds the job deleted.
+                let _ = message.ack().await;
+            }
+            Err(e) => {
+                tracing::warn!(stream = %advisory.stream, sequence = advisory.stream_seq, error = %e, "could not end an abandoned job yet; retrying");
+                // Nak with a delay: the advisory stays until the job has ended.
+                let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+            }
+        }
+    }
 }

@@ -32,6 +32,16 @@ pub struct SsrfConfig {
     /// CIDRs webhooks may reach even though they are not global, such as
     /// `127.0.0.0/8`; empty (the default) opens nothing.
     pub allow: Vec<Cidr>,
+    /// Whether a refusal recorded in an attempt (and so returned by the API
+    /// and mailed) names the address the host resolved to. Off by default:
+    /// the range's class ("private, RFC 1918") tells the endpoint's owner
+    /// what is wrong without mapping the cluster's network for them.
+    pub reveal_refused_address: bool,
+    /// Bytes of the response body kept in the attempt record when the
+    /// endpoint was reached only because `allow` opens its address. 0 (the
+    /// default): nothing, since an internal service's answer is what the
+    /// guard exists to keep from tenants.
+    pub allowed_response_body_bytes: usize,
 }
 
 /// 127.0.0.0/8 and ::1/128, which `herald dev` and tests open.
@@ -350,6 +360,27 @@ impl fmt::Debug for Refused {
 
 impl std::error::Error for Refused {}
 
+impl Refused {
+    /// What an attempt records: the full [`Display`](fmt::Display) text with
+    /// `reveal_address`, else the range without the address in it.
+    pub fn describe(&self, reveal_address: bool) -> String {
+        if reveal_address {
+            return self.to_string();
+        }
+        let mut text = format!(
+            "refused by the SSRF guard: the address is in {} ({})",
+            self.range.cidr, self.range.name
+        );
+        if let Some((_, range)) = &self.embedded {
+            text.push_str(&format!(
+                " and embeds an address in {} ({})",
+                range.cidr, range.name
+            ));
+        }
+        text
+    }
+}
+
 /// Decides which addresses webhooks may reach.
 #[derive(Debug, Clone, Default)]
 pub struct SsrfGuard {
@@ -387,6 +418,11 @@ impl SsrfGuard {
             }
             _ => Err(refused),
         }
+    }
+
+    /// Whether `address` is global: reachable without the allow-list.
+    pub fn is_global(address: IpAddr) -> bool {
+        SsrfGuard::default().check(address).is_ok()
     }
 
     fn allows(&self, address: IpAddr) -> bool {

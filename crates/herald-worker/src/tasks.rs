@@ -69,6 +69,10 @@ impl TaskWorker {
         }
     }
 
+    pub(crate) fn endpoints(&self) -> &EndpointCache {
+        &self.endpoints
+    }
+
     /// Runs the handler, catching a panic as a failure so a bad handler
     /// cannot make a task come back forever.
     async fn run_handler(&self, task: &TaskMessage) -> Result<Value, String> {
@@ -89,8 +93,13 @@ impl TaskWorker {
         }
     }
 
-    /// Everything a finished task produces: its delivery jobs and record.
-    fn outputs(&self, task: &TaskMessage, outcome: Result<Value, String>) -> Vec<Outgoing> {
+    /// Everything a finished task produces: its delivery jobs and record
+    /// (also what ends a task that reached max_deliver).
+    pub(crate) fn outputs(
+        &self,
+        task: &TaskMessage,
+        outcome: Result<Value, String>,
+    ) -> Vec<Outgoing> {
         let (handler_outcome, result, error) = match outcome {
             Ok(result) => (HandlerOutcome::Completed, Some(result), None),
             Err(error) => (HandlerOutcome::Failed, None, Some(error)),

@@ -48,6 +48,7 @@ use herald_core::{
         AttemptOutcome, DeliveryAttempt, DeliveryJob, EndpointConfig, MailJob, MailReason,
         RESPONSE_BODY_LIMIT, TaskEvent, VERSION, decode, encode,
     },
+    redact::RedactedUrl,
     schedule::RetrySchedule,
     signing::signature_header,
 };
@@ -96,6 +97,11 @@ pub struct WebhookWorkerConfig {
     pub max_in_flight_per_endpoint: usize,
     /// Which non-global addresses webhooks may reach anyway.
     pub ssrf: SsrfConfig,
+    /// Bytes of a global endpoint's response body kept in the attempt
+    /// record (at most 1024; 0 keeps none). What the owner's own server
+    /// answered, shown to that owner; for allow-listed addresses see
+    /// `ssrf.allowed_response_body_bytes`.
+    pub response_body_bytes: usize,
 }
 
 impl Default for WebhookWorkerConfig {
@@ -110,6 +116,7 @@ impl Default for WebhookWorkerConfig {
             disable_after: Duration::from_secs(5 * 24 * 3600),
             max_in_flight_per_endpoint: 32,
             ssrf: SsrfConfig::default(),
+            response_body_bytes: RESPONSE_BODY_LIMIT,
         }
     }
 }
@@ -223,14 +230,15 @@ impl WebhookWorker {
             Ok(mut response) => {
                 let status = response.status();
                 let retry_after = retry_after(response.headers());
+                let keep = self.response_body_bytes(response.remote_addr());
                 let mut body = Vec::new();
-                while body.len() < RESPONSE_BODY_LIMIT {
+                while body.len() < keep {
                     match response.chunk().await {
                         Ok(Some(chunk)) => body.extend_from_slice(&chunk),
                         _ => break,
                     }
                 }
-                body.truncate(RESPONSE_BODY_LIMIT);
+                body.truncate(keep);
                 Response {
                     status: Some(status),
                     retry_after,
@@ -244,12 +252,28 @@ impl WebhookWorker {
                 retry_after: None,
                 body: None,
                 error: Some(match e {
-                    SendError::Refused(refused) => refused.to_string(),
-                    SendError::Http(e) => describe_request_error(&e),
+                    SendError::Refused(refused) => {
+                        refused.describe(self.config.ssrf.reveal_refused_address)
+                    }
+                    // Without the URL: its query or path may hold a secret.
+                    SendError::Http(e) => describe_request_error(&e.without_url()),
                 }),
                 latency: started.elapsed(),
             },
         }
+    }
+
+    /// How much of the body of a response from `peer` the attempt keeps:
+    /// an address only the allow-list opens is an internal service, whose
+    /// answer is kept only as far as `ssrf.allowed_response_body_bytes`
+    /// says (an unknown peer counts as one).
+    fn response_body_bytes(&self, peer: Option<std::net::SocketAddr>) -> usize {
+        let limit = if peer.is_some_and(|p| SsrfGuard::is_global(p.ip())) {
+            self.config.response_body_bytes
+        } else {
+            self.config.ssrf.allowed_response_body_bytes
+        };
+        limit.min(RESPONSE_BODY_LIMIT)
     }
 
     /// The delay before the next attempt, or `None` when none is left.
@@ -274,11 +298,7 @@ impl WebhookWorker {
     }
 
     async fn deliver(&self, message: &Message, job: DeliveryJob) {
-        // A message delivered again (its worker died mid-request) is one
-        // more HTTP attempt after the one it carries.
-        let attempt = job
-            .attempt
-            .saturating_add(delivery_count(message).saturating_sub(1));
+        let attempt = attempt_number(message, &job);
         let Some(endpoint) = self.endpoints.get(&job.user, &job.endpoint) else {
             let key = names::endpoint_key(&job.user, &job.endpoint);
             if let Some(why) = self.endpoints.unreadable().get(&key) {
@@ -330,7 +350,7 @@ impl WebhookWorker {
             // Stored as a schedule, not pending: a paused endpoint's backlog
             // costs the other endpoints nothing. Not an attempt.
             let later = herald_core::now_ms() + self.config.paused_recheck.as_millis() as u64;
-            let deferred = reschedule(&job, job.attempt, later, None);
+            let deferred = defer(&job, attempt, later, None);
             self.finish(message, &job, vec![deferred], AckKind::Ack)
                 .await;
             return;
@@ -353,9 +373,11 @@ impl WebhookWorker {
                         Ok(slot) => slot,
                         Err(e) => {
                             tracing::warn!(endpoint = %job.endpoint, error = %e, "no rate-limit slot; retrying the job shortly");
-                            // Nak with a delay: NATS is struggling, so do not spin.
-                            let _ = message
-                                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            // Stored again a second later, not nak'd: a
+                            // redelivery would count an attempt never sent.
+                            let later = herald_core::now_ms() + 1000;
+                            let deferred = defer(&job, attempt, later, None);
+                            self.finish(message, &job, vec![deferred], AckKind::Ack)
                                 .await;
                             return;
                         }
@@ -366,7 +388,7 @@ impl WebhookWorker {
                 > RATE_LIMIT_WAIT_IN_WORKER.as_millis() as u64
             {
                 // Stored until its slot, holding no worker meanwhile.
-                let deferred = reschedule(&job, job.attempt, slot, Some(slot));
+                let deferred = defer(&job, attempt, slot, Some(slot));
                 self.finish(message, &job, vec![deferred], AckKind::Ack)
                     .await;
                 return;
@@ -398,7 +420,7 @@ impl WebhookWorker {
                 .unwrap_or(self.config.timeout);
             let spread = rand::random_range(1.0..2.0);
             let later = herald_core::now_ms() + timeout.mul_f64(spread).as_millis() as u64;
-            let deferred = reschedule(&job, job.attempt, later, None);
+            let deferred = defer(&job, attempt, later, None);
             self.finish(message, &job, vec![deferred], AckKind::Ack)
                 .await;
             return;
@@ -499,7 +521,7 @@ impl WebhookWorker {
             &job.task,
             TaskEvent::Delivery(DeliveryAttempt {
                 endpoint: job.endpoint.clone(),
-                url: url.to_string(),
+                url: shown_url(url),
                 attempt,
                 at_ms: herald_core::now_ms(),
                 outcome,
@@ -595,6 +617,45 @@ impl ResponseClass {
     }
 }
 
+/// The number of the HTTP attempt this delivery would make. The job carries
+/// the number of the next request; a path that sends nothing hands the job
+/// back as a new message with the same number ([`defer`]), never with a
+/// nak, whose redelivery would look like a request. So a message delivered
+/// again means its previous delivery ended without an outcome (a worker
+/// died or hung holding it) after it may have reached the endpoint: one
+/// more attempt each. The one exception: when NATS refuses even the
+/// hand-back, the nak that remains counts once too often, never too rarely.
+fn attempt_number(message: &Message, job: &DeliveryJob) -> u32 {
+    job.attempt
+        .saturating_add(delivery_count(message).saturating_sub(1))
+}
+
+/// The job handed back without a request: stored as a message schedule
+/// that fires at `at_ms` carrying the same attempt number `attempt` (and
+/// the rate-limit slot it was deferred to, if that is why). Deferrals may
+/// repeat; the time keeps each one's `Nats-Msg-Id` apart.
+fn defer(job: &DeliveryJob, attempt: u32, at_ms: u64, rate_slot_ms: Option<u64>) -> Outgoing {
+    let next = DeliveryJob {
+        attempt,
+        rate_slot_ms,
+        ..job.clone()
+    };
+    let attempt_id =
+        names::attempt_msg_id(&job.task, &job.endpoint, job.redelivery.as_deref(), attempt);
+    Outgoing::scheduled(
+        names::retry_subject(
+            &job.user,
+            &job.endpoint,
+            &job.task,
+            job.redelivery.as_deref(),
+        ),
+        names::webhook_subject(&job.user, &job.endpoint),
+        at_ms,
+        format!("{attempt_id}.{at_ms}"),
+        encode(&next),
+    )
+}
+
 /// The job again, as a message schedule that fires onto its webhook subject
 /// at `at_ms` carrying attempt `attempt` (and the rate-limit slot it was
 /// deferred to, if that is why).
@@ -641,7 +702,7 @@ fn mail_job(
         task: job.task.clone(),
         user: job.user.clone(),
         endpoint: job.endpoint.clone(),
-        url: url.to_string(),
+        url: shown_url(url),
         to: email.to_string(),
         reason: if outcome == AttemptOutcome::Gone {
             MailReason::EndpointGone
@@ -658,6 +719,15 @@ fn mail_job(
         names::mail_msg_id(&job.task, &job.endpoint, job.redelivery.as_deref()),
         encode(&mail),
     )
+}
+
+/// An endpoint URL as records and mails show it: redacted
+/// ([`RedactedUrl`]), empty when there is none (endpoint removed).
+fn shown_url(url: &str) -> String {
+    if url.is_empty() {
+        return String::new();
+    }
+    RedactedUrl::from_text(url).to_string()
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date (RFC 9110 10.2.3); a date
@@ -704,10 +774,34 @@ impl MessageHandler for WebhookWorker {
             }
         }
     }
+
+    /// At shutdown: stored again to fire at once, not nak'd, so the
+    /// delivery keeps its attempt number ([`attempt_number`]).
+    async fn hand_back(&self, message: Message) {
+        let Ok(job) = decode::<DeliveryJob>(&message.payload) else {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+            return;
+        };
+        let again = defer(
+            &job,
+            attempt_number(&message, &job),
+            herald_core::now_ms(),
+            job.rate_slot_ms,
+        );
+        match self.broker.publish(again).await {
+            Ok(_) => {
+                let _ = message.ack().await;
+            }
+            Err(_) => {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+    }
 }
 
-/// Builds the worker and its companions, which run until `shutdown`: the
-/// health tracker's flusher and the max-deliveries safety net.
+/// Builds the worker and its companion, which runs until `shutdown`: the
+/// health tracker's flusher. (Jobs past max_deliver:
+/// [`crate::max_deliveries`].)
 pub fn start(
     broker: Broker,
     endpoints: EndpointCache,
@@ -722,11 +816,6 @@ pub fn start(
         config.disable_after,
         shutdown.clone(),
     );
-    tokio::spawn(crate::max_deliveries::watch(
-        broker.clone(),
-        endpoints.clone(),
-        shutdown,
-    ));
     Arc::new(WebhookWorker::new(
         broker, endpoints, health, config, ack_wait,
     ))

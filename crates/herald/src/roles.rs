@@ -11,7 +11,13 @@ use herald_queue::{
     endpoints::EndpointCache,
     topology,
 };
-use herald_worker::{handlers::HandlerRegistry, mail::MailWorker, tasks::TaskWorker, webhooks};
+use herald_worker::{
+    handlers::HandlerRegistry,
+    mail::MailWorker,
+    max_deliveries::{Abandoned, MaxDeliveries},
+    tasks::TaskWorker,
+    webhooks,
+};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -174,6 +180,8 @@ pub async fn run_with(
                 worker,
                 shutdown.clone(),
             ));
+            let abandoned = Abandoned::tasks(broker.clone(), cache.clone(), ack_wait);
+            spawn_max_deliveries(&broker, &config, abandoned, &shutdown, &mut running);
         }
         if roles.workers.contains(&WorkerKind::Webhooks) {
             let worker = webhooks::start(
@@ -196,6 +204,8 @@ pub async fn run_with(
                 worker,
                 shutdown.clone(),
             ));
+            let abandoned = Abandoned::Webhooks(cache.clone());
+            spawn_max_deliveries(&broker, &config, abandoned, &shutdown, &mut running);
         }
     }
     if let Some(worker) = mail_worker {
@@ -212,6 +222,7 @@ pub async fn run_with(
             worker,
             shutdown.clone(),
         ));
+        spawn_max_deliveries(&broker, &config, Abandoned::Mail, &shutdown, &mut running);
     }
     readiness.set_ready();
     tracing::info!(api = roles.api, workers = ?roles.workers, "herald running");
@@ -219,6 +230,26 @@ pub async fn run_with(
     // Acks and naks are buffered by the client: send them before exiting.
     let _ = broker.client.flush().await;
     result
+}
+
+/// Each worker kind also ends its own stream's jobs that reached
+/// max_deliver, from the advisories `HERALD_ADVISORIES` kept for it.
+fn spawn_max_deliveries(
+    broker: &Broker,
+    config: &Config,
+    abandoned: Abandoned,
+    shutdown: &CancellationToken,
+    running: &mut JoinSet<anyhow::Result<()>>,
+) {
+    let handler = MaxDeliveries::new(broker.clone(), abandoned);
+    let settings = handler.settings(config.shutdown.grace);
+    running.spawn(consume_until(
+        broker.clone(),
+        config.clone(),
+        settings,
+        Arc::new(handler),
+        shutdown.clone(),
+    ));
 }
 
 async fn consume_until<H: consume::MessageHandler>(

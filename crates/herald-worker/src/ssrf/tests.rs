@@ -63,6 +63,7 @@ fn client(allow: &[&str]) -> (GuardedClient, Arc<StaticResolver>) {
     let resolver = Arc::new(StaticResolver::default());
     let config = SsrfConfig {
         allow: allow.iter().map(|c| cidr(c)).collect(),
+        ..Default::default()
     };
     (http_client_with(&config, resolver.clone()), resolver)
 }
@@ -195,6 +196,30 @@ fn assert_refusal(refused: &Refused, case: &(&str, &str, &str, Option<&str>), ho
         )),
         "{text}"
     );
+    assert_eq!(refused.describe(true), text);
+    let hidden = refused.describe(false);
+    assert!(
+        hidden.starts_with(&format!(
+            "refused by the SSRF guard: the address is in {} (",
+            cidr(range)
+        )),
+        "{hidden}"
+    );
+    let mut revealing = vec![ip(address).to_string()];
+    revealing.extend(refused.embedded().map(|(v4, _)| v4.to_string()));
+    for shown in revealing {
+        // A range's own address (0.0.0.0, ::1, 255.255.255.255) may equal
+        // the refused one: look outside the ranges' text.
+        let without_ranges = hidden.replace(&cidr(range).to_string(), "");
+        let without_ranges = match refused.embedded() {
+            Some((_, inner)) => without_ranges.replace(&inner.to_string(), ""),
+            None => without_ranges,
+        };
+        assert!(
+            !without_ranges.contains(&shown),
+            "{how} {address}: {hidden} names the address"
+        );
+    }
 }
 
 #[tokio::test]
@@ -307,6 +332,7 @@ async fn the_allow_list_opens_exactly_what_it_names() {
 
     let guard = SsrfGuard::new(&SsrfConfig {
         allow: vec![cidr("127.0.0.2/32")],
+        ..Default::default()
     });
     // The same destination written as IPv4-mapped IPv6 is just as open.
     assert!(guard.check(ip("::ffff:127.0.0.2")).is_ok());

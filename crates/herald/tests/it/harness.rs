@@ -226,16 +226,28 @@ pub async fn broker(nats: &NatsServer) -> Broker {
 /// configured through `HERALD_*` variables as a Deployment would be; the
 /// SSRF guard allows loopback unless `env` says otherwise.
 pub fn worker_process(nats: &NatsServer, env: &[(&str, &str)]) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["worker", "tasks,webhooks", "--nats-url", &nats.url()])
-        .env("HERALD_SECRETS__KEY", TEST_KEY)
-        .env(ALLOW_LOOPBACK_ENV.0, ALLOW_LOOPBACK_ENV.1)
-        .envs(env.iter().copied())
-        .env("HERALD_LOG__FILTER", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
+    worker_command(nats, "tasks,webhooks", env)
         .spawn()
         .expect("start herald worker")
+}
+
+/// `herald worker <kinds>` as [`worker_process`] starts it, to be spawned
+/// by the caller (who may redirect its log, stderr, or change its filter).
+pub fn worker_command(
+    nats: &NatsServer,
+    kinds: &str,
+    env: &[(&str, &str)],
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    command
+        .args(["worker", kinds, "--nats-url", &nats.url()])
+        .env("HERALD_SECRETS__KEY", TEST_KEY)
+        .env(ALLOW_LOOPBACK_ENV.0, ALLOW_LOOPBACK_ENV.1)
+        .env("HERALD_LOG__FILTER", "warn")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    command
 }
 
 /// Waits until the delivery of `task` to `endpoint` waits in

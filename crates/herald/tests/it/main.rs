@@ -7,12 +7,15 @@
 
 mod harness;
 
+mod abandoned;
 mod auth;
 mod chart;
+mod counts;
 mod delivery;
 mod dev;
 mod failures;
 mod inputs;
+mod leaks;
 mod openapi;
 mod operator;
 mod policies;
