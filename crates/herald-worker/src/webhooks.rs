@@ -96,6 +96,12 @@ pub struct WebhookWorkerConfig {
     pub max_in_flight_per_endpoint: usize,
     /// Which non-global addresses webhooks may reach anyway.
     pub ssrf: SsrfConfig,
+    /// How long a delivery whose endpoint record has vanished is held
+    /// (looked at again every `paused_recheck`) before it is recorded as
+    /// `endpoint_removed`: at least one `operator.health_resync`, so a
+    /// record the operator removes and writes again keeps its deliveries.
+    #[serde(with = "crate::duration_serde")]
+    pub endpoint_removed_grace: Duration,
 }
 
 impl Default for WebhookWorkerConfig {
@@ -110,6 +116,7 @@ impl Default for WebhookWorkerConfig {
             disable_after: Duration::from_secs(5 * 24 * 3600),
             max_in_flight_per_endpoint: 32,
             ssrf: SsrfConfig::default(),
+            endpoint_removed_grace: Duration::from_secs(300),
         }
     }
 }
@@ -273,7 +280,7 @@ impl WebhookWorker {
         })
     }
 
-    async fn deliver(&self, message: &Message, job: DeliveryJob) {
+    async fn deliver(&self, message: &Message, mut job: DeliveryJob) {
         // A message delivered again (its worker died mid-request) is one
         // more HTTP attempt after the one it carries.
         let attempt = job
@@ -292,6 +299,24 @@ impl WebhookWorker {
                     .await;
                 return;
             }
+            // Gone from the bucket: held for the grace period first, since
+            // a record can vanish and come back (an operator rewriting it,
+            // a grant withdrawn by mistake); only then dropped.
+            let now = herald_core::now_ms();
+            let missing_since = job.endpoint_missing_since_ms.unwrap_or(now);
+            let grace_ends = missing_since + self.config.endpoint_removed_grace.as_millis() as u64;
+            if now < grace_ends {
+                tracing::info!(task = %job.task, endpoint = %job.endpoint, "endpoint record missing; holding its delivery");
+                let look_again =
+                    (now + self.config.paused_recheck.as_millis() as u64).min(grace_ends);
+                let holding = DeliveryJob {
+                    endpoint_missing_since_ms: Some(missing_since),
+                    ..job.clone()
+                };
+                let held = reschedule(&holding, job.attempt, look_again, None);
+                self.finish(message, &job, vec![held], AckKind::Ack).await;
+                return;
+            }
             tracing::info!(task = %job.task, endpoint = %job.endpoint, "endpoint removed; dropping its delivery");
             let event = self.attempt_event(
                 &job,
@@ -304,6 +329,8 @@ impl WebhookWorker {
             self.finish(message, &job, vec![event], AckKind::Ack).await;
             return;
         };
+        // Found (again): a later disappearance starts its own grace.
+        job.endpoint_missing_since_ms = None;
         // Held only when the bucket agrees: an enable whose change has not
         // reached this worker's watch yet must not hold a delivery after the
         // enable's recover has looked for held ones.

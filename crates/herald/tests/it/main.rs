@@ -21,3 +21,5 @@ mod replay;
 mod resilience;
 mod secrets;
 mod ssrf;
+mod tenancy;
+mod vanished_endpoint;
