@@ -391,3 +391,47 @@ async fn records_name_their_owner_and_no_identity_overwrites_another() {
     assert_eq!(stored.owner.as_deref(), Some("herald-file"));
     herald.stop().await;
 }
+
+#[tokio::test]
+async fn the_operator_shows_endpoint_urls_only_redacted() {
+    let cp = ControlPlane::start().await;
+    let nats = NatsServer::start().await;
+    install_crd(&cp);
+    grant(&cp, "default", "alice");
+    // The operator at info level, its log kept.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let _operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("operator")
+        .env("HERALD_SECRETS__KEY", crate::harness::TEST_KEY)
+        .env("KUBECONFIG", cp.kubeconfig_path())
+        .env("HERALD_NATS__URL", nats.url())
+        .env("HERALD_OPERATOR__LEASE_NAMESPACE", "default")
+        .env("HERALD_LOG__FILTER", "info")
+        .env("HERALD_LOG__FORMAT", "text")
+        .stderr(log.reopen().unwrap())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // A Slack-style URL: the path and the query are the credential.
+    let url = "https://hooks.example.com/services/T000/B000/s3cretpath?token=t0ken";
+    apply_ok(&cp, &endpoint_in("default", "slack", "alice", url, ""));
+    wait_for_field_in(&cp, "default", "slack", READY, "True").await;
+    let events = wait_until("the Synced Event", DEADLINE, || async {
+        let events = kubectl(&cp, &["get", "events", "-n", "default", "-o", "json"]);
+        events.contains("Synced").then_some(events)
+    })
+    .await;
+    assert!(events.contains("hooks.example.com"), "{events}");
+    let logged = wait_until("the operator to log the write", DEADLINE, || async {
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        text.contains("endpoint written").then_some(text)
+    })
+    .await;
+    for (what, text) in [("Events", &events), ("the operator log", &logged)] {
+        assert!(
+            !text.contains("s3cretpath") && !text.contains("t0ken"),
+            "{what} show the URL in clear:\n{text}"
+        );
+    }
+}
