@@ -320,7 +320,7 @@ async fn records_name_their_owner_and_no_identity_overwrites_another() {
     let (_operator, _config) = operator_with(
         &cp,
         &nats,
-        "[operator.tenancy.namespaces]\nteam-a = [\"alice\"]\n",
+        "[operator.tenancy.namespaces]\nteam-a = [\"alice\", \"alice-*\"]\n",
     );
 
     // Names that differ only where a key cannot (a dot), and the two
@@ -381,6 +381,29 @@ async fn records_name_their_owner_and_no_identity_overwrites_another() {
             .count();
         assert_eq!(hits, 1, "{path}");
     }
+
+    // A changed userId moves the record: found by the resource's identity,
+    // not by anything written on it.
+    apply_ok(
+        &cp,
+        &endpoint_in(
+            "team-a",
+            "billing-hooks",
+            "alice-2",
+            &receiver.url("/dashes"),
+            "",
+        ),
+    );
+    wait_until("the record to move to alice-2", DEADLINE, || async {
+        let moved = record(&nats, "alice-2", "team-a", "billing-hooks")
+            .await
+            .is_some();
+        let left = record(&nats, "alice", "team-a", "billing-hooks")
+            .await
+            .is_some();
+        (moved && !left).then_some(())
+    })
+    .await;
 
     // Deleting the resource that lost leaves the owner's record alone.
     kubectl(
