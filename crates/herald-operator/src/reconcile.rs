@@ -113,9 +113,10 @@ async fn apply(
     let namespace = endpoint.namespace().ok_or(Error::NoNamespace)?;
     let name = endpoint.name_any();
     let old_status = endpoint.status.clone().unwrap_or_default();
-    let owner = owner_of_resource(&namespace, &name);
 
-    let written = if !user_allowed(endpoint, &namespace, ctx).await? {
+    let written = if user_allowed(endpoint, &namespace, ctx).await? {
+        write_record(endpoint, &namespace, &name, ctx).await?
+    } else {
         // A grant withdrawn takes the record with it.
         remove_own_records(endpoint, &namespace, ctx, None).await?;
         Err(Problem {
@@ -125,38 +126,6 @@ async fn apply(
                 .tenancy
                 .refusal(&namespace, &endpoint.spec.user_id),
         })
-    } else {
-        match signing_secrets(endpoint, &namespace, ctx).await? {
-            Err(problem) => Err(problem),
-            Ok(secrets) => match endpoint.spec.to_config(&namespace, &name, secrets) {
-                Err(e) => Err(Problem {
-                    reason: "InvalidSpec",
-                    message: describe_spec_error(&e),
-                }),
-                Ok(mut config) => {
-                    config.owner = Some(owner.clone());
-                    match endpoints::put(&ctx.broker, &ctx.records, &config).await? {
-                        Put::OwnedElsewhere { owner: theirs } => Err(Problem {
-                            reason: "KeyOwnedElsewhere",
-                            message: format!(
-                                "herald-endpoints key {} holds a record owned by {theirs}, not by this resource;                                  it is left alone",
-                                herald_core::names::endpoint_key(&config.user, &config.id)
-                            ),
-                        }),
-                        put => {
-                            if put == Put::Written {
-                                tracing::info!(%namespace, %name, url = %RedactedUrl::from_text(&config.url), "endpoint written to herald-endpoints");
-                            }
-                            // The user changed: the records under other
-                            // users go.
-                            remove_own_records(endpoint, &namespace, ctx, Some(&config.user))
-                                .await?;
-                            Ok((config.user, config.id))
-                        }
-                    }
-                }
-            },
-        }
     };
 
     let mut status = WebhookEndpointStatus {
@@ -232,6 +201,50 @@ async fn apply(
         .await?;
     }
     Ok(Action::requeue(ctx.config.health_resync))
+}
+
+/// Writes the resource's record, owned by it, unless its Secret or spec
+/// is wrong or another writer owns the key; then removes its records under
+/// any other user (a changed `userId`).
+async fn write_record(
+    endpoint: &WebhookEndpoint,
+    namespace: &str,
+    name: &str,
+    ctx: &Context,
+) -> Result<Result<(UserId, EndpointId), Problem>, Error> {
+    let secrets = match signing_secrets(endpoint, namespace, ctx).await? {
+        Ok(secrets) => secrets,
+        Err(problem) => return Ok(Err(problem)),
+    };
+    let mut config = match endpoint.spec.to_config(namespace, name, secrets) {
+        Ok(config) => config,
+        Err(e) => {
+            return Ok(Err(Problem {
+                reason: "InvalidSpec",
+                message: describe_spec_error(&e),
+            }));
+        }
+    };
+    config.owner = Some(owner_of_resource(namespace, name));
+    match endpoints::put(&ctx.broker, &ctx.records, &config).await? {
+        Put::OwnedElsewhere { owner } => {
+            let key = herald_core::names::endpoint_key(&config.user, &config.id);
+            return Ok(Err(Problem {
+                reason: "KeyOwnedElsewhere",
+                message: format!(
+                    "herald-endpoints key {key} holds a record owned by {owner}, not by this \
+                     resource; it is left alone"
+                ),
+            }));
+        }
+        Put::Written => {
+            let url = RedactedUrl::from_text(&config.url);
+            tracing::info!(%namespace, %name, %url, "endpoint written to herald-endpoints");
+        }
+        Put::Unchanged => {}
+    }
+    remove_own_records(endpoint, namespace, ctx, Some(&config.user)).await?;
+    Ok(Ok((config.user, config.id)))
 }
 
 async fn cleanup(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Action, Error> {
