@@ -533,3 +533,36 @@ pub async fn keys(broker: &Broker) -> Result<Vec<String>, QueueError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use herald_core::endpoint::WebhookEndpointSpec;
+
+    use super::*;
+
+    fn owned_by(owner: Option<&str>) -> EndpointConfig {
+        let spec: WebhookEndpointSpec = serde_json::from_value(serde_json::json!({
+            "userId": "alice", "url": "https://example.com/hook",
+        }))
+        .unwrap();
+        let mut config = spec.to_config("team-a", "hook", vec![]).unwrap();
+        config.owner = owner.map(str::to_string);
+        config
+    }
+
+    #[test]
+    fn only_another_owner_keeps_a_writer_out() {
+        let mine = "kubernetes:team-a/hook";
+        // Its own record, and one from before owners (adopted).
+        assert_eq!(foreign_owner(&owned_by(Some(mine)), Some(mine)), None);
+        assert_eq!(foreign_owner(&owned_by(None), Some(mine)), None);
+        // Someone else's, whoever asks.
+        for writer in [Some(mine), Some("kubernetes:team-b/hook"), None] {
+            assert_eq!(
+                foreign_owner(&owned_by(Some("herald-file")), writer).as_deref(),
+                Some("herald-file"),
+                "{writer:?}"
+            );
+        }
+    }
+}
