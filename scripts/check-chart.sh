@@ -127,7 +127,14 @@ check_common() { # <name> <deployments>
     ! grep -Eq '^ +(verbs|resources|apiGroups): \[[^]]*"\*"' "$f" || die "$1: wildcard in an RBAC rule"
     # The operator's rules, exactly.
     local rules
-    rules=$(awk '/^kind: (Cluster)?Role$/{r=1} /^---/{r=0} r && /^  - apiGroups|^    (resources|resourceNames|verbs):/' "$f")
+    # The Namespace grant's ClusterRole is checked on its own below: it
+    # sorts differently with clusterWide, and names the watched namespace
+    # unless cluster-wide (the default rendering checks that name).
+    rules=$(awk '/^kind: (Cluster)?Role$/{r=1} /^  name: .*-namespaces$/{r=0} /^---/{r=0} r && /^  - apiGroups|^    (resources|resourceNames|verbs):/' "$f")
+    local namespace_rules
+    namespace_rules=$(awk '/^kind: ClusterRole$/{k=1} /^---/{k=0; r=0} k && /^  name: .*-namespaces$/{r=1} r && /^  - apiGroups|^    (resources|verbs):/' "$f")
+    [ "$namespace_rules" = "$(printf '%s\n' '  - apiGroups: [""]' '    resources: ["namespaces"]' '    verbs: ["get", "list", "watch"]')" ] \
+        || { printf '%s\n' "$namespace_rules" >&2; die "$1: the Namespace grant rules differ from the reviewed list"; }
     [ "$rules" = "$(cat <<'EOF'
   - apiGroups: ["herald.dev"]
     resources: ["webhookendpoints"]
@@ -178,7 +185,10 @@ log "helm template"
 render default
 check_common default 5
 expect_count "$WORK/default.yaml" "namespaced operator Roles (watch + leader election)" 2 '^kind: Role$'
-expect_count "$WORK/default.yaml" "ClusterRoles" 0 '^kind: ClusterRole$'
+# One ClusterRole: reading the watched Namespace's herald.dev/users grant, by name.
+expect_count "$WORK/default.yaml" "ClusterRoles (the Namespace grant, read only)" 1 '^kind: ClusterRole$'
+grep -A14 '^kind: ClusterRole$' "$WORK/default.yaml" | grep -q 'resourceNames: \["herald"\]' \
+    || die "default: the operator may read Namespaces other than the one it watches"
 expect_count "$WORK/default.yaml" "chart-created Secrets" 0 '^kind: Secret$'
 grep -q '^    ssrf = { "allow" = \[\], "allowed_response_body_bytes" = 0, "reveal_refused_address" = false }$' "$WORK/default.yaml" || die "default: config.toml does not keep the SSRF allow-list empty, internal answers unstored and refused addresses hidden"
 expect_count "$WORK/default.yaml" "PodDisruptionBudgets" 5 '^kind: PodDisruptionBudget$'
@@ -186,8 +196,8 @@ expect_count "$WORK/default.yaml" "PodDisruptionBudgets" 5 '^kind: PodDisruption
 render all-features -f "$ALL"
 check_common all-features 5
 f=$WORK/all-features.yaml
-expect_count "$f" "ClusterRoles" 1 '^kind: ClusterRole$'
-expect_count "$f" "ClusterRoleBindings" 1 '^kind: ClusterRoleBinding$'
+expect_count "$f" "ClusterRoles (endpoints, Namespace grants)" 2 '^kind: ClusterRole$'
+expect_count "$f" "ClusterRoleBindings" 2 '^kind: ClusterRoleBinding$'
 expect_count "$f" "leader-election Roles" 1 '^kind: Role$'
 expect_count "$f" "chart-created Secrets" 3 '^kind: Secret$'
 expect_count "$f" "Ingresses" 1 '^kind: Ingress$'
@@ -209,7 +219,12 @@ grep -q '^    ssrf = { "allow" = \["10.8.0.0/16", "fd00::/8"\], ' "$f" || die "a
 
 render all-features-namespaced -f "$ALL" --set operator.clusterWide=false
 check_common all-features-namespaced 5
-expect_count "$WORK/all-features-namespaced.yaml" "ClusterRoles" 0 '^kind: ClusterRole$'
+expect_count "$WORK/all-features-namespaced.yaml" "ClusterRoles (the Namespace grant)" 1 '^kind: ClusterRole$'
+render no-namespace-grants --set operator.tenancy.namespaceAnnotation=false
+expect_count "$WORK/no-namespace-grants.yaml" "ClusterRoles without Namespace grants" 0 '^kind: ClusterRole$'
+render granted --set-json 'operator.tenancy.namespaces={"team-a":["alice","team-a-*"]}'
+grep -q '^    tenancy = { "namespace_annotation" = true, "namespaces" = { "team-a" = \["alice", "team-a-\*"\] } }$' "$WORK/granted.yaml" \
+    || die "operator.tenancy.namespaces: not in config.toml"
 expect_count "$WORK/all-features-namespaced.yaml" "Roles" 2 '^kind: Role$'
 
 render other-watch-namespace --set operator.watchNamespace=tenants
@@ -236,6 +251,7 @@ expect_refused "an SSRF allow entry that is no CIDR (schema: pattern)" 'schema' 
 expect_refused "a Secret both existing and inline" 'not both' --set secrets.apiTokens.existingSecret=x --set secrets.apiTokens.tokens=y
 expect_refused "metrics_require_token without API tokens" 'needs secrets.apiTokens' --set config.api.metrics_require_token=true
 expect_refused "terminationGracePeriodSeconds below the shutdown grace" 'must exceed shutdown.graceSeconds' --set shutdown.terminationGracePeriodSeconds=20
+expect_refused "a tenancy pattern that is no user id (schema: pattern)" 'schema' --set-json 'operator.tenancy.namespaces={"team-a":["a.b"]}'
 expect_refused "KEDA without a NATS monitoring endpoint" 'nats.monitoringEndpoint' --set workers.webhooks.keda.enabled=true
 
 log "OK"

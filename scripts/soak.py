@@ -291,6 +291,9 @@ def main():
                 for task in missing[:5]
             ]
             failures.append(f"{len(missing)} accepted tasks never delivered, e.g. {states}")
+            task = missing[0]
+            record = get_json(f"http://127.0.0.1:{api_port}/users/{healthy[task][0]}/tasks/{task}")
+            (OUT / "undelivered.json").write_text(json.dumps(record, indent=2))
         stuck = unmailed()
         if stuck:
             failures.append(f"{len(stuck)} tasks for the failing endpoint did not end mailed, e.g. {stuck[:5]}")

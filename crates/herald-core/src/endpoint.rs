@@ -262,6 +262,7 @@ impl WebhookEndpointSpec {
             headers: self.headers.clone(),
             paused: self.paused,
             rate_limit_per_second: self.rate_limit.as_ref().map(|r| r.per_second),
+            owner: None,
         })
     }
 }

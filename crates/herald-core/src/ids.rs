@@ -195,6 +195,27 @@ mod tests {
     }
 
     #[test]
+    fn resource_identities_that_look_alike_get_different_ids() {
+        // Namespaces are DNS labels, names DNS subdomains: neither has `_`,
+        // so the first `_` ends the namespace and only dots become `_`.
+        let ids: Vec<String> = [
+            ("team-a", "billing.hooks"),
+            ("team-a", "billing-hooks"),
+            ("team", "a-billing.hooks"),
+            ("team-a-billing", "hooks"),
+            ("team-a", "billing.hooks.v2"),
+            ("team-a", "billing.hooks-v2"),
+        ]
+        .iter()
+        .map(|(ns, name)| EndpointId::from_resource(ns, name).unwrap().to_string())
+        .collect();
+        let mut unique = ids.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len(), "{ids:?}");
+    }
+
+    #[test]
     fn resource_endpoint_ids_are_tokens() {
         let id = EndpointId::from_resource("default", "billing.hooks").unwrap();
         assert_eq!(id.as_str(), "default_billing_hooks");

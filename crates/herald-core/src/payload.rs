@@ -84,6 +84,12 @@ pub struct DeliveryJob {
     /// reserving again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_slot_ms: Option<u64>,
+    /// When a worker first found no record for the endpoint (unix ms): the
+    /// delivery is held until `webhooks.endpoint_removed_grace` after
+    /// that, so a record that comes back (an operator rewriting it) still
+    /// gets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_missing_since_ms: Option<u64>,
 }
 
 fn first_attempt() -> u32 {
@@ -367,6 +373,21 @@ pub struct EndpointConfig {
     /// Deliveries per second across every webhook worker, if limited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_per_second: Option<u32>,
+    /// Who wrote the record and alone may replace or remove it: the
+    /// operator names the resource ([`owner_of_resource`]), an endpoints
+    /// file (`herald dev`, `herald endpoints`) is `herald-file`. `None`:
+    /// written by a Herald from before owners, adopted by the first writer
+    /// whose own identity gives the same key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// The owner of the record a `WebhookEndpoint` resource writes. Its
+/// namespace and name, not its uid: a resource deleted and created again
+/// under the same name (a finalizer removed by hand, a restore from a
+/// backup) takes its record back instead of being locked out of it.
+pub fn owner_of_resource(namespace: &str, name: &str) -> String {
+    format!("kubernetes:{namespace}/{name}")
 }
 
 impl EndpointConfig {
@@ -451,6 +472,7 @@ impl TaskRecord {
             attempt: 1,
             redelivery,
             rate_slot_ms: None,
+            endpoint_missing_since_ms: None,
         }
     }
 }

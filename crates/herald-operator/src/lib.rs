@@ -6,13 +6,14 @@
 
 mod leader;
 pub mod reconcile;
+pub mod tenancy;
 
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use herald_core::endpoint::WebhookEndpoint;
 use herald_queue::{Broker, endpoints::RecordWriter};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{
     Api, Client, ResourceExt,
     runtime::{Controller, events::Recorder, reflector::ObjectRef, watcher},
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use leader::{LeaderElector, LeaseSettings};
 use reconcile::{Context, error_policy, generated_secret_name, reconcile};
+pub use tenancy::TenancyConfig;
 
 mod duration_serde {
     pub use herald_queue::topology::{
@@ -51,6 +53,8 @@ pub struct OperatorConfig {
     /// Delay before retrying a reconcile that failed (API or NATS error).
     #[serde(with = "duration_serde")]
     pub error_backoff: Duration,
+    /// Which users each namespace may serve, declared by the cluster admin.
+    pub tenancy: TenancyConfig,
 }
 
 impl Default for OperatorConfig {
@@ -63,6 +67,7 @@ impl Default for OperatorConfig {
             renew_interval: Duration::from_secs(5),
             health_resync: Duration::from_secs(30),
             error_backoff: Duration::from_secs(5),
+            tenancy: TenancyConfig::default(),
         }
     }
 }
@@ -77,7 +82,7 @@ impl OperatorConfig {
         if self.lease_name.is_empty() {
             return Err("operator.lease_name is empty".into());
         }
-        Ok(())
+        self.tenancy.validate()
     }
 
     fn lease_namespace(&self) -> String {
@@ -153,6 +158,8 @@ pub async fn run(
             instance: Some(identity),
         },
     );
+    let tenancy_annotation = config.tenancy.namespace_annotation;
+    let watch_namespace = config.watch_namespace.clone();
     let context = Arc::new(Context {
         client,
         broker,
@@ -162,7 +169,34 @@ pub async fn run(
     });
     let controller = Controller::new(endpoints, watcher::Config::default());
     let store = controller.store();
+    let namespace_store = store.clone();
     let stop = leading.clone();
+    let controller = if tenancy_annotation {
+        // A Namespace's herald.dev/users annotation grants users: a change
+        // reconciles every resource in it, so a grant or a revocation
+        // takes effect at once. Only the watched namespace when there is
+        // one (RBAC can then name it).
+        let namespaces_watched = if watch_namespace.is_empty() {
+            watcher::Config::default()
+        } else {
+            watcher::Config::default().fields(&format!("metadata.name={watch_namespace}"))
+        };
+        controller.watches(
+            Api::<Namespace>::all(context.client.clone()),
+            namespaces_watched,
+            move |namespace| {
+                let name = namespace.name_any();
+                namespace_store
+                    .state()
+                    .into_iter()
+                    .filter(|endpoint| endpoint.namespace().as_deref() == Some(name.as_str()))
+                    .map(|endpoint| ObjectRef::from_obj(&*endpoint))
+                    .collect::<Vec<_>>()
+            },
+        )
+    } else {
+        controller
+    };
     controller
         // A Secret change reconciles every resource that uses it: the one
         // it names in secretRef, or the one whose generated Secret it is.

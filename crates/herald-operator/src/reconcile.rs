@@ -3,9 +3,19 @@
 //! | situation | record in herald-endpoints | status |
 //! |---|---|---|
 //! | valid spec, secret resolved | written (if changed) | Ready=True; state from health |
+//! | the namespace is not granted `userId` ([`crate::tenancy`]) | removed | Ready=False, `UserNotAllowed` |
+//! | the key holds a record another writer owns | left alone | Ready=False, `KeyOwnedElsewhere` |
 //! | `secretRef` Secret or key missing, bad secret | left as it was | Ready=False, reason says which |
 //! | spec the schema let through but Herald refuses | left as it was | Ready=False, `InvalidSpec` |
 //! | deleted | removed, then the finalizer | gone |
+//!
+//! The record's key comes from the resource's identity alone: user
+//! `spec.userId` (checked against the namespace's grant), endpoint
+//! `<namespace>_<name>` ([`EndpointId::from_resource`]). The record names
+//! its owner, `kubernetes:<namespace>/<name>`, and the operator replaces
+//! or removes only records it owns (or legacy ones without an owner under
+//! the key its identity gives). Nothing on the resource a tenant writes
+//! (no annotation) decides which key is written or removed.
 //!
 //! A problem is a status and an Event, never an error loop: the resource is
 //! looked at again when it or a Secret it uses changes, and every
@@ -15,19 +25,19 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use herald_core::{
     EndpointId, UserId,
-    endpoint::{EndpointState, WebhookEndpoint, WebhookEndpointStatus},
-    names,
-    payload::EndpointHealth,
+    endpoint::{EndpointState, SpecError, WebhookEndpoint, WebhookEndpointStatus},
+    payload::{EndpointHealth, owner_of_resource},
+    redact::RedactedUrl,
     signing::SigningSecret,
 };
 use herald_queue::{
     Broker,
-    endpoints::{self, RecordWriter},
+    endpoints::{self, Put, RecordWriter, Removed},
     health,
 };
 use k8s_openapi::{
     ByteString,
-    api::core::v1::Secret,
+    api::core::v1::{Namespace, Secret},
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
@@ -41,7 +51,7 @@ use kube::{
     },
 };
 
-use crate::OperatorConfig;
+use crate::{OperatorConfig, tenancy::USERS_ANNOTATION};
 
 pub const FINALIZER: &str = "herald.dev/endpoint-record";
 /// The field manager of the operator's server-side applies.
@@ -104,27 +114,18 @@ async fn apply(
     let name = endpoint.name_any();
     let old_status = endpoint.status.clone().unwrap_or_default();
 
-    let written = match signing_secrets(endpoint, &namespace, ctx).await? {
-        Err(problem) => Err(problem),
-        Ok(secrets) => match endpoint.spec.to_config(&namespace, &name, secrets) {
-            Err(e) => Err(Problem {
-                reason: "InvalidSpec",
-                message: e.to_string(),
-            }),
-            Ok(config) => {
-                // The user changed: the record under the old key must go.
-                let key = names::endpoint_key(&config.user, &config.id);
-                if let Some(old_key) = recorded_key(endpoint)
-                    && old_key != key
-                {
-                    delete_key(&ctx.broker, &old_key).await?;
-                }
-                if endpoints::put_if_changed(&ctx.broker, &ctx.records, &config).await? {
-                    tracing::info!(%namespace, %name, url = %config.url, "endpoint written to herald-endpoints");
-                }
-                Ok((config.user, config.id))
-            }
-        },
+    let written = if user_allowed(endpoint, &namespace, ctx).await? {
+        write_record(endpoint, &namespace, &name, ctx).await?
+    } else {
+        // A grant withdrawn takes the record with it.
+        remove_own_records(endpoint, &namespace, ctx, None).await?;
+        Err(Problem {
+            reason: "UserNotAllowed",
+            message: ctx
+                .config
+                .tenancy
+                .refusal(&namespace, &endpoint.spec.user_id),
+        })
     };
 
     let mut status = WebhookEndpointStatus {
@@ -143,13 +144,19 @@ async fn apply(
                 "the endpoint is in herald-endpoints",
             )
         }
-        Err(problem) => condition(
-            &old_status,
-            "Ready",
-            false,
-            problem.reason,
-            &problem.message,
-        ),
+        Err(problem) => {
+            if problem.reason == "UserNotAllowed" {
+                // Nothing is delivered to it: no delivery state either.
+                status.state = None;
+            }
+            condition(
+                &old_status,
+                "Ready",
+                false,
+                problem.reason,
+                &problem.message,
+            )
+        }
     };
     let healthy = match status.state {
         Some(EndpointState::Failing) => condition(
@@ -178,12 +185,6 @@ async fn apply(
         ),
     };
     status.conditions = vec![ready, healthy];
-    // An annotation names the record written, so a later change of user or
-    // a deletion removes exactly that one.
-    let written_key = written
-        .as_ref()
-        .ok()
-        .map(|(user, id)| names::endpoint_key(user, id));
 
     publish_transitions(endpoint, &old_status, &status, written.as_ref().err(), ctx).await;
     if status != old_status {
@@ -199,60 +200,126 @@ async fn apply(
         )
         .await?;
     }
-    if let Some(key) = written_key
-        && recorded_key(endpoint).as_deref() != Some(key.as_str())
-    {
-        record_key(api, &name, &key).await?;
-    }
     Ok(Action::requeue(ctx.config.health_resync))
+}
+
+/// Writes the resource's record, owned by it, unless its Secret or spec
+/// is wrong or another writer owns the key; then removes its records under
+/// any other user (a changed `userId`).
+async fn write_record(
+    endpoint: &WebhookEndpoint,
+    namespace: &str,
+    name: &str,
+    ctx: &Context,
+) -> Result<Result<(UserId, EndpointId), Problem>, Error> {
+    let secrets = match signing_secrets(endpoint, namespace, ctx).await? {
+        Ok(secrets) => secrets,
+        Err(problem) => return Ok(Err(problem)),
+    };
+    let mut config = match endpoint.spec.to_config(namespace, name, secrets) {
+        Ok(config) => config,
+        Err(e) => {
+            return Ok(Err(Problem {
+                reason: "InvalidSpec",
+                message: describe_spec_error(&e),
+            }));
+        }
+    };
+    config.owner = Some(owner_of_resource(namespace, name));
+    match endpoints::put(&ctx.broker, &ctx.records, &config).await? {
+        Put::OwnedElsewhere { owner } => {
+            let key = herald_core::names::endpoint_key(&config.user, &config.id);
+            return Ok(Err(Problem {
+                reason: "KeyOwnedElsewhere",
+                message: format!(
+                    "herald-endpoints key {key} holds a record owned by {owner}, not by this \
+                     resource; it is left alone"
+                ),
+            }));
+        }
+        Put::Written => {
+            let url = RedactedUrl::from_text(&config.url);
+            tracing::info!(%namespace, %name, %url, "endpoint written to herald-endpoints");
+        }
+        Put::Unchanged => {}
+    }
+    remove_own_records(endpoint, namespace, ctx, Some(&config.user)).await?;
+    Ok(Ok((config.user, config.id)))
 }
 
 async fn cleanup(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Action, Error> {
     let namespace = endpoint.namespace().ok_or(Error::NoNamespace)?;
-    if let Some(key) = recorded_key(endpoint) {
-        delete_key(&ctx.broker, &key).await?;
-    }
-    // Also the key the current spec maps to, in case the status never
-    // recorded it.
-    if let (Ok(user), Ok(id)) = (
-        UserId::new(endpoint.spec.user_id.clone()),
-        EndpointId::from_resource(&namespace, &endpoint.name_any()),
-    ) {
-        endpoints::delete(&ctx.broker, &user, &id).await?;
-    }
+    remove_own_records(endpoint, &namespace, ctx, None).await?;
     tracing::info!(%namespace, name = %endpoint.name_any(), "endpoint removed from herald-endpoints");
     Ok(Action::await_change())
 }
 
-/// The annotation naming the herald-endpoints key this resource wrote.
-const RECORD_ANNOTATION: &str = "herald.dev/endpoint-key";
-
-fn recorded_key(endpoint: &WebhookEndpoint) -> Option<String> {
-    endpoint.annotations().get(RECORD_ANNOTATION).cloned()
+/// Whether the resource's namespace was granted its `userId` (see
+/// [`crate::tenancy`]).
+async fn user_allowed(
+    endpoint: &WebhookEndpoint,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<bool, Error> {
+    let tenancy = &ctx.config.tenancy;
+    let user = &endpoint.spec.user_id;
+    if tenancy.allows(namespace, None, user) {
+        return Ok(true);
+    }
+    if !tenancy.namespace_annotation {
+        return Ok(false);
+    }
+    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    let annotation = namespaces
+        .get_opt(namespace)
+        .await?
+        .and_then(|ns| ns.annotations().get(USERS_ANNOTATION).cloned());
+    Ok(tenancy.allows(namespace, annotation.as_deref(), user))
 }
 
-async fn record_key(api: &Api<WebhookEndpoint>, name: &str, key: &str) -> Result<(), Error> {
-    let patch = serde_json::json!({
-        "apiVersion": "herald.dev/v1alpha1",
-        "kind": "WebhookEndpoint",
-        "metadata": { "annotations": { RECORD_ANNOTATION: key } },
-    });
-    api.patch(
-        name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
-}
-
-async fn delete_key(broker: &Broker, key: &str) -> Result<(), Error> {
-    if let Some((user, id)) = key.split_once('.')
-        && let (Ok(user), Ok(id)) = (UserId::new(user), EndpointId::new(id))
-    {
-        endpoints::delete(broker, &user, &id).await?;
+/// Removes the records this resource owns under every user but `keep`.
+/// Which keys is derived from its identity (`*.<namespace>_<name>`);
+/// records there that another writer owns are left alone.
+async fn remove_own_records(
+    endpoint: &WebhookEndpoint,
+    namespace: &str,
+    ctx: &Context,
+    keep: Option<&UserId>,
+) -> Result<(), Error> {
+    let name = endpoint.name_any();
+    let Ok(id) = EndpointId::from_resource(namespace, &name) else {
+        // A name too long for an endpoint id never had a record.
+        return Ok(());
+    };
+    let owner = owner_of_resource(namespace, &name);
+    for user in endpoints::users_of(&ctx.broker, &id).await? {
+        if Some(&user) == keep {
+            continue;
+        }
+        let removed =
+            endpoints::remove_owned(&ctx.broker, &ctx.records.keyring, &user, &id, &owner).await?;
+        match removed {
+            Removed::Removed => {
+                tracing::info!(%namespace, %name, %user, "endpoint record removed from herald-endpoints");
+            }
+            Removed::OwnedElsewhere { owner } => {
+                tracing::warn!(%namespace, %name, %user, %owner, "left an endpoint record another writer owns");
+            }
+            Removed::Absent => {}
+        }
     }
     Ok(())
+}
+
+/// A spec error for status and Events: a URL only redacted, since it may
+/// carry a credential and Events are read by more people than its owner.
+fn describe_spec_error(error: &SpecError) -> String {
+    match error {
+        SpecError::Url { url, reason } => {
+            format!("url {}: {reason}", RedactedUrl::from_text(url))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// The endpoint's signing secrets: from `secretRef`, or from (and, the
@@ -433,7 +500,10 @@ async fn publish_transitions(
             events.push(Event {
                 type_: EventType::Normal,
                 reason: "Synced".into(),
-                note: Some(format!("delivering to {}", endpoint.spec.url)),
+                note: Some(format!(
+                    "delivering to {}",
+                    RedactedUrl::from_text(&endpoint.spec.url)
+                )),
                 action: "Reconcile".into(),
                 secondary: None,
             });
@@ -583,7 +653,13 @@ mod scripted_api_server {
                 ),
                 rotation_overlap: std::time::Duration::from_secs(60),
             },
-            config: OperatorConfig::default(),
+            config: OperatorConfig {
+                tenancy: crate::TenancyConfig {
+                    namespaces: [("default".to_string(), vec!["*".to_string()])].into(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
         })
     }
 

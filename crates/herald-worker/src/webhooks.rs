@@ -102,6 +102,12 @@ pub struct WebhookWorkerConfig {
     /// answered, shown to that owner; for allow-listed addresses see
     /// `ssrf.allowed_response_body_bytes`.
     pub response_body_bytes: usize,
+    /// How long a delivery whose endpoint record has vanished is held
+    /// (looked at again every `paused_recheck`) before it is recorded as
+    /// `endpoint_removed`: at least one `operator.health_resync`, so a
+    /// record the operator removes and writes again keeps its deliveries.
+    #[serde(with = "crate::duration_serde")]
+    pub endpoint_removed_grace: Duration,
 }
 
 impl Default for WebhookWorkerConfig {
@@ -117,6 +123,7 @@ impl Default for WebhookWorkerConfig {
             max_in_flight_per_endpoint: 32,
             ssrf: SsrfConfig::default(),
             response_body_bytes: RESPONSE_BODY_LIMIT,
+            endpoint_removed_grace: Duration::from_secs(300),
         }
     }
 }
@@ -297,7 +304,7 @@ impl WebhookWorker {
         })
     }
 
-    async fn deliver(&self, message: &Message, job: DeliveryJob) {
+    async fn deliver(&self, message: &Message, mut job: DeliveryJob) {
         let attempt = attempt_number(message, &job);
         let Some(endpoint) = self.endpoints.get(&job.user, &job.endpoint) else {
             let key = names::endpoint_key(&job.user, &job.endpoint);
@@ -312,6 +319,24 @@ impl WebhookWorker {
                     .await;
                 return;
             }
+            // Gone from the bucket: held for the grace period first, since
+            // a record can vanish and come back (an operator rewriting it,
+            // a grant withdrawn by mistake); only then dropped.
+            let now = herald_core::now_ms();
+            let missing_since = job.endpoint_missing_since_ms.unwrap_or(now);
+            let grace_ends = missing_since + self.config.endpoint_removed_grace.as_millis() as u64;
+            if now < grace_ends {
+                tracing::info!(task = %job.task, endpoint = %job.endpoint, "endpoint record missing; holding its delivery");
+                let look_again =
+                    (now + self.config.paused_recheck.as_millis() as u64).min(grace_ends);
+                let holding = DeliveryJob {
+                    endpoint_missing_since_ms: Some(missing_since),
+                    ..job.clone()
+                };
+                let held = reschedule(&holding, job.attempt, look_again, None);
+                self.finish(message, &job, vec![held], AckKind::Ack).await;
+                return;
+            }
             tracing::info!(task = %job.task, endpoint = %job.endpoint, "endpoint removed; dropping its delivery");
             let event = self.attempt_event(
                 &job,
@@ -324,6 +349,8 @@ impl WebhookWorker {
             self.finish(message, &job, vec![event], AckKind::Ack).await;
             return;
         };
+        // Found (again): a later disappearance starts its own grace.
+        job.endpoint_missing_since_ms = None;
         // Held only when the bucket agrees: an enable whose change has not
         // reached this worker's watch yet must not hold a delivery after the
         // enable's recover has looked for held ones.

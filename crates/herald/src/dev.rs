@@ -144,9 +144,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Makes the bucket hold exactly the file's endpoints. An endpoint whose
-/// secret changed since the last sync keeps signing with the old one too
-/// for the rotation overlap.
+/// The owner of records written from an endpoints file (`herald dev`,
+/// `herald endpoints`).
+pub(crate) const FILE_OWNER: &str = "herald-file";
+
+/// Makes the bucket hold exactly the file's endpoints, among the records
+/// `herald dev` owns: another writer's records (an operator sharing the
+/// NATS server) are neither removed nor replaced. An endpoint whose secret
+/// changed since the last sync keeps signing with the old one too for the
+/// rotation overlap.
 pub(crate) async fn sync_endpoints(
     broker: &herald_queue::Broker,
     records: &endpoints::RecordWriter,
@@ -161,11 +167,21 @@ pub(crate) async fn sync_endpoints(
             && let Some((user, id)) = key.split_once('.')
             && let (Ok(user), Ok(id)) = (user.parse(), id.parse())
         {
-            endpoints::delete(broker, &user, &id).await?;
+            endpoints::remove_owned(broker, &records.keyring, &user, &id, FILE_OWNER).await?;
         }
     }
     for endpoint in file {
-        endpoints::put_if_changed(broker, records, &endpoint.config).await?;
+        let mut config = endpoint.config.clone();
+        config.owner = Some(FILE_OWNER.to_string());
+        if let endpoints::Put::OwnedElsewhere { owner } =
+            endpoints::put(broker, records, &config).await?
+        {
+            bail!(
+                "endpoint {} is already in herald-endpoints, owned by {owner}; \
+                 rename it in the endpoints file",
+                herald_core::names::endpoint_key(&config.user, &config.id)
+            );
+        }
     }
     Ok(())
 }

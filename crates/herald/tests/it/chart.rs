@@ -115,6 +115,7 @@ async fn the_chart_installs_and_the_operator_may_do_what_it_needs_and_no_more() 
             ),
         }
     };
+    let own_namespace = format!("namespaces/{NAMESPACE}");
     let may = [
         &["watch", "webhookendpoints.herald.dev", "-n", NAMESPACE][..],
         &["patch", "webhookendpoints.herald.dev", "-n", NAMESPACE],
@@ -129,6 +130,9 @@ async fn the_chart_installs_and_the_operator_may_do_what_it_needs_and_no_more() 
         &["create", "secrets", "-n", NAMESPACE],
         &["create", "events.events.k8s.io", "-n", NAMESPACE],
         &["create", "leases.coordination.k8s.io", "-n", NAMESPACE],
+        // Tenancy grants: the herald.dev/users annotation of its Namespace.
+        &["get", &own_namespace],
+        &["watch", &own_namespace],
     ];
     for args in may {
         assert!(can(args), "the operator may not {args:?}");
@@ -143,6 +147,9 @@ async fn the_chart_installs_and_the_operator_may_do_what_it_needs_and_no_more() 
         &["create", "clusterrolebindings.rbac.authorization.k8s.io"],
         &["update", "leases.coordination.k8s.io", "-n", "kube-system"],
         &["*", "*", "--all-namespaces"],
+        // Grants are the admin's: read only, and only the watched namespace.
+        &["patch", &own_namespace],
+        &["get", "namespaces/kube-system"],
     ];
     for args in may_not {
         assert!(!can(args), "the operator may {args:?}");

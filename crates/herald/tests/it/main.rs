@@ -24,3 +24,5 @@ mod replay;
 mod resilience;
 mod secrets;
 mod ssrf;
+mod tenancy;
+mod vanished_endpoint;

@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::harness::{DEADLINE, Herald, TEST_KEY, test_config};
 
 /// Runs kubectl; panics with its output unless it succeeds.
-fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
+pub(crate) fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
     let output = cp.kubectl(args);
     assert!(
         output.status.success(),
@@ -32,13 +32,13 @@ fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
 }
 
 /// `kubectl apply -f` of `yaml`; returns the output, success or not.
-fn apply(cp: &ControlPlane, yaml: &str) -> std::process::Output {
+pub(crate) fn apply(cp: &ControlPlane, yaml: &str) -> std::process::Output {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), yaml).unwrap();
     cp.kubectl(["apply", "-f", &file.path().display().to_string()])
 }
 
-fn apply_ok(cp: &ControlPlane, yaml: &str) {
+pub(crate) fn apply_ok(cp: &ControlPlane, yaml: &str) {
     let output = apply(cp, yaml);
     assert!(
         output.status.success(),
@@ -47,7 +47,7 @@ fn apply_ok(cp: &ControlPlane, yaml: &str) {
     );
 }
 
-fn install_crd(cp: &ControlPlane) {
+pub(crate) fn install_crd(cp: &ControlPlane) {
     let crd =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crds/webhookendpoints.herald.dev.yaml");
     kubectl(cp, &["apply", "-f", &crd.display().to_string()]);
@@ -58,6 +58,21 @@ fn install_crd(cp: &ControlPlane) {
             "--for=condition=established",
             "--timeout=30s",
             "crd/webhookendpoints.herald.dev",
+        ],
+    );
+}
+
+/// Grants `namespace` the users `patterns` match, as a cluster admin does
+/// on the Namespace (see docs/design.md, "Tenancy").
+pub(crate) fn grant(cp: &ControlPlane, namespace: &str, patterns: &str) {
+    kubectl(
+        cp,
+        &[
+            "annotate",
+            "--overwrite",
+            "namespace",
+            namespace,
+            &format!("herald.dev/users={patterns}"),
         ],
     );
 }
@@ -83,7 +98,7 @@ fn operator_process(cp: &ControlPlane, nats: &NatsServer, identity: &str) -> tok
     operator_process_with(cp, nats, identity, &[])
 }
 
-fn operator_process_with(
+pub(crate) fn operator_process_with(
     cp: &ControlPlane,
     nats: &NatsServer,
     identity: &str,
@@ -145,13 +160,13 @@ async fn wait_for_field(cp: &ControlPlane, name: &str, jsonpath: &str, want: &st
     .await;
 }
 
-const READY: &str = "{.status.conditions[?(@.type==\"Ready\")].status}";
-const READY_REASON: &str = "{.status.conditions[?(@.type==\"Ready\")].reason}";
+pub(crate) const READY: &str = "{.status.conditions[?(@.type==\"Ready\")].status}";
+pub(crate) const READY_REASON: &str = "{.status.conditions[?(@.type==\"Ready\")].reason}";
 
 /// Posts tasks for `user` until one is delivered to `receiver` at `path`
 /// (changes reach the workers' cache a moment after the resource changes);
 /// returns that webhook.
-async fn next_delivery_at(
+pub(crate) async fn next_delivery_at(
     herald: &Herald,
     user: &str,
     receiver: &TestReceiver,
@@ -174,6 +189,8 @@ async fn a_webhook_endpoint_resource_routes_signed_deliveries_through_its_life()
     let nats = NatsServer::start().await;
     let receiver = TestReceiver::start(ReceiverBehaviour::Ok).await;
     install_crd(&cp);
+    // These tests are about one tenant: it may serve every user.
+    grant(&cp, "default", "*");
     let herald = Herald::start(test_config(&nats, None), Roles::all()).await;
     // Long enough to see both signatures, short enough to see it end.
     let overlap = &[("HERALD_SECRETS__ROTATION_OVERLAP", "20s")];
@@ -273,6 +290,8 @@ async fn bad_objects_are_refused_and_a_missing_secret_is_reported_until_it_appea
     let cp = ControlPlane::start().await;
     let nats = NatsServer::start().await;
     install_crd(&cp);
+    // These tests are about one tenant: it may serve every user.
+    grant(&cp, "default", "*");
     let _operator = operator_process(&cp, &nats, "operator-a");
 
     // The API server refuses what the schema can tell is wrong.
@@ -349,6 +368,8 @@ async fn endpoint_health_shows_in_status_failing_then_active() {
     })
     .await;
     install_crd(&cp);
+    // These tests are about one tenant: it may serve every user.
+    grant(&cp, "default", "*");
     let herald = Herald::start(test_config(&nats, None), Roles::all()).await;
     let _operator = operator_process(&cp, &nats, "operator-a");
     apply_ok(
@@ -380,6 +401,8 @@ async fn two_operators_one_leads_and_the_other_takes_over_when_it_dies() {
     let cp = ControlPlane::start().await;
     let nats = NatsServer::start().await;
     install_crd(&cp);
+    // These tests are about one tenant: it may serve every user.
+    grant(&cp, "default", "*");
     let probes = format!("127.0.0.1:{}", free_port());
     let mut a = operator_process_with(
         &cp,

@@ -187,6 +187,8 @@ One TOML value: strings (JSON-quoted, which TOML accepts), booleans, integers
 {{- $config := deepCopy .Values.config }}
 {{- $_ := set $config "nats" (dict "url" (include "herald.natsUrl" .)) }}
 {{- $_ := set $config "shutdown" (dict "grace" (printf "%ds" (int .Values.shutdown.graceSeconds))) -}}
+{{- $tenancy := dict "namespaces" (.Values.operator.tenancy.namespaces | default dict) "namespace_annotation" .Values.operator.tenancy.namespaceAnnotation }}
+{{- $_ := set $config "operator" (merge (dict "tenancy" $tenancy) (.Values.config.operator | default dict)) -}}
 # Herald configuration, rendered by the Helm chart from its `config` values.
 # Keys as in config.example.toml; HERALD_<SECTION>__<KEY> variables override them.
 {{- range $section, $keys := $config }}
