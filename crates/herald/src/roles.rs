@@ -63,7 +63,7 @@ pub async fn run(config: Config, roles: Roles, shutdown: CancellationToken) -> a
     } else {
         None
     };
-    let broker = herald_queue::connect(&config.nats.url, "herald").await?;
+    let broker = herald_queue::connect_with(&config.nats, "herald").await?;
     run_with(
         config,
         roles,
@@ -136,11 +136,22 @@ pub async fn run_with(
         None
     };
 
-    if topology::ensure_with_retry(&broker, &config.topology, &shutdown)
-        .await
-        .is_err()
+    match topology::prepare(
+        &broker,
+        &config.topology,
+        config.nats.manage_topology,
+        &shutdown,
+    )
+    .await
     {
-        return drain(running).await; // shut down before NATS was ever reachable
+        Ok(()) => {}
+        // Turned away by NATS: stop with the reason, do not sit there.
+        Err(refused @ herald_queue::QueueError::Connect(_)) => {
+            shutdown.cancel();
+            let _ = drain(running).await;
+            return Err(refused.into());
+        }
+        Err(_) => return drain(running).await, // shut down before NATS was ever reachable
     }
     if let Some(state) = &api_state {
         state.set_topology_ready();
@@ -166,6 +177,7 @@ pub async fn run_with(
                 consumer: names::TASKS_CONSUMER,
                 concurrency: config.tasks.concurrency,
                 grace,
+                manage_topology: config.nats.manage_topology,
             };
             running.spawn(consume_until(
                 broker.clone(),
@@ -188,6 +200,7 @@ pub async fn run_with(
                 consumer: names::WEBHOOKS_CONSUMER,
                 concurrency: config.webhooks.concurrency,
                 grace,
+                manage_topology: config.nats.manage_topology,
             };
             running.spawn(consume_until(
                 broker.clone(),
@@ -204,6 +217,7 @@ pub async fn run_with(
             consumer: names::MAIL_CONSUMER,
             concurrency: config.mail.concurrency,
             grace: config.shutdown.grace,
+            manage_topology: config.nats.manage_topology,
         };
         running.spawn(consume_until(
             broker.clone(),

@@ -13,6 +13,7 @@ mod delivery;
 mod dev;
 mod failures;
 mod inputs;
+mod nats_auth;
 mod openapi;
 mod operator;
 mod policies;
