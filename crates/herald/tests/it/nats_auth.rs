@@ -495,3 +495,78 @@ async fn readyz_is_false_while_nats_refuses_the_role() {
     })
     .await;
 }
+
+/// An NKey seed file and a token file authenticate too (the `.creds` file of
+/// JWT auth goes through the same path in async-nats); a seed or token the
+/// server does not know stops the start naming its setting.
+#[tokio::test]
+async fn nkey_seeds_and_tokens_authenticate_and_wrong_ones_are_named() {
+    let pki = TestPki::generate();
+    let files = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let known = nkeys::KeyPair::new_user();
+    let known_seed = write("known.nk", &known.seed().unwrap());
+    let stranger_seed = write("stranger.nk", &nkeys::KeyPair::new_user().seed().unwrap());
+    let tls = |config: &mut NatsConfig| {
+        config.tls.ca_file = pki.path("ca.pem").display().to_string();
+        config.tls.cert_file = pki.path("client.pem").display().to_string();
+        config.tls.key_file = pki.path("client-key.pem").display().to_string();
+    };
+
+    let nats = NatsServer::start_with_config(|dir| {
+        format!(
+            "{}include \"{}\"\nauthorization {{\n  users = [\n    {{ nkey: \"{}\", permissions: $HERALD_API }}\n{}  ]\n}}\n",
+            pki.server_tls_block(),
+            include_path(dir, &permissions_file()),
+            known.public_key(),
+            // Every variable of the file must be used (nats-server refuses
+            // unknown keys): the other roles as password users.
+            ROLES
+                .iter()
+                .filter(|(_, p)| *p != "HERALD_API")
+                .map(|(u, p)| format!("    {{ user: \"{u}\", password: \"x\", permissions: ${p} }}\n"))
+                .collect::<String>(),
+        )
+    })
+    .await;
+    let mut config = NatsConfig::url(&nats.url());
+    tls(&mut config);
+    config.nkey_seed_file = known_seed;
+    let broker = connect_with(&config, "herald-test-nkey").await.unwrap();
+    wait_until("the NKey user to be let in", DEADLINE, || async {
+        broker.is_connected().then_some(())
+    })
+    .await;
+    config.nkey_seed_file = stranger_seed;
+    let error = connect_with(&config, "herald-test-nkey")
+        .await
+        .err()
+        .unwrap();
+    assert!(error.to_string().contains("nats.nkey_seed_file"), "{error}");
+
+    let token_server = NatsServer::start_with_config(|_| {
+        format!(
+            "{}authorization {{ token: \"t0ken-for-herald\" }}\n",
+            pki.server_tls_block()
+        )
+    })
+    .await;
+    let mut config = NatsConfig::url(&token_server.url());
+    tls(&mut config);
+    config.token_file = write("token", "t0ken-for-herald\n");
+    let broker = connect_with(&config, "herald-test-token").await.unwrap();
+    wait_until("the token to be accepted", DEADLINE, || async {
+        broker.is_connected().then_some(())
+    })
+    .await;
+    config.token_file = write("wrong-token", "guessed");
+    let error = connect_with(&config, "herald-test-token")
+        .await
+        .err()
+        .unwrap();
+    assert!(error.to_string().contains("nats.token_file"), "{error}");
+}
