@@ -43,14 +43,15 @@ fn password_of(user: &str) -> String {
 }
 
 /// The server's TLS, the shipped permissions, and one user per role.
-/// `replaced` gives one user another password (to revoke its access).
-fn server_config(pki: &TestPki, config_dir: &Path, replaced: Option<(&str, &str)>) -> String {
+/// The users in `revoked` get another password (their access is revoked).
+fn server_config(pki: &TestPki, config_dir: &Path, revoked: &[&str]) -> String {
     let users: Vec<String> = ROLES
         .iter()
         .map(|(user, permissions)| {
-            let password = match replaced {
-                Some((who, password)) if who == *user => password.to_string(),
-                _ => password_of(user),
+            let password = if revoked.contains(user) {
+                "rotated-elsewhere".to_string()
+            } else {
+                password_of(user)
             };
             format!(
                 "    {{ user: \"{user}\", password: \"{password}\", permissions: ${permissions} }}"
@@ -75,7 +76,7 @@ struct LockedNats {
 impl LockedNats {
     async fn start() -> LockedNats {
         let pki = TestPki::generate();
-        let nats = NatsServer::start_with_config(|dir| server_config(&pki, dir, None)).await;
+        let nats = NatsServer::start_with_config(|dir| server_config(&pki, dir, &[])).await;
         let files = tempfile::tempdir().unwrap();
         for (user, _) in ROLES {
             std::fs::write(files.path().join(user), password_of(user)).unwrap();
@@ -462,36 +463,52 @@ async fn readyz_is_false_while_nats_refuses_the_role() {
         &["worker", "webhooks"],
         &[("HERALD_HEALTH__LISTEN", probes.clone())],
     );
-    let ready = format!("http://{probes}/readyz");
-    let status = || async {
-        let response = http_client().get(&ready).send().await.ok()?;
-        Some(response.status().as_u16())
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _api = role(&locked, "herald-api", &["api", "--listen", &listen], &[]);
+    let ready = [
+        format!("http://{probes}/readyz"),
+        format!("http://{listen}/readyz"),
+    ];
+    let statuses = || async {
+        let mut statuses = Vec::new();
+        for url in &ready {
+            let response = http_client().get(url).send().await.ok();
+            statuses.push(response.map(|r| r.status().as_u16()));
+        }
+        statuses
     };
-    wait_until("the worker to be ready", DEADLINE, || async {
-        (status().await == Some(200)).then_some(())
+    wait_until("the worker and the API to be ready", DEADLINE, || async {
+        (statuses().await == [Some(200), Some(200)]).then_some(())
     })
     .await;
 
-    // The cluster admin revokes the role's password: the server drops the
-    // connection and refuses every reconnect.
+    // The cluster admin revokes both roles' passwords: the server drops
+    // their connections and refuses every reconnect.
     let revoked = server_config(
         &locked.pki,
         locked.nats.config_dir(),
-        Some(("herald-webhooks", "rotated-elsewhere")),
+        &["herald-webhooks", "herald-api"],
     );
     locked.nats.reload_with_config(&revoked);
-    wait_until("the worker to report not ready", DEADLINE, || async {
-        (status().await == Some(503)).then_some(())
+    wait_until("both to report not ready", DEADLINE, || async {
+        (statuses().await == [Some(503), Some(503)]).then_some(())
     })
     .await;
     // Alive all the while (a restart would not help), and ready again once
-    // the server lets it in.
-    let healthz = format!("http://{probes}/healthz");
-    assert!(get_json(&healthz).await.is_some());
-    let restored = server_config(&locked.pki, locked.nats.config_dir(), None);
+    // the server lets them in.
+    for healthz in [
+        format!("http://{probes}/healthz"),
+        format!("http://{listen}/healthz"),
+    ] {
+        assert!(
+            get_json(&healthz).await.is_some(),
+            "{healthz} stopped answering"
+        );
+    }
+    let restored = server_config(&locked.pki, locked.nats.config_dir(), &[]);
     locked.nats.reload_with_config(&restored);
-    wait_until("the worker to be ready again", DEADLINE, || async {
-        (status().await == Some(200)).then_some(())
+    wait_until("both to be ready again", DEADLINE, || async {
+        (statuses().await == [Some(200), Some(200)]).then_some(())
     })
     .await;
 }
