@@ -587,3 +587,58 @@ async fn nkey_seeds_and_tokens_authenticate_and_wrong_ones_are_named() {
         .unwrap();
     assert!(error.to_string().contains("nats.token_file"), "{error}");
 }
+
+/// A role started before NATS is up waits for it, and once the server is
+/// there and turns it away, stops with the same message.
+#[tokio::test]
+async fn a_role_started_before_nats_stops_once_nats_refuses_it() {
+    use tokio::io::AsyncBufReadExt;
+
+    let mut locked = LockedNats::start().await;
+    locked.nats.stop().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["worker", "mail"])
+        .envs(locked.env("herald-mail"))
+        .env("HERALD_NATS__PASSWORD_FILE", locked.password_file("wrong"))
+        .env("HERALD_LOG__FILTER", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start herald");
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let collected = stderr.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut text = collected.lock().unwrap();
+            text.push_str(&line);
+            text.push('\n');
+        }
+    });
+    let said = |what: &'static str| {
+        let stderr = stderr.clone();
+        move || {
+            let found = stderr.lock().unwrap().contains(what);
+            async move { found.then_some(()) }
+        }
+    };
+    wait_until(
+        "the worker to wait for NATS",
+        DEADLINE,
+        said("not reachable yet"),
+    )
+    .await;
+    locked.nats.start_again().await;
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("the worker kept running although NATS refuses it")
+        .unwrap();
+    reader.await.unwrap();
+    let stderr = stderr.lock().unwrap().clone();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("nats.user and nats.password_file"),
+        "{stderr}"
+    );
+}
