@@ -330,6 +330,8 @@ async fn a_role_cannot_publish_what_its_permissions_forbid() {
         // Webhook workers never create tasks nor endpoints.
         ("herald-webhooks", task),
         ("herald-webhooks", "$KV.herald-endpoints.1.evil"),
+        // nor publish a delivery job directly (retries are schedules).
+        ("herald-webhooks", "herald.webhooks.1.evil"),
         // Task workers never create tasks, mail or endpoint records.
         ("herald-tasks", task),
         ("herald-tasks", "herald.mail.1"),
