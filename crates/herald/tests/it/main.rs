@@ -14,6 +14,7 @@ mod dev;
 mod failures;
 mod inputs;
 mod nats_auth;
+mod nats_refusals;
 mod openapi;
 mod operator;
 mod policies;
