@@ -216,6 +216,15 @@ expect_count "$f" "ServiceMonitor bearer token" 1 '^ +name: prometheus-herald-to
 expect_count "$f" "encryption key file (operator, worker-tasks, worker-webhooks)" 3 '^ +value: /etc/herald/keys/key$'
 expect_count "$f" "SMTP credentials (worker-mail)" 1 '^ +- name: HERALD_MAIL__PASSWORD$'
 grep -q '^    ssrf = { "allow" = \["10.8.0.0/16", "fd00::/8"\], ' "$f" || die "all-features: config.toml does not carry the SSRF allow-list"
+# NATS credentials and TLS from user-named Secrets (natsClient), per component.
+expect_count "$f" "NATS password files (api, operator)" 2 '^ +- name: HERALD_NATS__PASSWORD_FILE$'
+expect_count "$f" "NATS .creds file (worker-tasks)" 1 '^ +- name: HERALD_NATS__CREDENTIALS_FILE$'
+expect_count "$f" "NATS NKey seed (worker-webhooks)" 1 '^ +- name: HERALD_NATS__NKEY_SEED_FILE$'
+expect_count "$f" "NATS token (worker-mail)" 1 '^ +- name: HERALD_NATS__TOKEN_FILE$'
+expect_count "$f" "NATS CA (every component)" 5 '^ +value: /etc/herald/nats/ca/ca.crt$'
+expect_count "$f" "NATS client certificates (api, worker-tasks, operator)" 3 '^ +value: /etc/herald/nats/client/tls.crt$'
+[ "$(grep -A1 -- '- name: HERALD_NATS__MANAGE_TOPOLOGY$' "$f" | grep -c 'value: "true"')" = 1 ] || die "all-features: not exactly one component (the operator) manages the topology"
+expect_count "$f" "NATS credential volumes and mounts (5 components)" 10 '^ +- name: herald-nats-auth$'
 
 render all-features-namespaced -f "$ALL" --set operator.clusterWide=false
 check_common all-features-namespaced 5
@@ -252,6 +261,9 @@ expect_refused "a Secret both existing and inline" 'not both' --set secrets.apiT
 expect_refused "metrics_require_token without API tokens" 'needs secrets.apiTokens' --set config.api.metrics_require_token=true
 expect_refused "terminationGracePeriodSeconds below the shutdown grace" 'must exceed shutdown.graceSeconds' --set shutdown.terminationGracePeriodSeconds=20
 expect_refused "a tenancy pattern that is no user id (schema: pattern)" 'schema' --set-json 'operator.tenancy.namespaces={"team-a":["a.b"]}'
+expect_refused "NATS password auth without its Secret (schema)" 'natsClient/components/api/secret' --set natsClient.components.api.auth=password --set natsClient.components.api.user=u --set natsClient.components.api.key=k
+expect_refused "an unknown NATS auth method (schema: enum)" 'schema' --set natsClient.components.api.auth=kerberos
+expect_refused "no component creates the topology" 'manageTopology' --set natsClient.components.operator.manageTopology=false
 expect_refused "KEDA without a NATS monitoring endpoint" 'nats.monitoringEndpoint' --set workers.webhooks.keda.enabled=true
 
 log "OK"

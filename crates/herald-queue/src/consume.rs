@@ -62,6 +62,9 @@ pub struct ConsumerSettings {
     pub concurrency: usize,
     /// How long in-flight handlers may run after shutdown begins.
     pub grace: Duration,
+    /// Whether this process may recreate a missing consumer
+    /// (`nats.manage_topology`); otherwise it waits for it to come back.
+    pub manage_topology: bool,
 }
 
 /// Consumes until `shutdown` fires, then drains.
@@ -81,8 +84,12 @@ pub async fn run<H: MessageHandler>(
         let consumer = match pull_consumer(&broker, &settings).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(consumer = consumer_name, error = %e, "consumer unavailable; recreating topology");
-                let _ = topology::ensure(&broker, &topology_config).await;
+                if settings.manage_topology {
+                    tracing::warn!(consumer = consumer_name, error = %e, "consumer unavailable; recreating topology");
+                    let _ = topology::ensure(&broker, &topology_config).await;
+                } else {
+                    tracing::warn!(consumer = consumer_name, error = %e, "consumer unavailable; waiting for it");
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(retry_delay) => {}

@@ -12,6 +12,9 @@ pub enum QueueError {
         subject: String,
         source: async_nats::jetstream::context::PublishError,
     },
+    /// The server turned this process away (credentials, certificates).
+    #[error(transparent)]
+    Connect(#[from] crate::connect::ConnectError),
     #[error("{operation} failed: {message}")]
     Request {
         operation: &'static str,
@@ -32,6 +35,7 @@ impl QueueError {
         match self {
             QueueError::Disconnected => "disconnected",
             QueueError::Publish { .. } => "publish",
+            QueueError::Connect(_) => "refused",
             QueueError::Request { operation, .. } => operation,
         }
     }

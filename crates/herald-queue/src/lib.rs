@@ -20,6 +20,6 @@ pub mod rate_limit;
 pub mod replay;
 pub mod topology;
 
-pub use connect::{Broker, connect};
+pub use connect::{Broker, ConnectError, NatsConfig, connect, connect_with};
 pub use error::QueueError;
 pub use topology::TopologyConfig;

@@ -287,6 +287,7 @@ pub async fn streams_exist(broker: &Broker) -> bool {
         names::WEBHOOKS_STREAM,
         names::MAIL_STREAM,
         names::ATTEMPTS_STREAM,
+        names::ADVISORIES_STREAM,
     ] {
         if broker.jetstream.get_stream(name).await.is_err() {
             return false;
@@ -295,18 +296,65 @@ pub async fn streams_exist(broker: &Broker) -> bool {
     true
 }
 
+/// Whether every stream and bucket exists: what a role that does not
+/// manage the topology waits for.
+pub async fn present(broker: &Broker) -> bool {
+    if !streams_exist(broker).await {
+        return false;
+    }
+    for bucket in [
+        names::ENDPOINTS_BUCKET,
+        names::TASKS_BUCKET,
+        names::HEALTH_BUCKET,
+        names::RATE_LIMITS_BUCKET,
+    ] {
+        if broker.jetstream.get_key_value(bucket).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 /// Runs [`ensure`] until it succeeds, waiting between tries, so a role can
-/// start before NATS does. Returns early if `shutdown` fires.
+/// start before NATS does. Returns early if `shutdown` fires, and with
+/// [`QueueError::Connect`] if the server turns this process away.
 pub async fn ensure_with_retry(
     broker: &Broker,
     config: &TopologyConfig,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<(), QueueError> {
+    prepare(broker, config, true, shutdown).await
+}
+
+/// Makes sure the topology exists before a role starts: creates or updates
+/// it when `manage` (`nats.manage_topology`), otherwise waits until a role
+/// that may create it has (least-privilege credentials have no right to
+/// create streams). Retries as [`ensure_with_retry`] does.
+pub async fn prepare(
+    broker: &Broker,
+    config: &TopologyConfig,
+    manage: bool,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<(), QueueError> {
     let mut delay = Duration::from_millis(100);
     loop {
-        match ensure(broker, config).await {
-            Ok(()) => return Ok(()),
-            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "JetStream topology not ready"),
+        if manage {
+            match ensure(broker, config).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "JetStream topology not ready")
+                }
+            }
+        } else if present(broker).await {
+            return Ok(());
+        } else {
+            tracing::info!(
+                retry_in = ?delay,
+                "waiting for the JetStream topology (nats.manage_topology is false: another role creates it)"
+            );
+        }
+        if let Some(refused) = broker.refused().await {
+            return Err(refused.into());
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Err(QueueError::Disconnected),

@@ -9,6 +9,7 @@
 mod control_plane;
 mod mailpit;
 mod nats;
+mod nats_tls;
 mod process;
 mod receiver;
 mod tools;
@@ -17,7 +18,8 @@ mod wait;
 
 pub use control_plane::ControlPlane;
 pub use mailpit::{MailMessage, Mailpit};
-pub use nats::NatsServer;
+pub use nats::{NatsServer, include_path};
+pub use nats_tls::TestPki;
 pub use receiver::{ReceivedWebhook, ReceiverBehaviour, TestReceiver};
 pub use tools::{free_port, http_client, tool, tools_dir};
 pub use verify::verify_with_standardwebhooks;

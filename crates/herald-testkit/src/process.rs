@@ -61,6 +61,13 @@ impl ChildProcess {
         text[start..].to_string()
     }
 
+    /// Sends `signal` (SIGHUP: reload its configuration).
+    pub fn signal(&self, signal: Signal) {
+        if let Some(child) = &self.child {
+            let _ = kill(Pid::from_raw(child.id() as i32), signal);
+        }
+    }
+
     /// SIGTERM, then SIGKILL if it has not exited within `grace`.
     pub async fn stop(&mut self, grace: Duration) {
         let Some(mut child) = self.child.take() else {

@@ -191,8 +191,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(&config.log);
             let records = config.secrets.record_writer("herald endpoints")?;
             let endpoints = crate::endpoints_file::load(&file)?;
-            let broker = herald_queue::connect(&config.nats.url, "herald-endpoints").await?;
-            herald_queue::topology::ensure(&broker, &config.topology).await?;
+            let broker = herald_queue::connect_with(&config.nats, "herald-endpoints").await?;
+            if config.nats.manage_topology {
+                herald_queue::topology::ensure(&broker, &config.topology).await?;
+            } else {
+                // Least-privilege credentials: wait for the role that may
+                // create the topology.
+                let shutdown = shutdown::on_signal().context("cannot install signal handlers")?;
+                herald_queue::topology::prepare(&broker, &config.topology, false, &shutdown)
+                    .await?;
+            }
             dev::sync_endpoints(&broker, &records, &endpoints).await?;
             broker.client.flush().await?;
             println!("{} endpoints in herald-endpoints", endpoints.len());

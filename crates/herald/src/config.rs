@@ -117,20 +117,9 @@ impl SecretsConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NatsConfig {
-    /// Server URL(s), comma-separated.
-    pub url: String,
-}
-
-impl Default for NatsConfig {
-    fn default() -> Self {
-        Self {
-            url: "nats://127.0.0.1:4222".into(),
-        }
-    }
-}
+/// `[nats]`: the server, credentials and TLS; defined next to the code
+/// that connects (`herald_queue::connect`).
+pub use herald_queue::NatsConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

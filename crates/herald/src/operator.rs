@@ -18,7 +18,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let client = kube::Client::try_default()
         .await
         .context("cannot configure a Kubernetes client (KUBECONFIG or in-cluster)")?;
-    let broker = herald_queue::connect(&config.nats.url, "herald-operator").await?;
+    let broker = herald_queue::connect_with(&config.nats, "herald-operator").await?;
     let mut running = JoinSet::new();
     let readiness = Readiness::default();
     probes::start(
@@ -29,10 +29,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         &mut running,
     )
     .await?;
-    if topology::ensure_with_retry(&broker, &config.topology, &shutdown)
-        .await
-        .is_ok()
-    {
+    let prepared = topology::prepare(
+        &broker,
+        &config.topology,
+        config.nats.manage_topology,
+        &shutdown,
+    )
+    .await;
+    let prepared = match prepared {
+        // Turned away by NATS: stop with the reason, do not sit there.
+        Err(refused @ herald_queue::QueueError::Connect(_)) => {
+            shutdown.cancel();
+            while running.join_next().await.is_some() {}
+            return Err(refused.into());
+        }
+        other => other,
+    };
+    if prepared.is_ok() {
         readiness.set_ready();
         let result = herald_operator::run(
             config.operator.clone(),

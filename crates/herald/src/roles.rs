@@ -69,7 +69,7 @@ pub async fn run(config: Config, roles: Roles, shutdown: CancellationToken) -> a
     } else {
         None
     };
-    let broker = herald_queue::connect(&config.nats.url, "herald").await?;
+    let broker = herald_queue::connect_with(&config.nats, "herald").await?;
     run_with(
         config,
         roles,
@@ -142,11 +142,22 @@ pub async fn run_with(
         None
     };
 
-    if topology::ensure_with_retry(&broker, &config.topology, &shutdown)
-        .await
-        .is_err()
+    match topology::prepare(
+        &broker,
+        &config.topology,
+        config.nats.manage_topology,
+        &shutdown,
+    )
+    .await
     {
-        return drain(running).await; // shut down before NATS was ever reachable
+        Ok(()) => {}
+        // Turned away by NATS: stop with the reason, do not sit there.
+        Err(refused @ herald_queue::QueueError::Connect(_)) => {
+            shutdown.cancel();
+            let _ = drain(running).await;
+            return Err(refused.into());
+        }
+        Err(_) => return drain(running).await, // shut down before NATS was ever reachable
     }
     if let Some(state) = &api_state {
         state.set_topology_ready();
@@ -172,6 +183,7 @@ pub async fn run_with(
                 consumer: names::TASKS_CONSUMER,
                 concurrency: config.tasks.concurrency,
                 grace,
+                manage_topology: config.nats.manage_topology,
             };
             running.spawn(consume_until(
                 broker.clone(),
@@ -196,6 +208,7 @@ pub async fn run_with(
                 consumer: names::WEBHOOKS_CONSUMER,
                 concurrency: config.webhooks.concurrency,
                 grace,
+                manage_topology: config.nats.manage_topology,
             };
             running.spawn(consume_until(
                 broker.clone(),
@@ -214,6 +227,7 @@ pub async fn run_with(
             consumer: names::MAIL_CONSUMER,
             concurrency: config.mail.concurrency,
             grace: config.shutdown.grace,
+            manage_topology: config.nats.manage_topology,
         };
         running.spawn(consume_until(
             broker.clone(),

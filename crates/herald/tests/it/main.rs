@@ -16,6 +16,8 @@ mod dev;
 mod failures;
 mod inputs;
 mod leaks;
+mod nats_auth;
+mod nats_refusals;
 mod openapi;
 mod operator;
 mod policies;

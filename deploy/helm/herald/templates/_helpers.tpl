@@ -274,3 +274,19 @@ secret (or to which Secret is referenced) rolls its pods:
 {{- define "herald.autoscaled" -}}
 {{- if or (dig "autoscaling" "enabled" false .) (dig "keda" "enabled" false .) }}true{{ end }}
 {{- end }}
+
+{{/*
+Checks natsClient: some enabled component creates the JetStream topology
+(nats.manage_topology), or every other one would wait for ever.
+*/}}
+{{- define "herald.validateNatsClient" -}}
+{{- $components := dict }}
+{{- include "herald.components" (dict "root" . "out" $components) }}
+{{- $managers := list }}
+{{- range $name, $_ := $components }}
+{{- if (index $.Values.natsClient.components $name).manageTopology }}{{ $managers = append $managers $name }}{{ end }}
+{{- end }}
+{{- if and $components (not $managers) }}
+{{- fail "natsClient: no enabled component has manageTopology: true, so nothing creates the JetStream streams (the operator does by default; set natsClient.components.<component>.manageTopology)" }}
+{{- end }}
+{{- end }}
