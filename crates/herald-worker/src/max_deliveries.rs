@@ -114,12 +114,13 @@ impl MaxDeliveries {
     }
 
     /// Advisories are rare: a few at a time is plenty.
-    pub fn settings(&self, grace: Duration) -> ConsumerSettings {
+    pub fn settings(&self, grace: Duration, manage_topology: bool) -> ConsumerSettings {
         ConsumerSettings {
             stream: names::ADVISORIES_STREAM,
             consumer: self.abandoned.consumer(),
             concurrency: 4,
             grace,
+            manage_topology,
         }
     }
 

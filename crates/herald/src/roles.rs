@@ -256,7 +256,7 @@ fn spawn_max_deliveries(
     running: &mut JoinSet<anyhow::Result<()>>,
 ) {
     let handler = MaxDeliveries::new(broker.clone(), abandoned);
-    let settings = handler.settings(config.shutdown.grace);
+    let settings = handler.settings(config.shutdown.grace, config.nats.manage_topology);
     running.spawn(consume_until(
         broker.clone(),
         config.clone(),
