@@ -38,6 +38,7 @@ pub use auth::{Access, TokensFileError};
 pub use error::{ApiError, ErrorBody};
 pub use health::metrics;
 pub use openapi::{openapi, openapi_json};
+pub use tasks::ENVELOPE_RESERVE;
 
 mod duration_serde {
     pub use herald_queue::topology::{

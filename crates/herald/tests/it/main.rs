@@ -11,6 +11,7 @@ mod auth;
 mod chart;
 mod delivery;
 mod dev;
+mod door;
 mod failures;
 mod inputs;
 mod openapi;
