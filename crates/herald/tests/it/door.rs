@@ -544,3 +544,45 @@ async fn slow_clients_are_cut_off_and_probes_keep_answering() {
     );
     herald.stop().await;
 }
+
+#[tokio::test]
+async fn a_task_input_the_worker_cannot_read_is_a_recorded_failure_not_null() {
+    let nats = NatsServer::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Ok).await;
+    add_endpoint(&nats, "56", "hooks", &receiver.url("/hooks"), None).await;
+    let herald = Herald::start(test_config(&nats, None), Roles::all()).await;
+
+    // Not through the API (which refuses it): a task message whose input
+    // is JSON syntax no parser can hold.
+    let (user, task_type, id) = (
+        UserId::new("56").unwrap(),
+        herald_core::TaskType::new("echo").unwrap(),
+        TaskId::generate(),
+    );
+    let message = herald_core::payload::TaskMessage {
+        v: VERSION,
+        id: id.clone(),
+        user: user.clone(),
+        task_type: task_type.clone(),
+        accepted_at_ms: herald_core::now_ms(),
+        input: serde_json::value::RawValue::from_string("[1e400]".into()).unwrap(),
+    };
+    broker(&nats)
+        .await
+        .publish(herald_queue::publish::Outgoing::new(
+            names::task_subject(&task_type, &user, &id),
+            names::task_msg_id(&id),
+            encode(&message),
+        ))
+        .await
+        .unwrap();
+
+    let task = herald.wait_for_state("56", id.as_str(), "failed").await;
+    let error = task["error"].as_str().unwrap();
+    assert!(error.contains("input cannot be read"), "{error}");
+    let webhooks = receiver.wait_for(1, DEADLINE).await;
+    let webhook: Value = serde_json::from_str(&webhooks[0].body).unwrap();
+    assert_eq!(webhook["type"], "echo.failed", "{webhook}");
+    assert!(!webhooks[0].body.contains(r#""echo":null"#));
+    herald.stop().await;
+}
