@@ -36,8 +36,15 @@ pub enum ApiError {
     NotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
-    #[error("the body is larger than {limit} bytes")]
-    PayloadTooLarge { limit: usize },
+    /// `why` says which limit decided (configuration or the NATS server).
+    #[error("the body is larger than {limit} bytes, the most this API accepts ({why})")]
+    PayloadTooLarge { limit: usize, why: String },
+    /// The client took longer than `api.body_read_timeout` to send the body.
+    #[error("the body was not received within {0:?}")]
+    RequestTimeout(std::time::Duration),
+    /// More connections than `api.max_connections`: only probes are served.
+    #[error("the API is at its connection limit; retry later")]
+    Overloaded,
     #[error("{0}")]
     UnsupportedMediaType(String),
     /// The request is valid but the resource is not in a state that allows
@@ -51,7 +58,7 @@ pub enum ApiError {
 
 impl ApiError {
     /// Every [`ApiError::code`], for the OpenAPI document's enum.
-    pub const CODES: [&'static str; 13] = [
+    pub const CODES: [&'static str; 16] = [
         "bad_request",
         "invalid_json",
         "unauthorized",
@@ -59,11 +66,14 @@ impl ApiError {
         "not_found",
         "method_not_allowed",
         "payload_too_large",
+        "request_timeout",
+        "overloaded",
         "unsupported_media_type",
         "task_not_finished",
         "delivery_in_progress",
         "no_endpoints",
         "endpoint_disabled",
+        "record_unreadable",
         "unavailable",
     ];
 
@@ -75,6 +85,8 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -92,6 +104,8 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::Overloaded => "overloaded",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Conflict { code, .. } => code,
             ApiError::Unavailable(_) => "unavailable",
@@ -157,8 +171,11 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         let headers = response.headers_mut();
         match &self {
-            ApiError::Unavailable(_) => {
+            ApiError::Unavailable(_) | ApiError::Overloaded => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::RequestTimeout(_) => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ApiError::Unauthorized { invalid_token, .. } => {
                 // RFC 6750 section 3: which scheme to use, and whether the
@@ -203,7 +220,12 @@ mod tests {
             ApiError::Forbidden(String::new()),
             ApiError::NotFound(String::new()),
             ApiError::MethodNotAllowed,
-            ApiError::PayloadTooLarge { limit: 1 },
+            ApiError::PayloadTooLarge {
+                limit: 1,
+                why: String::new(),
+            },
+            ApiError::RequestTimeout(std::time::Duration::ZERO),
+            ApiError::Overloaded,
             ApiError::UnsupportedMediaType(String::new()),
         ];
         for error in &every_variant {

@@ -15,6 +15,7 @@ mod error;
 mod health;
 mod openapi;
 mod replay;
+mod serve;
 mod tasks;
 
 use std::{
@@ -37,6 +38,7 @@ pub use auth::{Access, TokensFileError};
 pub use error::{ApiError, ErrorBody};
 pub use health::metrics;
 pub use openapi::{openapi, openapi_json};
+pub use tasks::ENVELOPE_RESERVE;
 
 mod duration_serde {
     pub use herald_queue::topology::{
@@ -49,8 +51,25 @@ mod duration_serde {
 pub struct ApiConfig {
     /// Address the API listens on.
     pub listen: String,
-    /// Largest task body accepted, in bytes; larger ones get 413.
+    /// Largest task body accepted, in bytes; larger ones get 413. The NATS
+    /// server's `max_payload` (less room for Herald's envelope) lowers it
+    /// when smaller, so whatever is accepted can be stored and delivered.
     pub max_body_bytes: usize,
+    /// Deepest nesting of arrays and objects accepted in a body; deeper
+    /// ones get 400. At most `herald_core::json::MAX_INPUT_DEPTH`.
+    pub max_json_depth: usize,
+    /// How long a client may take to send a request's line and headers;
+    /// then the connection is closed.
+    #[serde(with = "duration_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request's body; then it gets
+    /// 408 and the connection is closed.
+    #[serde(with = "duration_serde")]
+    pub body_read_timeout: Duration,
+    /// Connections served at once. Beyond it, connections are still taken
+    /// but only `/healthz` and `/readyz` are answered (others get 503),
+    /// with a short header timeout, so probes never starve.
+    pub max_connections: usize,
     /// TOML file of bearer tokens (their SHA-256 hashes); empty turns
     /// authentication off.
     pub tokens_file: String,
@@ -67,6 +86,10 @@ impl Default for ApiConfig {
         Self {
             listen: "127.0.0.1:9000".into(),
             max_body_bytes: 1024 * 1024,
+            max_json_depth: 32,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 1024,
             tokens_file: String::new(),
             tokens_reload_interval: Duration::from_secs(10),
             metrics_require_token: false,
@@ -146,7 +169,9 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves the API on `listener` until `shutdown` fires, then lets requests
-/// in progress finish.
+/// in progress finish. Slow clients are cut off and connections capped as
+/// `api.header_read_timeout`, `api.body_read_timeout` and
+/// `api.max_connections` say ([`serve`](mod@serve)).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -155,7 +180,6 @@ pub async fn serve(
     tracing::info!(addr = %listener.local_addr()?, "API listening");
     state.access().log_state();
     tokio::spawn(state.access().clone().watch(shutdown.clone()));
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let config = state.config.clone();
+    serve::run(listener, router(state), &config, shutdown).await
 }

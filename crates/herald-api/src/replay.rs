@@ -33,7 +33,10 @@ use herald_queue::replay::{self, RECOVER_LIMIT, Recovered, ReplayError};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::{ApiError, AppState, ErrorBody, tasks::read_json_body};
+use crate::{
+    ApiConfig, ApiError, AppState, ErrorBody,
+    tasks::{BodyRules, read_json_body},
+};
 
 /// Largest body these calls read; they take one short field.
 const MAX_BODY_BYTES: usize = 4096;
@@ -73,16 +76,27 @@ impl From<ReplayError> for ApiError {
                 code: "endpoint_disabled",
                 message,
             },
+            ReplayError::Unreadable(_) => ApiError::Conflict {
+                code: "record_unreadable",
+                message,
+            },
         }
     }
 }
 
 /// A JSON body read into `T`; an empty body is `None`.
 async fn optional_body<T: serde::de::DeserializeOwned>(
+    config: &ApiConfig,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Option<T>, ApiError> {
-    let raw = read_json_body(headers, body, MAX_BODY_BYTES).await?;
+    let rules = BodyRules {
+        limit: MAX_BODY_BYTES,
+        why: "these calls take one short field".into(),
+        max_depth: config.max_json_depth,
+        timeout: config.body_read_timeout,
+    };
+    let raw = read_json_body(headers, body, &rules).await?;
     if raw.get() == "null" {
         return Ok(None);
     }
@@ -133,7 +147,8 @@ pub(crate) struct RedeliverResponse {
         (status = 404, description = "No such task, or the endpoint is not one the task went to.", body = ErrorBody),
         (status = 409, description = "`task_not_finished`: the task has not run yet. \
             `delivery_in_progress`: an earlier round still has attempts to come. \
-            `no_endpoints`: none of the task's endpoints exists any more.", body = ErrorBody),
+            `no_endpoints`: none of the task's endpoints exists any more. \
+            `record_unreadable`: the task's stored record cannot be read.", body = ErrorBody),
         (status = 413, description = "The body is too large.", body = ErrorBody),
         (status = 415, description = "The body is not JSON.", body = ErrorBody),
         (status = 503, description = "NATS is unavailable, retry later.", body = ErrorBody,
@@ -148,7 +163,7 @@ pub(crate) async fn redeliver(
 ) -> Result<(StatusCode, Json<RedeliverResponse>), ApiError> {
     let Path((user, id)) = path?;
     let user = user_token(user)?;
-    let request: Option<RedeliverRequest> = optional_body(&headers, body).await?;
+    let request: Option<RedeliverRequest> = optional_body(&state.config, &headers, body).await?;
     let Ok(task) = TaskId::new(id.clone()) else {
         return Err(ApiError::NotFound(format!(
             "user {user} has no task {id:?}"
@@ -201,6 +216,9 @@ pub(crate) struct RecoverResponse {
     already_queued: usize,
     /// Deliveries that could not be rebuilt: their task record expired.
     expired: usize,
+    /// Deliveries skipped because their task's stored record cannot be
+    /// read; those tasks.
+    unreadable: Vec<TaskId>,
     /// More than the per-call limit of tasks had events since `since`.
     truncated: bool,
     /// Where to continue when truncated.
@@ -220,6 +238,7 @@ impl RecoverResponse {
             tasks: (queued <= LISTED_TASKS).then_some(recovered.tasks),
             already_queued: recovered.already_queued,
             expired: recovered.expired,
+            unreadable: recovered.unreadable,
             truncated: recovered.next_since_ms.is_some(),
             next_since: recovered.next_since_ms.map(rfc3339),
             limit: RECOVER_LIMIT,
@@ -263,7 +282,7 @@ pub(crate) async fn recover(
 ) -> Result<(StatusCode, Json<RecoverResponse>), ApiError> {
     let Path((user, endpoint)) = path?;
     let user = user_token(user)?;
-    let request: Option<RecoverRequest> = optional_body(&headers, body).await?;
+    let request: Option<RecoverRequest> = optional_body(&state.config, &headers, body).await?;
     let endpoint = endpoint_token(&user, endpoint)?;
     let Some(request) = request else {
         return Err(ApiError::BadRequest(
@@ -348,6 +367,7 @@ mod tests {
             ReplayError::InProgress(vec![]),
             ReplayError::NoEndpoints,
             ReplayError::Disabled,
+            ReplayError::Unreadable("r".into()),
         ];
         for refusal in every_refusal {
             let error = ApiError::from(refusal);

@@ -7,8 +7,12 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
+use std::time::Duration;
+
 use herald_core::{
-    TaskId, TaskType, UserId, names,
+    TaskId, TaskType, UserId,
+    json::{self, JsonError},
+    names,
     payload::{RedeliveryCause, TaskEvent, TaskMessage, VERSION, encode},
     rfc3339,
     state::{EndpointDeliveryState, TaskState, current_round, endpoint_state, task_state},
@@ -73,8 +77,9 @@ pub(crate) struct Accepted {
                 description = "The task just accepted.",
             ))),
         ),
-        (status = 400, description = "A bad user, task type, Idempotency-Key or JSON body.", body = ErrorBody),
-        (status = 413, description = "The body is larger than `api.max_body_bytes`.", body = ErrorBody),
+        (status = 400, description = "A bad user, task type, Idempotency-Key or JSON body; a body nesting deeper than `api.max_json_depth`, with a number beyond a 64-bit float or an invalid `\\u` escape is refused too, with the reason.", body = ErrorBody),
+        (status = 408, description = "The body was not sent within `api.body_read_timeout`.", body = ErrorBody),
+        (status = 413, description = "The body is larger than `api.max_body_bytes`, or than the NATS server's `max_payload` less Herald's envelope; the message names the limit.", body = ErrorBody),
         (status = 415, description = "The body is not `application/json` (or `application/*+json`).", body = ErrorBody),
         (status = 503, description = "NATS is unavailable: nothing was stored, retry later.", body = ErrorBody,
             headers(("Retry-After" = String, description = "Seconds to wait."))),
@@ -90,7 +95,7 @@ pub(crate) async fn create(
     let user = user_token(user)?;
     let task_type = TaskType::new(task_type).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let idempotency_key = idempotency_key(&headers)?;
-    let input = read_json_body(&headers, body, state.config.max_body_bytes).await?;
+    let input = read_json_body(&headers, body, &state.task_body_rules()).await?;
 
     let (id, replayed) = match &idempotency_key {
         Some(key) => {
@@ -160,13 +165,60 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_string()))
 }
 
-/// The body as JSON, checked for media type, size and syntax. An empty body
-/// is the JSON `null`.
+/// Room in every stored message for what Herald puts around a task's
+/// input: the task message, the record and the delivery job each wrap it in
+/// ids, timestamps and the webhook envelope (a few hundred bytes), plus
+/// message headers ([`herald_queue::limits::HEADER_RESERVE`]).
+pub const ENVELOPE_RESERVE: usize = 8 * 1024;
+
+/// What a body must be to be read.
+pub(crate) struct BodyRules {
+    /// Largest accepted, in bytes.
+    pub limit: usize,
+    /// Which setting decided `limit`, for the 413's message.
+    pub why: String,
+    pub max_depth: usize,
+    pub timeout: Duration,
+}
+
+impl AppState {
+    /// The rules for a task's body: `api.max_body_bytes`, lowered to what
+    /// the NATS server takes (its latest INFO) less the envelope, so that
+    /// anything accepted can be stored and delivered.
+    pub(crate) fn task_body_rules(&self) -> BodyRules {
+        let configured = self.config.max_body_bytes;
+        let (limit, why) = match self.broker.max_payload() {
+            Some(max) if max.saturating_sub(ENVELOPE_RESERVE) < configured => (
+                max.saturating_sub(ENVELOPE_RESERVE),
+                format!(
+                    "the NATS server's max_payload of {max} bytes less {ENVELOPE_RESERVE} for Herald's envelope"
+                ),
+            ),
+            _ => (configured, format!("api.max_body_bytes is {configured}")),
+        };
+        BodyRules {
+            limit,
+            why,
+            max_depth: self.config.max_json_depth,
+            timeout: self.config.body_read_timeout,
+        }
+    }
+}
+
+/// The body as JSON, checked for media type, size, syntax and whether every
+/// parser downstream reads it back the same ([`json::check`]): too deep,
+/// numbers beyond f64, lone surrogates are 400 with the reason. An empty
+/// body is the JSON `null`. A body slower than the rules' timeout is 408.
 pub(crate) async fn read_json_body(
     headers: &HeaderMap,
     body: Body,
-    limit: usize,
+    rules: &BodyRules,
 ) -> Result<Box<RawValue>, ApiError> {
+    let limit = rules.limit;
+    let too_large = || ApiError::PayloadTooLarge {
+        limit,
+        why: rules.why.clone(),
+    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .map(|v| v.to_str().unwrap_or("").to_string());
@@ -175,11 +227,12 @@ pub(crate) async fn read_json_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared_length.is_some_and(|len| len > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
+        return Err(too_large());
     }
-    let bytes = to_bytes(body, limit)
+    let bytes = tokio::time::timeout(rules.timeout, to_bytes(body, limit))
         .await
-        .map_err(|_| ApiError::PayloadTooLarge { limit })?;
+        .map_err(|_| ApiError::RequestTimeout(rules.timeout))?
+        .map_err(|_| too_large())?;
     if bytes.is_empty() && content_type.is_none() {
         return Ok(RawValue::from_string("null".into()).expect("null is JSON"));
     }
@@ -196,7 +249,17 @@ pub(crate) async fn read_json_body(
             ));
         }
     }
-    serde_json::from_slice::<Box<RawValue>>(&bytes)
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        ApiError::InvalidJson(format!("the body is not valid JSON: not UTF-8 ({e})"))
+    })?;
+    json::check(text, rules.max_depth).map_err(|e| {
+        let hint = match e {
+            JsonError::TooDeep { .. } => " (api.max_json_depth)",
+            _ => "",
+        };
+        ApiError::InvalidJson(format!("the body is refused: {e}{hint}"))
+    })?;
+    serde_json::from_str::<Box<RawValue>>(text)
         .map_err(|e| ApiError::InvalidJson(format!("the body is not valid JSON: {e}")))
 }
 
@@ -226,9 +289,10 @@ pub(crate) struct TaskView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(format = DateTime)]
     finished_at: Option<String>,
-    /// What the handler returned.
+    /// What the handler returned, as the JSON it produced.
     #[serde(skip_serializing_if = "Option::is_none")]
-    result: Option<serde_json::Value>,
+    #[schema(value_type = Option<Object>)]
+    result: Option<Box<RawValue>>,
     /// Why the handler failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
@@ -352,6 +416,25 @@ pub(crate) async fn show(
             finished_at: None,
             result: None,
             error: None,
+            endpoints: vec![],
+            attempts: vec![],
+            mails: vec![],
+            redeliveries: vec![],
+        },
+        StoredTask::Unreadable(unreadable) => TaskView {
+            id: unreadable.task,
+            user: unreadable.user.unwrap_or(user),
+            task_type: unreadable
+                .task_type
+                .unwrap_or_else(|| TaskType::new("unknown").expect("a valid task type")),
+            state: TaskState::Unreadable,
+            accepted_at: rfc3339(unreadable.accepted_at_ms.unwrap_or(0)),
+            finished_at: None,
+            result: None,
+            error: Some(format!(
+                "the task's stored record cannot be read: {}",
+                unreadable.reason
+            )),
             endpoints: vec![],
             attempts: vec![],
             mails: vec![],

@@ -8,6 +8,7 @@
 pub mod endpoint;
 pub mod endpoint_secrets;
 pub mod ids;
+pub mod json;
 pub mod keyring;
 pub mod metrics;
 pub mod names;

@@ -68,7 +68,11 @@ pub struct DeliveryJob {
     /// `<task type>.completed` or `<task type>.failed`.
     pub event_type: String,
     /// The exact request body; identical on every attempt, so a receiver
-    /// sees the same bytes under the same `webhook-id`.
+    /// sees the same bytes under the same `webhook-id`. Carried as raw JSON
+    /// (not as an escaped string, which could double its size); a job
+    /// written by an earlier build, with the body as a JSON string, reads
+    /// the same.
+    #[serde(with = "raw_body")]
     pub body: String,
     pub accepted_at_ms: u64,
     /// The attempt this message carries: 1 when fanned out, n+1 when the
@@ -94,6 +98,31 @@ pub struct DeliveryJob {
 
 fn first_attempt() -> u32 {
     1
+}
+
+/// [`DeliveryJob::body`] on the wire: the body's JSON as it is, or, in
+/// jobs from earlier builds, a JSON string holding it.
+mod raw_body {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::value::RawValue;
+
+    pub fn serialize<S: Serializer>(body: &str, serializer: S) -> Result<S::Ok, S::Error> {
+        // Raw only when that gives back exactly these bytes (a webhook body
+        // is compact JSON, so always in practice).
+        match serde_json::from_str::<&RawValue>(body) {
+            Ok(raw) if raw.get().len() == body.len() => raw.serialize(serializer),
+            _ => body.serialize(serializer),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+        let raw = <Box<RawValue>>::deserialize(deserializer)?;
+        if raw.get().starts_with('"') {
+            serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)
+        } else {
+            Ok(String::from(Box::<str>::from(raw)))
+        }
+    }
 }
 
 /// Why a mail is sent about an endpoint.
@@ -332,8 +361,10 @@ pub struct TaskRecord {
     pub accepted_at_ms: u64,
     pub finished_at_ms: u64,
     pub outcome: HandlerOutcome,
+    /// What the handler returned, as the exact JSON it produced (an echo
+    /// keeps the client's key order and number spelling).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
+    pub result: Option<Box<RawValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// The endpoints a delivery job was published for; empty means the user
@@ -444,7 +475,7 @@ impl TaskRecord {
                 task_id: self.id.as_str(),
                 user: self.user.as_str(),
                 task_type: self.task_type.as_str(),
-                result: self.result.as_ref(),
+                result: self.result.as_deref(),
                 error: self.error.as_deref(),
             },
         })
@@ -494,7 +525,7 @@ pub struct WebhookData<'a> {
     #[serde(rename = "type")]
     pub task_type: &'a str,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<&'a serde_json::Value>,
+    pub result: Option<&'a RawValue>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
 }
@@ -534,6 +565,35 @@ mod tests {
     }
 
     #[test]
+    fn a_job_carries_its_body_as_raw_json_and_reads_old_string_bodies() {
+        let body = r#"{"data":{"q":"\"\"\\","n":1e5}}"#;
+        let job = DeliveryJob {
+            v: VERSION,
+            task: TaskId::new("t1").unwrap(),
+            user: UserId::new("u").unwrap(),
+            endpoint: EndpointId::new("e").unwrap(),
+            event_type: "echo.completed".into(),
+            body: body.into(),
+            accepted_at_ms: 1,
+            attempt: 1,
+            redelivery: None,
+            rate_slot_ms: None,
+            endpoint_missing_since_ms: None,
+        };
+        let wire = String::from_utf8(encode(&job)).unwrap();
+        assert!(wire.contains(&format!(r#""body":{body}"#)), "{wire}");
+        let back: DeliveryJob = decode(wire.as_bytes()).unwrap();
+        assert_eq!(back.body, body);
+        // As an earlier build wrote it: the body as a JSON string.
+        let old = serde_json::json!({
+            "v": 1, "task": "t1", "user": "u", "endpoint": "e",
+            "event_type": "echo.completed", "body": body, "accepted_at_ms": 1,
+        });
+        let back: DeliveryJob = decode(old.to_string().as_bytes()).unwrap();
+        assert_eq!(back.body, body);
+    }
+
+    #[test]
     fn task_events_are_tagged_by_kind() {
         let event = TaskEventMessage {
             v: VERSION,
@@ -565,7 +625,9 @@ mod tests {
             accepted_at_ms: 1,
             finished_at_ms: 1_700_000_000_123,
             outcome: HandlerOutcome::Completed,
-            result: Some(serde_json::json!({"z": 1.5, "a": [1, "x"], "m": {"k": null}})),
+            result: Some(
+                RawValue::from_string(r#"{"z":1.50,"a":[1,"x"],"m":{"k":null}}"#.into()).unwrap(),
+            ),
             error: None,
             endpoints: vec![],
         };
@@ -576,6 +638,12 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(parsed["timestamp"], "2023-11-14T22:13:20.123Z");
         assert_eq!(parsed["data"]["result"]["z"], 1.5);
+        // The handler's bytes, not a re-serialization: key order and number
+        // spelling kept.
+        assert!(
+            body.contains(r#""result":{"z":1.50,"a":[1,"x"],"m":{"k":null}}"#),
+            "{body}"
+        );
 
         let failed = TaskRecord {
             outcome: HandlerOutcome::Failed,

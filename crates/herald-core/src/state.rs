@@ -37,6 +37,9 @@ pub enum TaskState {
     /// Some endpoint is disabled: its webhook was kept, not sent, and goes
     /// out when the endpoint is enabled (or on a recover call).
     Held,
+    /// The task is stored, but its stored payload cannot be read by this
+    /// build (damaged, or written by another version); `error` says why.
+    Unreadable,
 }
 
 /// Where the delivery to one endpoint stands.

@@ -6,10 +6,15 @@
 //! before it acks the queued message, so a task is always in at least one of
 //! them; [`find_task`] reads the record again after a miss in the stream to
 //! close the window between the two.
+//!
+//! No stored payload makes a read fail: one this build cannot read (written
+//! by a newer build, damaged, or nested past serde_json's limit by a build
+//! without the API's depth limit) is [`StoredTask::Unreadable`], logged,
+//! and shown as such, instead of a 503 for every read of it.
 
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use herald_core::{
-    TaskId, UserId, names,
+    TaskId, TaskType, UserId, json, names,
     payload::{TaskEvent, TaskEventMessage, TaskMessage, TaskRecord, decode},
 };
 
@@ -20,6 +25,70 @@ use crate::{Broker, QueueError};
 pub enum StoredTask {
     Queued(TaskMessage),
     Recorded(TaskRecord),
+    /// Stored, but not readable by this build.
+    Unreadable(Unreadable),
+}
+
+/// A stored task payload that does not decode, with what could be read of
+/// its top-level fields.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub task: TaskId,
+    pub user: Option<UserId>,
+    pub task_type: Option<TaskType>,
+    pub accepted_at_ms: Option<u64>,
+    /// Why it does not decode.
+    pub reason: String,
+}
+
+impl Unreadable {
+    fn new(task: &TaskId, bytes: &[u8], reason: String) -> Self {
+        let text = String::from_utf8_lossy(bytes);
+        let fields = json::top_level_scalars(&text);
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, raw)| *raw)
+        };
+        let string =
+            |name: &str| field(name).and_then(|raw| serde_json::from_str::<String>(raw).ok());
+        Unreadable {
+            task: task.clone(),
+            user: string("user").and_then(|u| UserId::new(u).ok()),
+            task_type: string("type").and_then(|t| TaskType::new(t).ok()),
+            accepted_at_ms: field("accepted_at_ms").and_then(|raw| raw.parse().ok()),
+            reason,
+        }
+    }
+
+    /// Whether it is `user`'s: only when its owner could be read.
+    pub fn belongs_to(&self, user: &UserId) -> bool {
+        self.user.as_ref() == Some(user)
+    }
+}
+
+/// A task's record as stored: readable, or not.
+#[derive(Debug)]
+pub enum Record {
+    Readable(TaskRecord),
+    Unreadable(Unreadable),
+}
+
+impl Record {
+    pub fn belongs_to(&self, user: &UserId) -> bool {
+        match self {
+            Record::Readable(record) => &record.user == user,
+            Record::Unreadable(unreadable) => unreadable.belongs_to(user),
+        }
+    }
+
+    fn into_stored(self) -> StoredTask {
+        match self {
+            Record::Readable(record) => StoredTask::Recorded(record),
+            Record::Unreadable(unreadable) => StoredTask::Unreadable(unreadable),
+        }
+    }
 }
 
 /// Upper bound on events read for one task; a task has a handful per
@@ -35,7 +104,7 @@ pub async fn find_task(
         return Err(QueueError::Disconnected);
     }
     if let Some(record) = task_record(broker, task).await? {
-        return Ok((&record.user == user).then_some(StoredTask::Recorded(record)));
+        return Ok(record.belongs_to(user).then(|| record.into_stored()));
     }
     let tasks = stream(broker, names::TASKS_STREAM).await?;
     match tasks
@@ -43,9 +112,16 @@ pub async fn find_task(
         .await
     {
         Ok(message) => {
-            let queued: TaskMessage =
-                decode(&message.payload).map_err(|e| QueueError::request("read queued task", e))?;
-            return Ok(Some(StoredTask::Queued(queued)));
+            // The subject names the user, so the owner is known either way.
+            return Ok(Some(match decode::<TaskMessage>(&message.payload) {
+                Ok(queued) => StoredTask::Queued(queued),
+                Err(e) => {
+                    tracing::error!(task = %task, sequence = message.sequence, error = %e, "queued task is unreadable");
+                    let mut unreadable = Unreadable::new(task, &message.payload, e.to_string());
+                    unreadable.user = Some(user.clone());
+                    StoredTask::Unreadable(unreadable)
+                }
+            }));
         }
         Err(e) if e.kind() == DirectGetErrorKind::NotFound => {}
         Err(e) => return Err(QueueError::request("find queued task", e)),
@@ -53,11 +129,13 @@ pub async fn find_task(
     // The worker may have recorded and acked it between the two reads.
     Ok(task_record(broker, task)
         .await?
-        .filter(|record| &record.user == user)
-        .map(StoredTask::Recorded))
+        .filter(|record| record.belongs_to(user))
+        .map(Record::into_stored))
 }
 
-pub async fn task_record(broker: &Broker, task: &TaskId) -> Result<Option<TaskRecord>, QueueError> {
+/// The task's record, if stored; one that does not decode is
+/// [`Record::Unreadable`] (and logged), never an error.
+pub async fn task_record(broker: &Broker, task: &TaskId) -> Result<Option<Record>, QueueError> {
     let bucket = broker
         .jetstream
         .get_key_value(names::TASKS_BUCKET)
@@ -70,9 +148,13 @@ pub async fn task_record(broker: &Broker, task: &TaskId) -> Result<Option<TaskRe
     else {
         return Ok(None);
     };
-    decode(&bytes)
-        .map(Some)
-        .map_err(|e| QueueError::request("read task record", e))
+    Ok(Some(match decode::<TaskRecord>(&bytes) {
+        Ok(record) => Record::Readable(record),
+        Err(e) => {
+            tracing::error!(task = %task, error = %e, "task record is unreadable");
+            Record::Unreadable(Unreadable::new(task, &bytes, e.to_string()))
+        }
+    }))
 }
 
 /// Every event of a task, oldest first.

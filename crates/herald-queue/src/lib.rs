@@ -15,6 +15,7 @@ pub mod endpoints;
 pub mod error;
 pub mod health;
 pub mod history;
+pub mod limits;
 pub mod publish;
 pub mod rate_limit;
 pub mod replay;

@@ -34,7 +34,7 @@ use herald_core::{
 
 use crate::{
     Broker, QueueError, cas, endpoints, health,
-    history::{self, StoredTask},
+    history::{self, Record, StoredTask},
     publish::Outgoing,
 };
 
@@ -71,6 +71,10 @@ pub enum ReplayError {
     NoEndpoints,
     #[error("the endpoint is disabled: enable it, which recovers what it held")]
     Disabled,
+    /// The task's stored record cannot be read, so its webhook cannot be
+    /// rebuilt.
+    #[error("the task's stored record cannot be read, so its webhook cannot be rebuilt: {0}")]
+    Unreadable(String),
 }
 
 fn list(endpoints: &[EndpointId]) -> String {
@@ -99,6 +103,9 @@ pub async fn redeliver(
     let record = match history::find_task(broker, user, task).await? {
         None => return Err(ReplayError::TaskNotFound),
         Some(StoredTask::Queued(_)) => return Err(ReplayError::NotFinished),
+        Some(StoredTask::Unreadable(unreadable)) => {
+            return Err(ReplayError::Unreadable(unreadable.reason));
+        }
         Some(StoredTask::Recorded(record)) => record,
     };
     let targets = match endpoint {
@@ -161,6 +168,9 @@ pub struct Recovered {
     pub already_queued: usize,
     /// Recoverable deliveries whose task record has expired.
     pub expired: usize,
+    /// Recoverable deliveries whose task record cannot be read (logged):
+    /// skipped, so one bad record does not stop the others.
+    pub unreadable: Vec<TaskId>,
     /// Set when [`RECOVER_LIMIT`] tasks were examined before the end of
     /// the history: call again from this time for the rest.
     pub next_since_ms: Option<u64>,
@@ -199,6 +209,9 @@ pub struct Enabled {
 
 /// Clears an endpoint's disabled flag (and its failure streak), then
 /// recovers what failed or was held since shortly before it was disabled.
+/// The flag is cleared first, so that what is re-sent is not held again;
+/// when the recovery fails, the endpoint is disabled again as it was, so
+/// the call can simply be repeated.
 pub async fn enable(
     broker: &Broker,
     user: &UserId,
@@ -218,7 +231,16 @@ pub async fn enable(
         .or(disabled.failing_since_ms)
         .unwrap_or_else(herald_core::now_ms);
     let since = disabled_at.saturating_sub(HELD_BEFORE_DISABLED.as_millis() as u64);
-    let recovered = recover_since(broker, user, endpoint, since).await?;
+    let recovered = match recover_since(broker, user, endpoint, since).await {
+        Ok(recovered) => recovered,
+        Err(e) => {
+            tracing::warn!(%user, %endpoint, error = %e, "recovery after enabling failed; disabling the endpoint again");
+            if let Err(restore) = restore_disabled(broker, user, endpoint, &disabled).await {
+                tracing::error!(%user, %endpoint, error = %restore, "could not disable the endpoint again after a failed enable");
+            }
+            return Err(e.into());
+        }
+    };
     Ok(Enabled {
         was_disabled: true,
         recovered: Some((since, recovered)),
@@ -282,6 +304,55 @@ async fn clear_disabled(
     ))
 }
 
+/// Puts back the disabled state `before` (as [`clear_disabled`] found
+/// it) onto the current health record, keeping what workers wrote since.
+async fn restore_disabled(
+    broker: &Broker,
+    user: &UserId,
+    endpoint: &EndpointId,
+    before: &EndpointHealth,
+) -> Result<(), QueueError> {
+    let bucket = crate::health::bucket(broker).await?;
+    let key = names::endpoint_key(user, endpoint);
+    for _ in 0..10 {
+        let entry = bucket
+            .entry(&key)
+            .await
+            .map_err(|e| QueueError::request("read endpoint health", e))?
+            .filter(|entry| entry.operation == kv::Operation::Put);
+        let current = entry
+            .as_ref()
+            .and_then(|entry| decode::<EndpointHealth>(&entry.value).ok())
+            .unwrap_or_else(|| before.clone());
+        let restored = EndpointHealth {
+            v: VERSION,
+            disabled: true,
+            disabled_at_ms: before.disabled_at_ms,
+            disabled_reason: before.disabled_reason.clone(),
+            consecutive_failures: current
+                .consecutive_failures
+                .max(before.consecutive_failures),
+            failing_since_ms: before.failing_since_ms.or(current.failing_since_ms),
+            ..current
+        };
+        if cas::write_at(
+            &bucket,
+            &key,
+            encode(&restored).into(),
+            entry.map(|e| e.revision),
+            "write endpoint health",
+        )
+        .await?
+        {
+            return Ok(());
+        }
+    }
+    Err(QueueError::request(
+        "write endpoint health",
+        "too many concurrent writers",
+    ))
+}
+
 /// The events of one task's delivery to the endpoint being recovered.
 struct Candidate {
     task: TaskId,
@@ -305,7 +376,7 @@ async fn recover_since(
     // Owned inputs: a stream of futures borrowing the candidates trips the
     // compiler's higher-ranked lifetime inference in axum handlers.
     let tasks: Vec<TaskId> = failed.iter().map(|c| c.task.clone()).collect();
-    let records: Vec<Option<TaskRecord>> = stream::iter(tasks)
+    let records: Vec<Option<Record>> = stream::iter(tasks)
         .map(|task| {
             let broker = broker.clone();
             async move { history::task_record(&broker, &task).await }
@@ -320,11 +391,14 @@ async fn recover_since(
     let mut resends = Vec::new();
     for (candidate, record) in failed.iter().zip(&records) {
         match record {
-            Some(record) if &record.user == user => resends.push(Resend {
+            Some(Record::Readable(record)) if &record.user == user => resends.push(Resend {
                 record,
                 endpoint,
                 round: format!("rc-{}", candidate.last_sequence),
             }),
+            // The history is the user's (its subjects name them), so the
+            // task is, even when its owner cannot be read from the record.
+            Some(Record::Unreadable(_)) => recovered.unreadable.push(candidate.task.clone()),
             _ => recovered.expired += 1,
         }
     }
@@ -397,7 +471,11 @@ async fn read_deliveries(
             .info()
             .map_err(|e| QueueError::request("read task history", e))?;
         let (sequence, pending) = (info.stream_sequence, info.pending);
-        if let Ok(event) = decode::<TaskEventMessage>(&message.payload)
+        let event = decode::<TaskEventMessage>(&message.payload);
+        if let Err(e) = &event {
+            tracing::warn!(sequence, error = %e, "skipping unreadable task event");
+        }
+        if let Ok(event) = event
             && event.event.endpoint() == endpoint
         {
             match index.get(&event.task) {

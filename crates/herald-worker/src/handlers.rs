@@ -4,11 +4,17 @@
 //! task type. A handler returns the JSON result delivered in the webhook, or
 //! an error, which marks the task failed and is delivered as
 //! `<type>.failed`; a failed task is never retried.
+//!
+//! Input and result are raw JSON: a handler sees exactly the bytes the
+//! client posted (checked by the API, see `herald_core::json`), and what it
+//! returns is delivered as it is, so an echo keeps the client's key order
+//! and number spelling. [`result`] turns any serializable value into one.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use herald_core::{TaskId, TaskType, UserId};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::value::RawValue;
 
 /// What a handler sees of a task.
 #[derive(Debug)]
@@ -16,8 +22,23 @@ pub struct TaskInput<'a> {
     pub id: &'a TaskId,
     pub user: &'a UserId,
     pub task_type: &'a TaskType,
-    /// The JSON body the client posted.
-    pub input: &'a Value,
+    /// The JSON body the client posted, byte for byte.
+    pub input: &'a RawValue,
+}
+
+impl TaskInput<'_> {
+    /// The input parsed, for handlers that look inside it.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        serde_json::from_str(self.input.get())
+            .map_err(|e| HandlerError(format!("unexpected input: {e}")))
+    }
+}
+
+/// A handler's result from any serializable value; a [`RawValue`] inside
+/// it is written as it is.
+pub fn result(value: &impl Serialize) -> Result<Box<RawValue>, HandlerError> {
+    serde_json::value::to_raw_value(value)
+        .map_err(|e| HandlerError(format!("the result cannot be written as JSON: {e}")))
 }
 
 /// A handler failure; its message is recorded and sent in the webhook.
@@ -27,7 +48,7 @@ pub struct HandlerError(pub String);
 
 #[async_trait::async_trait]
 pub trait TaskHandler: Send + Sync + 'static {
-    async fn run(&self, task: TaskInput<'_>) -> Result<Value, HandlerError>;
+    async fn run(&self, task: TaskInput<'_>) -> Result<Box<RawValue>, HandlerError>;
 }
 
 /// Handlers by task type.
@@ -66,13 +87,39 @@ impl HandlerRegistry {
     }
 }
 
-/// Returns its input.
+/// Returns its input: `{"echo": <the input, byte for byte>}`.
 pub struct Echo;
+
+#[derive(Serialize)]
+struct Echoed<'a> {
+    echo: &'a RawValue,
+}
 
 #[async_trait::async_trait]
 impl TaskHandler for Echo {
-    async fn run(&self, task: TaskInput<'_>) -> Result<Value, HandlerError> {
-        Ok(json!({ "echo": task.input }))
+    async fn run(&self, task: TaskInput<'_>) -> Result<Box<RawValue>, HandlerError> {
+        result(&Echoed { echo: task.input })
+    }
+}
+
+/// Returns its input `copies` times over (`{"copies": [<input>, ...]}`):
+/// a result far larger than the task, for showing what happens to one too
+/// large to deliver. Not a built-in; register it where that is wanted.
+pub struct Amplify {
+    pub copies: usize,
+}
+
+#[derive(Serialize)]
+struct Amplified<'a> {
+    copies: Vec<&'a RawValue>,
+}
+
+#[async_trait::async_trait]
+impl TaskHandler for Amplify {
+    async fn run(&self, task: TaskInput<'_>) -> Result<Box<RawValue>, HandlerError> {
+        result(&Amplified {
+            copies: vec![task.input; self.copies],
+        })
     }
 }
 
@@ -81,15 +128,22 @@ pub struct Transcode {
     pub duration: Duration,
 }
 
+#[derive(Serialize)]
+struct Transcoded<'a> {
+    result: String,
+    input: &'a RawValue,
+    took_ms: u64,
+}
+
 #[async_trait::async_trait]
 impl TaskHandler for Transcode {
-    async fn run(&self, task: TaskInput<'_>) -> Result<Value, HandlerError> {
+    async fn run(&self, task: TaskInput<'_>) -> Result<Box<RawValue>, HandlerError> {
         tokio::time::sleep(self.duration).await;
-        Ok(json!({
-            "result": format!("Transcoded file with ID {}", task.id),
-            "input": task.input,
-            "took_ms": self.duration.as_millis() as u64,
-        }))
+        result(&Transcoded {
+            result: format!("Transcoded file with ID {}", task.id),
+            input: task.input,
+            took_ms: self.duration.as_millis() as u64,
+        })
     }
 }
 
@@ -98,7 +152,7 @@ pub struct AlwaysFails;
 
 #[async_trait::async_trait]
 impl TaskHandler for AlwaysFails {
-    async fn run(&self, _task: TaskInput<'_>) -> Result<Value, HandlerError> {
+    async fn run(&self, _task: TaskInput<'_>) -> Result<Box<RawValue>, HandlerError> {
         Err(HandlerError("this task type always fails".into()))
     }
 }

@@ -189,7 +189,7 @@ impl MaxDeliveries {
                     return Err(NotYet::UnreadableEndpoint(format!("{key}: {why}")));
                 }
                 tracing::warn!(task = %task.id, deliveries, "task reached max_deliver; recording it as failed");
-                Some(worker.outputs(&task, Err(error)))
+                Some(worker.outputs(&task, Err(error)).messages)
             }
             Abandoned::Webhooks(endpoints) => {
                 let Ok(job) = decode::<DeliveryJob>(payload) else {

@@ -6,12 +6,18 @@
 //! cannot fan out twice within the duplicate window. The record is a KV put
 //! sent on the bucket's subject alongside the jobs, so all of a task's
 //! writes cost one round trip.
+//!
+//! Nothing a task produces is retried forever: an input the worker cannot
+//! read, a result nesting too deep to be read back, or one too large for
+//! the NATS server's `max_payload` makes the task failed, recorded and
+//! delivered as `<type>.failed` like any handler error.
 
 use std::{panic::AssertUnwindSafe, time::Duration};
 
 use async_nats::jetstream::{AckKind, Message};
 use futures::FutureExt;
 use herald_core::{
+    json::{self, MAX_RESULT_DEPTH},
     metrics::Metrics,
     names,
     payload::{HandlerOutcome, TaskMessage, TaskRecord, VERSION, decode, encode},
@@ -23,7 +29,7 @@ use herald_queue::{
     publish::Outgoing,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::handlers::{HandlerRegistry, TaskInput};
 
@@ -74,40 +80,56 @@ impl TaskWorker {
     }
 
     /// Runs the handler, catching a panic as a failure so a bad handler
-    /// cannot make a task come back forever.
-    async fn run_handler(&self, task: &TaskMessage) -> Result<Value, String> {
+    /// cannot make a task come back forever. The handler gets the client's
+    /// bytes; an input that is not readable JSON (the API refuses those, so
+    /// only a message written by something else) fails the task, and so
+    /// does a result that would make the stored record unreadable.
+    async fn run_handler(&self, task: &TaskMessage) -> Result<Box<RawValue>, String> {
         let Some(handler) = self.handlers.get(&task.task_type) else {
             return Err(format!("unknown task type {:?}", task.task_type.as_str()));
         };
-        let input: Value = serde_json::from_str(task.input.get()).unwrap_or(Value::Null);
+        json::check(task.input.get(), MAX_RESULT_DEPTH)
+            .map_err(|e| format!("the task's input cannot be read: {e}"))?;
         let run = handler.run(TaskInput {
             id: &task.id,
             user: &task.user,
             task_type: &task.task_type,
-            input: &input,
+            input: &task.input,
         });
-        match AssertUnwindSafe(run).catch_unwind().await {
-            Ok(Ok(result)) => Ok(result),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the task handler panicked".to_string()),
-        }
+        let result = match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("the task handler panicked".to_string()),
+        };
+        json::check(result.get(), MAX_RESULT_DEPTH)
+            .map_err(|e| format!("the handler's result cannot be stored: {e}"))?;
+        Ok(result)
     }
 
     /// Everything a finished task produces: its delivery jobs and record
-    /// (also what ends a task that reached max_deliver).
+    /// (also what ends a task that reached max_deliver). A result too large
+    /// for the server becomes the task's failure.
     pub(crate) fn outputs(
         &self,
         task: &TaskMessage,
-        outcome: Result<Value, String>,
-    ) -> Vec<Outgoing> {
+        outcome: Result<Box<RawValue>, String>,
+    ) -> Outputs {
+        let outputs = self.outputs_of(task, outcome);
+        match outputs.largest() {
+            Some(largest) if !self.broker.fits(largest) => {
+                let error = too_large(largest, self.broker.max_payload());
+                tracing::warn!(task = %task.id, %error, "task result too large to deliver");
+                self.outputs_of(task, Err(error))
+            }
+            _ => outputs,
+        }
+    }
+
+    fn outputs_of(&self, task: &TaskMessage, outcome: Result<Box<RawValue>, String>) -> Outputs {
         let (handler_outcome, result, error) = match outcome {
             Ok(result) => (HandlerOutcome::Completed, Some(result), None),
             Err(error) => (HandlerOutcome::Failed, None, Some(error)),
         };
-        Metrics::count(
-            &herald_core::metrics::metrics().tasks_handled,
-            handler_outcome.event_suffix(),
-        );
         let mut record = TaskRecord {
             v: VERSION,
             id: task.id.clone(),
@@ -147,7 +169,10 @@ impl TaskWorker {
             None,
             encode(&record),
         ));
-        outgoing
+        Outputs {
+            outcome: handler_outcome,
+            messages: outgoing,
+        }
     }
 }
 
@@ -178,10 +203,27 @@ impl MessageHandler for TaskWorker {
         if let Err(error) = &outcome {
             tracing::info!(task = %task.id, %error, "task failed");
         }
-        let outgoing = self.outputs(&task, outcome);
-        match self.broker.publish_all(outgoing).await {
+        let mut outputs = self.outputs(&task, outcome);
+        let mut published = self.broker.publish_all(outputs.messages.clone()).await;
+        if let Err(e) = &published
+            && e.is_too_large()
+            && outputs.outcome == HandlerOutcome::Completed
+        {
+            // Larger than the stream takes (the server's max_payload was
+            // checked already): the same as a result too large to send.
+            let largest = outputs.largest().unwrap_or(0);
+            let error = format!("{}: {e}", too_large(largest, self.broker.max_payload()));
+            tracing::warn!(task = %task.id, %error, "task result too large to store");
+            outputs = self.outputs_of(&task, Err(error));
+            published = self.broker.publish_all(outputs.messages.clone()).await;
+        }
+        match published {
             // Ack: the jobs and the record are stored.
             Ok(_) => {
+                Metrics::count(
+                    &herald_core::metrics::metrics().tasks_handled,
+                    outputs.outcome.event_suffix(),
+                );
                 if let Err(e) = message.ack().await {
                     tracing::warn!(task = %task.id, error = %e, "ack failed; the task will be redelivered and deduplicated");
                 }
@@ -193,6 +235,31 @@ impl MessageHandler for TaskWorker {
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await;
             }
+        }
+    }
+}
+
+/// A finished task's delivery jobs and record, and how it ended.
+pub(crate) struct Outputs {
+    outcome: HandlerOutcome,
+    pub(crate) messages: Vec<Outgoing>,
+}
+
+impl Outputs {
+    fn largest(&self) -> Option<usize> {
+        self.messages.iter().map(|o| o.payload.len()).max()
+    }
+}
+
+/// The failure recorded for a task whose outputs the server cannot take.
+fn too_large(largest: usize, max_payload: Option<usize>) -> String {
+    match max_payload {
+        Some(max) => format!(
+            "the handler's result is too large to deliver: its message is {largest} bytes, \
+             the NATS server accepts at most {max} (max_payload)"
+        ),
+        None => {
+            format!("the handler's result is too large to deliver: its message is {largest} bytes")
         }
     }
 }

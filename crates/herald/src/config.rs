@@ -230,6 +230,26 @@ impl Config {
                 self.topology.max_message_bytes
             );
         }
+        let max_depth = herald_core::json::MAX_INPUT_DEPTH;
+        if !(1..=max_depth).contains(&self.api.max_json_depth) {
+            bail!(
+                "invalid configuration: api.max_json_depth must be between 1 and {max_depth} \
+                 (stored payloads nest the input a few levels deeper, and must stay within \
+                 serde_json's limit of {})",
+                herald_core::json::SERDE_DEPTH_LIMIT
+            );
+        }
+        if self.api.max_connections == 0 {
+            bail!("invalid configuration: api.max_connections must be at least 1");
+        }
+        for (name, value) in [
+            ("api.header_read_timeout", self.api.header_read_timeout),
+            ("api.body_read_timeout", self.api.body_read_timeout),
+        ] {
+            if value.is_zero() {
+                bail!("invalid configuration: {name} must be longer than 0s");
+            }
+        }
         if !self.health.listen.is_empty() {
             self.health
                 .listen

@@ -61,6 +61,20 @@ pub fn schedule(ms: &[u64]) -> RetrySchedule {
 
 impl Herald {
     pub async fn start(config: Config, roles: Roles) -> Herald {
+        Self::start_with_handlers(
+            config,
+            roles,
+            herald_worker::handlers::HandlerRegistry::with_builtins,
+        )
+        .await
+    }
+
+    /// Like [`Herald::start`], with the task handlers `handlers` makes.
+    pub async fn start_with_handlers(
+        config: Config,
+        roles: Roles,
+        handlers: fn(Duration) -> herald_worker::handlers::HandlerRegistry,
+    ) -> Herald {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api = format!("http://{}", listener.local_addr().unwrap());
         let broker = herald_queue::connect(&config.nats.url, "herald-test")
@@ -72,7 +86,7 @@ impl Herald {
             roles,
             broker,
             Some(listener),
-            herald_worker::handlers::HandlerRegistry::with_builtins,
+            handlers,
             shutdown.clone(),
         ));
         let herald = Herald {

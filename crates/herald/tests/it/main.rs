@@ -13,6 +13,7 @@ mod chart;
 mod counts;
 mod delivery;
 mod dev;
+mod door;
 mod failures;
 mod inputs;
 mod leaks;
