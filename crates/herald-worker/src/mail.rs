@@ -335,21 +335,26 @@ mod tests {
     use super::*;
     use herald_core::{EndpointId, TaskId, UserId};
 
-    #[test]
-    fn the_mail_names_everything_the_owner_needs() {
-        let job = MailJob {
+    /// The mail that ends a delivery to `url` after eight failed attempts.
+    fn exhausted_job(url: &str) -> MailJob {
+        MailJob {
             v: 1,
             task: TaskId::new("t-1").unwrap(),
             user: UserId::new("7").unwrap(),
             endpoint: EndpointId::new("default_hooks").unwrap(),
-            url: "https://example.com/hooks".into(),
+            url: url.into(),
             to: "ops@example.com".into(),
             reason: MailReason::AttemptsExhausted,
             attempts: 8,
             last_error: "HTTP 500".into(),
             failed_at_ms: 0,
             redelivery: None,
-        };
+        }
+    }
+
+    #[test]
+    fn the_mail_names_everything_the_owner_needs() {
+        let job = exhausted_job("https://example.com/hooks");
         let text = body(&job);
         for needle in [
             "https://example.com/…#",
@@ -365,19 +370,7 @@ mod tests {
 
     #[test]
     fn a_url_secret_reaches_neither_subject_nor_body() {
-        let job = MailJob {
-            v: 1,
-            task: TaskId::new("t-1").unwrap(),
-            user: UserId::new("7").unwrap(),
-            endpoint: EndpointId::new("default_hooks").unwrap(),
-            url: "https://u:pw@hooks.slack.com/services/T0/B0/SECRET?token=SECRET".into(),
-            to: "ops@example.com".into(),
-            reason: MailReason::AttemptsExhausted,
-            attempts: 8,
-            last_error: "HTTP 500".into(),
-            failed_at_ms: 0,
-            redelivery: None,
-        };
+        let job = exhausted_job("https://u:pw@hooks.slack.com/services/T0/B0/SECRET?token=SECRET");
         for text in [subject(&job), body(&job)] {
             assert!(text.contains("https://hooks.slack.com/…#"), "{text}");
             for secret in ["SECRET", "services", "pw@"] {
