@@ -64,6 +64,11 @@ pub fn replay_subject(user: &UserId, task: &TaskId, redelivery: &str) -> String 
     format!("herald.replays.{user}.{task}.{redelivery}")
 }
 
+/// Every replay request for `user`'s task `task`, whatever its round.
+pub fn replay_filter(user: &UserId, task: &TaskId) -> String {
+    format!("herald.replays.{user}.{task}.*")
+}
+
 /// Whether `subject` is a replay request's (rather than a task's).
 pub fn is_replay_subject(subject: &str) -> bool {
     subject.starts_with("herald.replays.")

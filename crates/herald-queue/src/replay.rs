@@ -136,12 +136,18 @@ pub async fn redeliver(
         }
     };
     // One round at a time: a round beside a running one would send the
-    // webhook twice over. (Two calls racing past this check run two rounds,
-    // each with its own retry schedule subject; the latest decides.)
+    // webhook twice over. A round is running from when its request is
+    // stored (until the task worker has stored the round's events, the
+    // request is still in the stream) to its last attempt. (Two calls
+    // racing past this check run two rounds; the latest decides.)
     let events = history::task_events(broker, user, task).await?;
+    let requested = history::pending_replays(broker, user, task).await?;
     let busy: Vec<_> = targets
         .iter()
-        .filter(|e| endpoint_state(e, &events).is_in_progress())
+        .filter(|e| {
+            endpoint_state(e, &events).is_in_progress()
+                || requested.iter().any(|r| r.endpoints.contains(e))
+        })
         .cloned()
         .collect();
     if !busy.is_empty() {

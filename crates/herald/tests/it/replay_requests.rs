@@ -280,3 +280,40 @@ async fn a_tasks_consumer_from_before_replay_requests_is_updated_in_place() {
     let info = consumer.info().await.unwrap();
     assert_eq!(info.num_pending, 2, "the consumer does not take requests");
 }
+
+#[tokio::test]
+async fn a_repeated_redeliver_waits_for_the_stored_request_and_queues_one_round() {
+    let nats = NatsServer::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Ok).await;
+    add_endpoint(&nats, "44", "hooks", &receiver.url("/in"), None).await;
+    let herald = Herald::start(test_config(&nats, None), Roles::all()).await;
+    let task = herald.accept("44", "echo", json!({ "n": 1 })).await;
+    herald.wait_for_state("44", &task, "delivered").await;
+    herald.stop().await;
+
+    // No task worker: the request stays stored, and the history does not
+    // show the round yet.
+    let api_only = Roles {
+        api: true,
+        workers: Default::default(),
+    };
+    let herald = Herald::start(test_config(&nats, None), api_only).await;
+    let path = format!("{}/users/44/tasks/{task}/redeliver", herald.api);
+    let first = herald.http.post(&path).send().await.unwrap();
+    assert_eq!(first.status(), 202);
+    let again = herald.http.post(&path).send().await.unwrap();
+    assert_eq!(again.status(), 409, "a second round was queued");
+    let refusal: Value = again.json().await.unwrap();
+    assert_eq!(
+        refusal["error"]["code"], "delivery_in_progress",
+        "{refusal}"
+    );
+    herald.stop().await;
+
+    let herald = Herald::start(test_config(&nats, None), Roles::all()).await;
+    receiver.wait_for(2, DEADLINE).await;
+    let broker = broker(&nats).await;
+    drained(&broker).await;
+    assert_eq!(receiver.received().len(), 2, "sent more than once again");
+    herald.stop().await;
+}
