@@ -20,7 +20,10 @@
 //!
 //! A re-sent webhook has the same body and `webhook-id` as the original; it
 //! is a new round of attempts in the task's history (see
-//! `herald_queue::replay`).
+//! `herald_queue::replay`). "Queued" means the replay request is stored
+//! (JetStream's publish ack); the task worker then rebuilds the webhook
+//! from the task's record and queues it, so the API never publishes a
+//! delivery job.
 
 use axum::{
     Json,
@@ -142,7 +145,8 @@ pub(crate) struct RedeliverResponse {
         description = "Optional: one endpoint. Without a body, every endpoint the task went to that still exists.",
     ),
     responses(
-        (status = 202, description = "Queued.", body = RedeliverResponse),
+        (status = 202, description = "Queued: the redelivery request is stored (acknowledged by JetStream), \
+            so the webhook will be sent; the task worker rebuilds it from the task's stored record.", body = RedeliverResponse),
         (status = 400, description = "A bad user id or body.", body = ErrorBody),
         (status = 404, description = "No such task, or the endpoint is not one the task went to.", body = ErrorBody),
         (status = 409, description = "`task_not_finished`: the task has not run yet. \
@@ -207,7 +211,8 @@ const LISTED_TASKS: usize = 1000;
 pub(crate) struct RecoverResponse {
     #[schema(format = DateTime)]
     since: String,
-    /// Deliveries queued again.
+    /// Deliveries queued again: their requests are stored, and the task
+    /// worker sends them.
     queued: usize,
     /// Their tasks, when there are at most [`LISTED_TASKS`].
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -264,7 +269,8 @@ impl RecoverResponse {
     ),
     request_body(content = RecoverRequest, content_type = "application/json"),
     responses(
-        (status = 202, description = "Queued.", body = RecoverResponse),
+        (status = 202, description = "Queued: one request per task is stored (acknowledged by JetStream), \
+            so each delivery will be sent again; the task worker rebuilds it from the task's stored record.", body = RecoverResponse),
         (status = 400, description = "A bad user id, body or time.", body = ErrorBody),
         (status = 404, description = "The user has no such endpoint.", body = ErrorBody),
         (status = 409, description = "`endpoint_disabled`: enable it instead, which recovers what it held.", body = ErrorBody),
@@ -329,7 +335,8 @@ pub(crate) struct EnableResponse {
         ("endpoint" = EndpointId, Path, description = "The endpoint: `<namespace>_<name>` of its WebhookEndpoint."),
     ),
     responses(
-        (status = 200, description = "Enabled (or it was not disabled).", body = EnableResponse),
+        (status = 200, description = "Enabled (or it was not disabled). What it held is queued as by recover: \
+            the requests are stored and the task worker sends them.", body = EnableResponse),
         (status = 400, description = "A bad user id.", body = ErrorBody),
         (status = 404, description = "The user has no such endpoint.", body = ErrorBody),
         (status = 503, description = "NATS is unavailable, retry later.", body = ErrorBody,

@@ -40,6 +40,9 @@ pub const WEBHOOKS_SUBJECTS: &str = "herald.webhooks.>";
 /// Scheduled retries and deferrals of deliveries, held in `HERALD_WEBHOOKS`
 /// as JetStream message schedules until they fire onto a webhook subject.
 pub const RETRIES_SUBJECTS: &str = "herald.retries.>";
+/// Replay requests (redeliver, recover, enable), held in `HERALD_TASKS`
+/// beside the tasks and taken by the same consumer.
+pub const REPLAYS_SUBJECTS: &str = "herald.replays.>";
 pub const MAIL_SUBJECTS: &str = "herald.mail.>";
 pub const ATTEMPTS_SUBJECTS: &str = "herald.attempts.>";
 
@@ -53,6 +56,28 @@ pub fn task_subject(task_type: &TaskType, user: &UserId, task: &TaskId) -> Strin
 /// Any queued task of `user` with id `task`, whatever its type.
 pub fn queued_task_filter(user: &UserId, task: &TaskId) -> String {
     format!("herald.tasks.*.{user}.{task}")
+}
+
+/// `herald.replays.<user>.<task>.<round>`: the API's request that the task
+/// worker send round `round` of a finished task's webhook.
+pub fn replay_subject(user: &UserId, task: &TaskId, redelivery: &str) -> String {
+    format!("herald.replays.{user}.{task}.{redelivery}")
+}
+
+/// Every replay request for `user`'s task `task`, whatever its round.
+pub fn replay_filter(user: &UserId, task: &TaskId) -> String {
+    format!("herald.replays.{user}.{task}.*")
+}
+
+/// Whether `subject` is a replay request's (rather than a task's).
+pub fn is_replay_subject(subject: &str) -> bool {
+    subject.starts_with("herald.replays.")
+}
+
+/// `Nats-Msg-Id` of a replay request, so a retried API call (a recovery
+/// round is named after the history it read) stores it once.
+pub fn replay_msg_id(task: &TaskId, redelivery: &str) -> String {
+    format!("{task}.{redelivery}.replay")
 }
 
 pub fn webhook_subject(user: &UserId, endpoint: &EndpointId) -> String {
@@ -122,6 +147,12 @@ pub fn mail_msg_id(task: &TaskId, endpoint: &EndpointId, redelivery: Option<&str
 /// `Nats-Msg-Id` of the event that records a redelivery round.
 pub fn redelivery_event_msg_id(task: &TaskId, endpoint: &EndpointId, redelivery: &str) -> String {
     format!("{task}.{endpoint}.{redelivery}.queued")
+}
+
+/// `Nats-Msg-Id` of the attempt that records a replay request the task
+/// worker could not carry out for `endpoint`.
+pub fn replay_refused_msg_id(task: &TaskId, endpoint: &EndpointId, redelivery: &str) -> String {
+    format!("{task}.{endpoint}.{redelivery}.refused")
 }
 
 /// Key of an endpoint in `herald-endpoints` and `herald-endpoint-health`.

@@ -282,6 +282,47 @@ pub struct RedeliveryQueued {
     pub at_ms: u64,
 }
 
+/// A request to send a finished task's webhook again (`HERALD_TASKS`,
+/// [`crate::names::replay_subject`]), published by the API's redeliver,
+/// recover and enable calls and carried out by the task worker.
+///
+/// It names a task and endpoints, never a body: the task worker rebuilds
+/// the webhook from the task's stored record and sends it only to
+/// endpoints that record lists, so whoever may publish a request can at
+/// most have a user's own webhook re-sent to that user's own endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReplayRequest {
+    pub v: u8,
+    pub user: UserId,
+    pub task: TaskId,
+    /// The endpoints to send it to again; each must be one the task was
+    /// fanned out to.
+    pub endpoints: Vec<EndpointId>,
+    /// The round's id: its jobs' `Nats-Msg-Id`s, attempts and mail carry
+    /// it, so handling the request twice queues nothing twice.
+    pub redelivery: String,
+    pub cause: RedeliveryCause,
+}
+
+impl ReplayRequest {
+    pub fn new(
+        user: UserId,
+        task: TaskId,
+        endpoints: Vec<EndpointId>,
+        redelivery: String,
+        cause: RedeliveryCause,
+    ) -> Self {
+        Self {
+            v: VERSION,
+            user,
+            task,
+            endpoints,
+            redelivery,
+            cause,
+        }
+    }
+}
+
 /// An entry of a task's history in `HERALD_ATTEMPTS`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -591,6 +632,29 @@ mod tests {
         });
         let back: DeliveryJob = decode(old.to_string().as_bytes()).unwrap();
         assert_eq!(back.body, body);
+    }
+
+    #[test]
+    fn a_replay_request_names_a_round_and_carries_no_body() {
+        let request = ReplayRequest::new(
+            UserId::new("u").unwrap(),
+            TaskId::new("t1").unwrap(),
+            vec![EndpointId::new("e").unwrap()],
+            "rc-7".into(),
+            RedeliveryCause::Recover,
+        );
+        let wire: serde_json::Value = serde_json::from_slice(&encode(&request)).unwrap();
+        let mut fields: Vec<_> = wire.as_object().unwrap().keys().cloned().collect();
+        fields.sort();
+        assert_eq!(
+            fields,
+            ["cause", "endpoints", "redelivery", "task", "user", "v"]
+        );
+        assert_eq!(decode::<ReplayRequest>(&encode(&request)).unwrap(), request);
+        assert_eq!(
+            crate::names::replay_subject(&request.user, &request.task, &request.redelivery),
+            "herald.replays.u.t1.rc-7"
+        );
     }
 
     #[test]

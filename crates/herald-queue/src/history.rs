@@ -15,7 +15,7 @@
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use herald_core::{
     TaskId, TaskType, UserId, json, names,
-    payload::{TaskEvent, TaskEventMessage, TaskMessage, TaskRecord, decode},
+    payload::{ReplayRequest, TaskEvent, TaskEventMessage, TaskMessage, TaskRecord, decode},
 };
 
 use crate::{Broker, QueueError};
@@ -186,6 +186,40 @@ pub async fn task_events(
         }
     }
     Ok(events)
+}
+
+/// Replay requests are read this many at most per task: more than one or
+/// two waiting for the same task means something is flooding it.
+const MAX_PENDING_REPLAYS: usize = 100;
+
+/// The replay requests for `user`'s task `task` that are stored and not
+/// yet carried out (the task worker acks, so removes, a request only after
+/// its round's events are stored). Unreadable ones are skipped.
+pub async fn pending_replays(
+    broker: &Broker,
+    user: &UserId,
+    task: &TaskId,
+) -> Result<Vec<ReplayRequest>, QueueError> {
+    let tasks = stream(broker, names::TASKS_STREAM).await?;
+    let filter = names::replay_filter(user, task);
+    let mut requests = Vec::new();
+    let mut next_sequence = None;
+    while requests.len() < MAX_PENDING_REPLAYS {
+        match tasks
+            .direct_get_next_for_subject(filter.clone(), next_sequence)
+            .await
+        {
+            Ok(message) => {
+                next_sequence = Some(message.sequence + 1);
+                if let Ok(request) = decode::<ReplayRequest>(&message.payload) {
+                    requests.push(request);
+                }
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+            Err(e) => return Err(QueueError::request("read replay requests", e)),
+        }
+    }
+    Ok(requests)
 }
 
 async fn stream(broker: &Broker, name: &str) -> Result<Stream<()>, QueueError> {

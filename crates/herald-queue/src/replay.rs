@@ -1,6 +1,8 @@
 //! Sending deliveries again: redeliver a task, recover what failed for an
 //! endpoint since a time, and enable a disabled endpoint (which recovers
-//! what it held).
+//! what it held). This is the API's side: it checks the call against the
+//! stored state and stores a [`ReplayRequest`] per task in `HERALD_TASKS`;
+//! the task worker carries it out (`herald_worker::replays`).
 //!
 //! Every re-send is a new *round* of attempts for one task and endpoint: a
 //! delivery job carrying the round's id, so its `Nats-Msg-Id`s
@@ -8,13 +10,16 @@
 //! stream's duplicate window does not drop it, while the `webhook-id` (and
 //! the body, rebuilt from the task's record) stay the same, so receivers can
 //! still de-duplicate. Attempt numbers start at 1 in each round, which also
-//! gives the round the whole retry schedule. A [`RedeliveryQueued`] event
+//! gives the round the whole retry schedule. A `RedeliveryQueued` event
 //! in the task's history marks the round; from then on the latest round
 //! decides the delivery's state ([`herald_core::state`]).
 //!
-//! The jobs are stored before the events: if the events were stored and the
-//! jobs not, the history would show a round that never runs. A round whose
-//! first attempt is recorded before its event is recognised by its id.
+//! The API never builds a delivery job: a request names a task, endpoints
+//! and a round, never a body, so the API's NATS user needs no right to
+//! publish delivery jobs or history (docs/design.md, "NATS permissions").
+//! A call's "queued" means its requests are stored (JetStream's publish
+//! ack); the task worker then queues the jobs, and a request it cannot
+//! carry out ends recorded in the task's history.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -26,8 +31,8 @@ use futures::{StreamExt, TryStreamExt, stream};
 use herald_core::{
     EndpointId, TaskId, UserId, names,
     payload::{
-        EndpointHealth, RedeliveryCause, RedeliveryQueued, TaskEvent, TaskEventMessage, TaskRecord,
-        VERSION, decode, encode,
+        EndpointHealth, RedeliveryCause, ReplayRequest, TaskEvent, TaskEventMessage, VERSION,
+        decode, encode,
     },
     state::endpoint_state,
 };
@@ -131,28 +136,32 @@ pub async fn redeliver(
         }
     };
     // One round at a time: a round beside a running one would send the
-    // webhook twice over. (Two calls racing past this check run two rounds,
-    // each with its own retry schedule subject; the latest decides.)
+    // webhook twice over. A round is running from when its request is
+    // stored (until the task worker has stored the round's events, the
+    // request is still in the stream) to its last attempt. (Two calls
+    // racing past this check run two rounds; the latest decides.)
     let events = history::task_events(broker, user, task).await?;
+    let requested = history::pending_replays(broker, user, task).await?;
     let busy: Vec<_> = targets
         .iter()
-        .filter(|e| endpoint_state(e, &events).is_in_progress())
+        .filter(|e| {
+            endpoint_state(e, &events).is_in_progress()
+                || requested.iter().any(|r| r.endpoints.contains(e))
+        })
         .cloned()
         .collect();
     if !busy.is_empty() {
         return Err(ReplayError::InProgress(busy));
     }
     let round = herald_core::ids::redelivery_id();
-    let webhook = record.webhook();
-    let resends: Vec<_> = targets
-        .iter()
-        .map(|endpoint| Resend {
-            record: &record,
-            endpoint,
-            round: round.clone(),
-        })
-        .collect();
-    queue(broker, &resends, &webhook, RedeliveryCause::Redeliver).await?;
+    let request = ReplayRequest::new(
+        user.clone(),
+        task.clone(),
+        targets.clone(),
+        round.clone(),
+        RedeliveryCause::Redeliver,
+    );
+    broker.publish_all(vec![outgoing(&request)]).await?;
     Ok(Redelivered {
         redelivery: round,
         endpoints: targets,
@@ -388,30 +397,35 @@ async fn recover_since(
         next_since_ms,
         ..Default::default()
     };
-    let mut resends = Vec::new();
+    let mut requests = Vec::new();
     for (candidate, record) in failed.iter().zip(&records) {
         match record {
-            Some(Record::Readable(record)) if &record.user == user => resends.push(Resend {
-                record,
-                endpoint,
-                round: format!("rc-{}", candidate.last_sequence),
-            }),
+            Some(Record::Readable(record)) if &record.user == user => {
+                requests.push(ReplayRequest::new(
+                    user.clone(),
+                    record.id.clone(),
+                    vec![endpoint.clone()],
+                    format!("rc-{}", candidate.last_sequence),
+                    RedeliveryCause::Recover,
+                ))
+            }
             // The history is the user's (its subjects name them), so the
             // task is, even when its owner cannot be read from the record.
             Some(Record::Unreadable(_)) => recovered.unreadable.push(candidate.task.clone()),
             _ => recovered.expired += 1,
         }
     }
-    for chunk in resends.chunks(256) {
-        // Each record has its own body; the webhooks are built per task.
-        for (resend, duplicate) in chunk
-            .iter()
-            .zip(queue_each(broker, chunk, RedeliveryCause::Recover).await?)
-        {
-            if duplicate {
+    for chunk in requests.chunks(256) {
+        let acks = broker
+            .publish_all(chunk.iter().map(outgoing).collect())
+            .await?;
+        for (request, ack) in chunk.iter().zip(acks) {
+            // A duplicate: an identical call (same history, so the same
+            // round and `Nats-Msg-Id`) stored it moments before.
+            if ack.duplicate {
                 recovered.already_queued += 1;
             } else {
-                recovered.tasks.push(resend.record.id.clone());
+                recovered.tasks.push(request.task.clone());
             }
         }
     }
@@ -503,74 +517,12 @@ async fn read_deliveries(
     Ok((candidates, next_since_ms))
 }
 
-/// One delivery to queue again.
-struct Resend<'a> {
-    record: &'a TaskRecord,
-    endpoint: &'a EndpointId,
-    round: String,
-}
-
-impl Resend<'_> {
-    fn job(&self, webhook: &(String, String)) -> Outgoing {
-        let (task, user) = (&self.record.id, &self.record.user);
-        Outgoing::new(
-            names::webhook_subject(user, self.endpoint),
-            names::attempt_msg_id(task, self.endpoint, Some(&self.round), 1),
-            encode(
-                &self
-                    .record
-                    .delivery_job(self.endpoint, webhook, Some(self.round.clone())),
-            ),
-        )
-    }
-
-    fn event(&self, cause: RedeliveryCause) -> Outgoing {
-        let (task, user) = (&self.record.id, &self.record.user);
-        let message = TaskEventMessage {
-            v: VERSION,
-            task: task.clone(),
-            event: TaskEvent::Redelivery(RedeliveryQueued {
-                endpoint: self.endpoint.clone(),
-                redelivery: self.round.clone(),
-                cause,
-                at_ms: herald_core::now_ms(),
-            }),
-        };
-        Outgoing::new(
-            names::attempts_subject(user, task),
-            names::redelivery_event_msg_id(task, self.endpoint, &self.round),
-            encode(&message),
-        )
-    }
-}
-
-/// Stores the jobs of one task's resends, then their events.
-async fn queue(
-    broker: &Broker,
-    resends: &[Resend<'_>],
-    webhook: &(String, String),
-    cause: RedeliveryCause,
-) -> Result<(), QueueError> {
-    broker
-        .publish_all(resends.iter().map(|r| r.job(webhook)).collect())
-        .await?;
-    broker
-        .publish_all(resends.iter().map(|r| r.event(cause)).collect())
-        .await?;
-    Ok(())
-}
-
-/// Like [`queue`] for resends of different tasks; returns, per resend,
-/// whether JetStream dropped its job as a duplicate.
-async fn queue_each(
-    broker: &Broker,
-    resends: &[Resend<'_>],
-    cause: RedeliveryCause,
-) -> Result<Vec<bool>, QueueError> {
-    let jobs = resends.iter().map(|r| r.job(&r.record.webhook())).collect();
-    let acks = broker.publish_all(jobs).await?;
-    broker
-        .publish_all(resends.iter().map(|r| r.event(cause)).collect())
-        .await?;
-    Ok(acks.iter().map(|ack| ack.duplicate).collect())
+/// A replay request as stored: its subject and `Nats-Msg-Id` name the task
+/// and round, so the same round is stored once.
+fn outgoing(request: &ReplayRequest) -> Outgoing {
+    Outgoing::new(
+        names::replay_subject(&request.user, &request.task, &request.redelivery),
+        names::replay_msg_id(&request.task, &request.redelivery),
+        encode(request),
+    )
 }

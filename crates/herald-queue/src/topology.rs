@@ -111,7 +111,15 @@ impl TopologyConfig {
 
     fn streams(&self) -> Vec<stream::Config> {
         vec![
-            self.work_queue(names::TASKS_STREAM, names::TASKS_SUBJECTS),
+            // Replay requests wait beside the tasks: the task worker, which
+            // alone builds delivery jobs from task records, carries them out.
+            stream::Config {
+                subjects: TASKS_CONSUMER_SUBJECTS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                ..self.work_queue(names::TASKS_STREAM, names::TASKS_SUBJECTS)
+            },
             // Retries wait in the same stream as message schedules, outside
             // the consumer's filter: a dead endpoint's backlog is stored,
             // not pending, so it cannot fill `max_ack_pending`.
@@ -149,10 +157,21 @@ impl TopologyConfig {
         ]
     }
 
-    fn consumer(&self, name: &str, subjects: &str) -> consumer::pull::Config {
+    fn consumer(&self, name: &str, subjects: &[&str]) -> consumer::pull::Config {
+        // One subject stays `filter_subject`, as consumers were created
+        // before replay requests existed; several (the tasks consumer) go
+        // in `filter_subjects`, which an update sets in place.
+        let (filter_subject, filter_subjects) = match subjects {
+            [one] => (one.to_string(), Vec::new()),
+            several => (
+                String::new(),
+                several.iter().map(|s| s.to_string()).collect(),
+            ),
+        };
         consumer::pull::Config {
             durable_name: Some(name.to_string()),
-            filter_subject: subjects.to_string(),
+            filter_subject,
+            filter_subjects,
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.ack_wait,
             max_deliver: self.max_deliver,
@@ -182,22 +201,26 @@ impl TopologyConfig {
     }
 }
 
+/// What the `tasks` consumer takes (and `HERALD_TASKS` holds): tasks and
+/// replay requests.
+const TASKS_CONSUMER_SUBJECTS: &[&str] = &[names::TASKS_SUBJECTS, names::REPLAYS_SUBJECTS];
+
 /// The consumer of each work-queue stream and the subjects it takes.
-pub const CONSUMERS: [(&str, &str, &str); 3] = [
+pub const CONSUMERS: [(&str, &str, &[&str]); 3] = [
     (
         names::TASKS_STREAM,
         names::TASKS_CONSUMER,
-        names::TASKS_SUBJECTS,
+        TASKS_CONSUMER_SUBJECTS,
     ),
     (
         names::WEBHOOKS_STREAM,
         names::WEBHOOKS_CONSUMER,
-        names::WEBHOOKS_SUBJECTS,
+        &[names::WEBHOOKS_SUBJECTS],
     ),
     (
         names::MAIL_STREAM,
         names::MAIL_CONSUMER,
-        names::MAIL_SUBJECTS,
+        &[names::MAIL_SUBJECTS],
     ),
 ];
 
@@ -229,7 +252,7 @@ impl TopologyConfig {
     fn advisory_consumer(&self, name: &str, subject: String) -> consumer::pull::Config {
         consumer::pull::Config {
             max_deliver: -1,
-            ..self.consumer(name, &subject)
+            ..self.consumer(name, &[&subject])
         }
     }
 }

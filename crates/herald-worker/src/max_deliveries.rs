@@ -19,6 +19,7 @@
 //! | stream           | recorded as                                    | owner told            |
 //! |------------------|------------------------------------------------|-----------------------|
 //! | `HERALD_TASKS`   | task `failed` ("gave up after N deliveries")   | `<type>.failed` webhook, as any failed task |
+//! | `HERALD_TASKS` (replay request) | an `abandoned` attempt 0 in its round, per endpoint | (the history; the delivery can be recovered) |
 //! | `HERALD_WEBHOOKS`| attempt `exhausted` (`abandoned` without email) | failure mail          |
 //! | `HERALD_MAIL`    | mail outcome `sent: false`                     | (the mail was the telling) |
 
@@ -28,8 +29,8 @@ use async_nats::jetstream::{AckKind, Message, stream::DirectGetErrorKind};
 use herald_core::{
     names,
     payload::{
-        AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailOutcome, MailReason, TaskEvent,
-        TaskMessage, VERSION, decode, encode,
+        AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailOutcome, MailReason,
+        ReplayRequest, TaskEvent, TaskMessage, VERSION, decode, encode,
     },
     redact::RedactedUrl,
 };
@@ -142,7 +143,7 @@ impl MaxDeliveries {
             "gave up after {} deliveries without an outcome (max_deliver)",
             advisory.deliveries
         );
-        match self.outgoing(&stored.payload, advisory, error)? {
+        match self.outgoing(&stored.subject, &stored.payload, advisory, error)? {
             Some(outgoing) => {
                 self.broker.publish_all(outgoing).await?;
             }
@@ -171,6 +172,7 @@ impl MaxDeliveries {
     /// not parse (it never will: deleted without a record).
     fn outgoing(
         &self,
+        subject: &str,
         payload: &[u8],
         advisory: &MaxDeliveriesAdvisory,
         error: String,
@@ -180,6 +182,17 @@ impl MaxDeliveries {
         let record_id = format!("{}.{}.max-deliver", advisory.stream, advisory.stream_seq);
         let deliveries = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
         Ok(match &self.abandoned {
+            Abandoned::Tasks(worker) if names::is_replay_subject(subject) => {
+                let Ok(request) = decode::<ReplayRequest>(payload) else {
+                    return Ok(None);
+                };
+                Some(crate::replays::refusals(
+                    worker.endpoints(),
+                    &request,
+                    &request.endpoints,
+                    &error,
+                ))
+            }
             Abandoned::Tasks(worker) => {
                 let Ok(task) = decode::<TaskMessage>(payload) else {
                     return Ok(None);

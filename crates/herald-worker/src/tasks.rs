@@ -1,6 +1,7 @@
 //! The task worker: runs the handler for a task's type, then publishes one
 //! delivery job per subscribed endpoint and the task's record, and only then
-//! acks the task.
+//! acks the task. The replay requests that share its consumer go to
+//! [`crate::replays`].
 //!
 //! Every publish carries a `Nats-Msg-Id`, so a task redelivered after a crash
 //! cannot fan out twice within the duplicate window. The record is a KV put
@@ -179,6 +180,9 @@ impl TaskWorker {
 #[async_trait::async_trait]
 impl MessageHandler for TaskWorker {
     async fn handle(&self, message: Message) {
+        if names::is_replay_subject(&message.subject) {
+            return crate::replays::handle(&self.broker, &self.endpoints, message).await;
+        }
         let task: TaskMessage = match decode(&message.payload) {
             Ok(task) => task,
             Err(e) => {

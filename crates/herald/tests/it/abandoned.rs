@@ -16,7 +16,7 @@ use crate::harness::{
 
 /// Settings every process of these tests shares: two deliveries, one-second
 /// ack wait, no retry schedules (max_deliver must exceed them).
-const SETTINGS: [(&str, &str); 5] = [
+pub(crate) const SETTINGS: [(&str, &str); 5] = [
     ("HERALD_TOPOLOGY__MAX_DELIVER", "2"),
     ("HERALD_TOPOLOGY__ACK_WAIT", "1s"),
     ("HERALD_WEBHOOKS__RETRY_SCHEDULE", "[]"),
@@ -24,7 +24,7 @@ const SETTINGS: [(&str, &str); 5] = [
     ("HERALD_WEBHOOKS__TIMEOUT", "2s"),
 ];
 
-fn config(nats: &NatsServer, mail: &Mailpit) -> herald::config::Config {
+pub(crate) fn config(nats: &NatsServer, mail: &Mailpit) -> herald::config::Config {
     let mut config = test_config(nats, Some(mail));
     config.topology.max_deliver = 2;
     config.topology.ack_wait = Duration::from_secs(1);
@@ -81,7 +81,7 @@ async fn kill_mid_job(
 /// Waits until `HERALD_ADVISORIES` holds an advisory for `consumer` (its
 /// advisory consumer has it pending): the job ran out of deliveries while
 /// nobody listened.
-async fn wait_for_stored_advisory(nats: &NatsServer, advisory_consumer: &str) {
+pub(crate) async fn wait_for_stored_advisory(nats: &NatsServer, advisory_consumer: &str) {
     let broker = broker(nats).await;
     wait_until(
         "the max-deliveries advisory to be stored",

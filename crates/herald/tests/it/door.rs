@@ -299,13 +299,9 @@ async fn an_unreadable_stored_record_is_shown_and_skipped_never_a_503() {
 
 /// Sets the largest message `HERALD_WEBHOOKS` stores: a way to make every
 /// job publish fail, then work again.
-async fn set_webhooks_max_message(nats: &NatsServer, bytes: i32) {
+async fn set_max_message(nats: &NatsServer, stream: &str, bytes: i32) {
     let broker = broker(nats).await;
-    let mut stream = broker
-        .jetstream
-        .get_stream(names::WEBHOOKS_STREAM)
-        .await
-        .unwrap();
+    let mut stream = broker.jetstream.get_stream(stream).await.unwrap();
     let mut config = stream.info().await.unwrap().config.clone();
     config.max_message_size = bytes;
     broker.jetstream.update_stream(config).await.unwrap();
@@ -362,9 +358,10 @@ async fn enabling_survives_an_unreadable_record_and_a_failed_replay_leaves_it_di
     )
     .await;
 
-    // The replay fails (no job fits the stream): the endpoint stays
-    // disabled, as it was, and the delivery held.
-    set_webhooks_max_message(&nats, 64).await;
+    // The replay fails (no replay request fits the tasks stream, where
+    // they are stored): the endpoint stays disabled, as it was, and the
+    // delivery held.
+    set_max_message(&nats, names::TASKS_STREAM, 64).await;
     let (status, failed) =
         post_json(&herald, &format!("/users/54/endpoints/{endpoint}/enable")).await;
     assert_eq!(status, 503, "{failed}");
@@ -377,7 +374,12 @@ async fn enabling_survives_an_unreadable_record_and_a_failed_replay_leaves_it_di
 
     // Once publishing works, enabling recovers the held delivery and skips
     // the unreadable record.
-    set_webhooks_max_message(&nats, config.topology.max_message_bytes).await;
+    set_max_message(
+        &nats,
+        names::TASKS_STREAM,
+        config.topology.max_message_bytes,
+    )
+    .await;
     receiver.set_behaviour(ReceiverBehaviour::Ok);
     let (status, enabled) =
         post_json(&herald, &format!("/users/54/endpoints/{endpoint}/enable")).await;

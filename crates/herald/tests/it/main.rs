@@ -24,6 +24,7 @@ mod operator;
 mod policies;
 mod probes;
 mod replay;
+mod replay_requests;
 mod resilience;
 mod secrets;
 mod ssrf;

@@ -322,11 +322,19 @@ async fn a_role_cannot_publish_what_its_permissions_forbid() {
         stored(&locked, "herald-api", task).await,
         "the API cannot post a task"
     );
+    assert!(
+        stored(&locked, "herald-api", "herald.replays.1.t.rd-1").await,
+        "the API cannot ask for a redelivery"
+    );
     let forbidden = [
         // The API writes no endpoint record and no mail job.
         ("herald-api", "$KV.herald-endpoints.1.evil"),
         ("herald-api", "herald.mail.1"),
         ("herald-api", "herald.retries.1.evil.x"),
+        // nor a delivery job or history: redeliver and recover only store
+        // a request, which the task worker carries out from the record.
+        ("herald-api", "herald.webhooks.x.y"),
+        ("herald-api", "herald.attempts.x.y"),
         // Webhook workers never create tasks nor endpoints.
         ("herald-webhooks", task),
         ("herald-webhooks", "$KV.herald-endpoints.1.evil"),
