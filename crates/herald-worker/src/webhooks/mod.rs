@@ -1,0 +1,299 @@
+//! The webhook worker: signs and POSTs each delivery job, records the
+//! attempt, and decides what happens to the job.
+//!
+//! A delivery runs through five phases, one module each, read in the order
+//! of `WebhookWorker::deliver`:
+//!
+//! 1. `gate`: may it be sent now? Its endpoint's record (unreadable or
+//!    vanished: held), disabled, paused, its rate-limit slot, its share of
+//!    the requests in flight. A delivery the gate stops sends nothing and
+//!    is no attempt.
+//! 2. `request`: the signed POST, and what came back.
+//! 3. `classify`: what the response means (the table there).
+//! 4. `decide`: the attempt's outcome, the delay before the next one, and
+//!    whether the owner is mailed (the table there).
+//! 5. `settle`: the records (attempt, next attempt, mail) stored, the
+//!    endpoint's health and the metrics updated, then the job acked or
+//!    termed.
+//!
+//! The gate's decisions, the classification and the decision are pure
+//! functions of what they are given, tested without NATS.
+
+mod classify;
+mod decide;
+mod gate;
+mod request;
+mod settle;
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{AckKind, Message};
+use herald_core::{
+    payload::{DeliveryJob, RESPONSE_BODY_LIMIT, decode},
+    schedule::RetrySchedule,
+};
+use herald_queue::{
+    Broker,
+    consume::{MessageHandler, delivery_count, with_progress},
+    endpoints::EndpointCache,
+    health::HealthTracker,
+    rate_limit::RateLimiter,
+};
+pub use request::{http_client, http_client_with};
+use serde::{Deserialize, Serialize};
+
+use self::{
+    classify::ResponseClass,
+    decide::{Decision, RetryPolicy},
+    gate::{InFlight, Open, Verdict},
+    settle::{Again, Attempt, settle, store_again},
+};
+use crate::ssrf::{GuardedClient, SsrfConfig};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookWorkerConfig {
+    /// Webhook requests in flight at once in one process.
+    pub concurrency: usize,
+    /// Request timeout for endpoints that do not set `timeoutSeconds`.
+    #[serde(with = "crate::duration_serde")]
+    pub timeout: Duration,
+    /// Delays between attempts for endpoints without a schedule of their own.
+    pub retry_schedule: RetrySchedule,
+    /// Longest `Retry-After` honoured; longer values are cut to this.
+    #[serde(with = "crate::duration_serde")]
+    pub max_retry_after: Duration,
+    /// Delay before looking again at a job for a paused endpoint.
+    #[serde(with = "crate::duration_serde")]
+    pub paused_recheck: Duration,
+    /// How often endpoint health is written to `herald-endpoint-health`.
+    #[serde(with = "crate::duration_serde")]
+    pub health_flush_interval: Duration,
+    /// How long an endpoint may fail without a single success before it is
+    /// disabled and its owner mailed (410 Gone disables at once).
+    #[serde(with = "crate::duration_serde")]
+    pub disable_after: Duration,
+    /// Requests in flight at once to one endpoint in one process. A slow
+    /// or hanging endpoint can hold at most this many of `concurrency`;
+    /// its other deliveries wait as message schedules meanwhile.
+    pub max_in_flight_per_endpoint: usize,
+    /// Which non-global addresses webhooks may reach anyway.
+    pub ssrf: SsrfConfig,
+    /// Bytes of a global endpoint's response body kept in the attempt
+    /// record (at most 1024; 0 keeps none). What the owner's own server
+    /// answered, shown to that owner; for allow-listed addresses see
+    /// `ssrf.allowed_response_body_bytes`.
+    pub response_body_bytes: usize,
+    /// How long a delivery whose endpoint record has vanished is held
+    /// (looked at again every `paused_recheck`) before it is recorded as
+    /// `endpoint_removed`: at least one `operator.health_resync`, so a
+    /// record the operator removes and writes again keeps its deliveries.
+    #[serde(with = "crate::duration_serde")]
+    pub endpoint_removed_grace: Duration,
+}
+
+impl Default for WebhookWorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 256,
+            timeout: Duration::from_secs(15),
+            retry_schedule: RetrySchedule::standard(),
+            max_retry_after: Duration::from_secs(3600),
+            paused_recheck: Duration::from_secs(60),
+            health_flush_interval: Duration::from_secs(1),
+            disable_after: Duration::from_secs(5 * 24 * 3600),
+            max_in_flight_per_endpoint: 32,
+            ssrf: SsrfConfig::default(),
+            response_body_bytes: RESPONSE_BODY_LIMIT,
+            endpoint_removed_grace: Duration::from_secs(300),
+        }
+    }
+}
+
+pub struct WebhookWorker {
+    broker: Broker,
+    endpoints: EndpointCache,
+    health: HealthTracker,
+    rate_limiter: RateLimiter,
+    in_flight: InFlight,
+    client: GuardedClient,
+    config: WebhookWorkerConfig,
+    progress_interval: Duration,
+}
+
+impl WebhookWorker {
+    pub fn new(
+        broker: Broker,
+        endpoints: EndpointCache,
+        health: HealthTracker,
+        config: WebhookWorkerConfig,
+        ack_wait: Duration,
+    ) -> Self {
+        Self {
+            rate_limiter: RateLimiter::new(broker.clone()),
+            in_flight: InFlight::default(),
+            broker,
+            endpoints,
+            health,
+            client: http_client(&config.ssrf),
+            config,
+            progress_interval: ack_wait / 3,
+        }
+    }
+
+    /// One delivery, phase by phase: gate, request, classify, decide,
+    /// record and settle.
+    async fn deliver(&self, message: &Message, job: DeliveryJob) {
+        let attempt = attempt_number(message, &job);
+        let task = job.task.clone();
+        let Open {
+            job,
+            endpoint,
+            permit: _in_flight,
+        } = match self.gate(job, attempt).await {
+            Verdict::Send(open) => open,
+            Verdict::Settle(record) => {
+                return settle(&self.broker, message, &task, vec![record], AckKind::Ack).await;
+            }
+        };
+        let response = with_progress(
+            message,
+            self.progress_interval,
+            request::send(&self.client, &self.config, &endpoint, &job),
+        )
+        .await;
+        let now = herald_core::now_ms();
+        let decision = Decision::of(
+            ResponseClass::of(&response),
+            attempt,
+            response.retry_after,
+            RetryPolicy::for_endpoint(&endpoint, &self.config),
+            endpoint.email.is_some(),
+        );
+        self.record_health(&job, &response, &decision, now);
+        let records = Attempt {
+            job: &job,
+            url: &endpoint.url,
+            number: attempt,
+            at_ms: now,
+        }
+        .records(&response, &decision, endpoint.email.as_deref());
+        settle(&self.broker, message, &task, records, decision.ack()).await;
+    }
+}
+
+/// The number of the HTTP attempt this delivery would make. The job carries
+/// the number of the next request; a path that sends nothing hands the job
+/// back as a new message with the same number ([`Again::HandBack`]), never
+/// with a nak, whose redelivery would look like a request. So a message
+/// delivered again means its previous delivery ended without an outcome (a
+/// worker died or hung holding it) after it may have reached the endpoint:
+/// one more attempt each. The one exception: when NATS refuses even the
+/// hand-back, the nak that remains counts once too often, never too rarely.
+fn attempt_number(message: &Message, job: &DeliveryJob) -> u32 {
+    job.attempt
+        .saturating_add(delivery_count(message).saturating_sub(1))
+}
+
+#[async_trait::async_trait]
+impl MessageHandler for WebhookWorker {
+    async fn handle(&self, message: Message) {
+        match decode::<DeliveryJob>(&message.payload) {
+            Ok(job) => self.deliver(&message, job).await,
+            Err(e) => {
+                tracing::error!(subject = %message.subject, error = %e, "terminating unreadable delivery job");
+                // Term: it will never parse; retrying is pointless.
+                let _ = message.ack_with(AckKind::Term).await;
+            }
+        }
+    }
+
+    /// At shutdown: stored again to fire at once, not nak'd, so the
+    /// delivery keeps its attempt number ([`attempt_number`]).
+    async fn hand_back(&self, message: Message) {
+        let Ok(job) = decode::<DeliveryJob>(&message.payload) else {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+            return;
+        };
+        let again = store_again(
+            &job,
+            herald_core::now_ms(),
+            Again::HandBack {
+                attempt: attempt_number(&message, &job),
+                rate_slot_ms: job.rate_slot_ms,
+            },
+        );
+        match self.broker.publish(again).await {
+            Ok(_) => {
+                let _ = message.ack().await;
+            }
+            Err(_) => {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+    }
+}
+
+/// Builds the worker and its companion, which runs until `shutdown`: the
+/// health tracker's flusher. (Jobs past max_deliver:
+/// [`crate::max_deliveries`].)
+pub fn start(
+    broker: Broker,
+    endpoints: EndpointCache,
+    config: WebhookWorkerConfig,
+    ack_wait: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Arc<WebhookWorker> {
+    let health = HealthTracker::start(
+        broker.clone(),
+        endpoints.clone(),
+        config.health_flush_interval,
+        config.disable_after,
+        shutdown.clone(),
+    );
+    Arc::new(WebhookWorker::new(
+        broker, endpoints, health, config, ack_wait,
+    ))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! What the phases' tests share: a delivery job and an endpoint.
+
+    #![allow(clippy::unwrap_used)]
+
+    use herald_core::{
+        EndpointId, TaskId, UserId,
+        payload::{DeliveryJob, EndpointConfig, VERSION},
+        signing::SigningSecret,
+    };
+
+    /// Attempt 1 of a delivery of a small JSON body.
+    pub(crate) fn job() -> DeliveryJob {
+        DeliveryJob {
+            v: VERSION,
+            task: TaskId::new("task-1").unwrap(),
+            user: UserId::new("acme").unwrap(),
+            endpoint: EndpointId::new("orders").unwrap(),
+            event_type: "echo.completed".to_string(),
+            body: r#"{"type":"echo.completed","data":{"n":1}}"#.to_string(),
+            accepted_at_ms: 1_000,
+            attempt: 1,
+            redelivery: None,
+            rate_slot_ms: None,
+            endpoint_missing_since_ms: None,
+        }
+    }
+
+    /// An endpoint at `url` with one signing secret and nothing else set.
+    pub(crate) fn endpoint(url: &str) -> EndpointConfig {
+        serde_json::from_value(serde_json::json!({
+            "v": VERSION,
+            "user": "acme",
+            "id": "orders",
+            "url": url,
+            "secrets": [SigningSecret::generate()],
+        }))
+        .unwrap()
+    }
+}
