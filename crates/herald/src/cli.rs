@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
-use crate::{config, dev, receiver, roles, shutdown};
+use crate::{child, config, dev, receiver, roles, shutdown};
 
 #[derive(Parser)]
 #[command(
@@ -73,6 +73,10 @@ enum Command {
         #[command(subcommand)]
         command: SecretsCommand,
     },
+    /// Become a program that dies with process <parent> (how `herald dev`
+    /// starts nats-server).
+    #[command(hide = true)]
+    ChildOf(child::ChildArgs),
 }
 
 #[derive(Subcommand)]
@@ -146,6 +150,9 @@ impl CommonFlags {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        // First and without awaiting anything: nothing of the runtime is
+        // needed, and exec replaces the whole process.
+        Command::ChildOf(args) => Err(child::exec(args)),
         Command::Api { common, listen } => {
             let extra = listen.map_or(json!({}), |l| json!({ "api": { "listen": l } }));
             let config = common.load(extra)?;

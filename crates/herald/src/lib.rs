@@ -2,6 +2,7 @@
 //! code that starts each role. `main.rs` only calls [`cli::run`]; tests
 //! start roles in-process with [`roles::run_with`].
 
+pub mod child;
 pub mod cli;
 pub mod config;
 pub mod dev;
