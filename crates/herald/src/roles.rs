@@ -168,17 +168,26 @@ pub async fn run_with(
         state.set_topology_ready();
     }
 
-    let workers = Workers {
+    let cache = match keyring {
+        Some(keyring) => {
+            let cache =
+                EndpointCache::start(&tasks.helpers, broker.clone(), keyring, shutdown.clone());
+            tokio::select! {
+                _ = shutdown.cancelled() => return tasks.wait().await,
+                _ = cache.wait_loaded() => {}
+            }
+            Some(cache)
+        }
+        None => None,
+    };
+
+    let mut workers = Workers {
         broker: &broker,
         config: &config,
         shutdown: &shutdown,
+        running: &mut tasks.roles,
     };
-    if let Some(keyring) = keyring {
-        let cache = EndpointCache::start(&tasks.helpers, broker.clone(), keyring, shutdown.clone());
-        tokio::select! {
-            _ = shutdown.cancelled() => return tasks.wait().await,
-            _ = cache.wait_loaded() => {}
-        }
+    if let Some(cache) = cache {
         let ack_wait = config.topology.ack_wait;
         if roles.workers.contains(&WorkerKind::Tasks) {
             let worker = Arc::new(TaskWorker::new(
@@ -188,13 +197,11 @@ pub async fn run_with(
                 ack_wait,
             ));
             let abandoned = Abandoned::tasks(broker.clone(), cache.clone(), ack_wait);
-            let drained = CancellationToken::new();
             workers.start(
                 WorkerKind::Tasks,
                 worker,
                 abandoned,
-                drained,
-                &mut tasks.roles,
+                CancellationToken::new(),
             );
         }
         if roles.workers.contains(&WorkerKind::Webhooks) {
@@ -217,23 +224,15 @@ pub async fn run_with(
                 ack_wait,
             ));
             let abandoned = Abandoned::Webhooks(cache.clone());
-            workers.start(
-                WorkerKind::Webhooks,
-                worker,
-                abandoned,
-                drained,
-                &mut tasks.roles,
-            );
+            workers.start(WorkerKind::Webhooks, worker, abandoned, drained);
         }
     }
     if let Some(worker) = mail_worker {
-        let drained = CancellationToken::new();
         workers.start(
             WorkerKind::Mail,
             worker,
             Abandoned::Mail,
-            drained,
-            &mut tasks.roles,
+            CancellationToken::new(),
         );
     }
     readiness.set_ready();
@@ -272,11 +271,13 @@ fn consumer_settings(kind: WorkerKind, config: &Config) -> ConsumerSettings {
     }
 }
 
-/// Starts worker kinds on one connection and configuration.
+/// Starts worker kinds on one connection and configuration, as `running`
+/// roles.
 struct Workers<'a> {
     broker: &'a Broker,
     config: &'a Config,
     shutdown: &'a CancellationToken,
+    running: &'a mut JoinSet<anyhow::Result<()>>,
 }
 
 impl Workers<'_> {
@@ -286,18 +287,19 @@ impl Workers<'_> {
     /// `handler`'s consumer has drained, also if it panicked: nothing
     /// handles a message after that.
     fn start<H: consume::MessageHandler>(
-        &self,
+        &mut self,
         kind: WorkerKind,
         handler: Arc<H>,
         abandoned: Abandoned,
         drained: CancellationToken,
-        running: &mut JoinSet<anyhow::Result<()>>,
     ) {
-        running.spawn(self.consume(consumer_settings(kind, self.config), handler, drained));
+        let consumer = self.consume(consumer_settings(kind, self.config), handler, drained);
+        self.running.spawn(consumer);
         let max_deliveries = MaxDeliveries::new(self.broker.clone(), abandoned);
         let settings =
             max_deliveries.settings(self.config.shutdown.grace, self.config.nats.manage_topology);
-        running.spawn(self.consume(settings, Arc::new(max_deliveries), CancellationToken::new()));
+        let consumer = self.consume(settings, Arc::new(max_deliveries), CancellationToken::new());
+        self.running.spawn(consumer);
     }
 
     /// The consumer loop until shutdown, and its drain.
