@@ -179,6 +179,27 @@ async fn a_killed_herald_dev_takes_its_nats_server_with_it() {
     .await;
 }
 
+/// `herald child-of` whose parent is not the one named (it died before the
+/// parent-death signal was set, and the child was handed to another
+/// process): the program never starts, and it says why.
+#[tokio::test]
+async fn child_of_a_parent_that_is_gone_does_not_start_the_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("started");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["child-of", "1", "--", "/usr/bin/touch"])
+        .arg(&marker)
+        .output();
+    let output = tokio::time::timeout(DEADLINE, output)
+        .await
+        .expect("herald child-of did not exit")
+        .unwrap();
+    assert!(!output.status.success(), "exited with {}", output.status);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("parent 1 is gone"), "{stderr}");
+    assert!(!marker.exists(), "the program ran");
+}
+
 /// A process started by the test's `herald dev`: SIGKILLed on drop, so a
 /// failed test leaves no nats-server behind.
 struct NatsChild(i32);
