@@ -14,6 +14,7 @@ pub mod auth;
 mod error;
 mod health;
 mod openapi;
+mod operations;
 mod replay;
 mod serve;
 mod tasks;

@@ -15,8 +15,9 @@ use serde_json::json;
 use tokio::process::Child;
 
 use crate::{
-    cli::{CommonFlags, init_logging},
     endpoints_file,
+    flags::CommonFlags,
+    logging::init_logging,
     roles::{self, Roles},
     shutdown,
 };

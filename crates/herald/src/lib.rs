@@ -7,6 +7,8 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod endpoints_file;
+pub mod flags;
+pub mod logging;
 pub mod operator;
 pub mod probes;
 pub mod receiver;

@@ -3,6 +3,7 @@
 use std::{collections::BTreeSet, sync::Arc};
 
 use anyhow::Context;
+use clap::ValueEnum;
 use herald_api::AppState;
 use herald_core::names;
 use herald_queue::{
@@ -23,10 +24,17 @@ use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    cli::WorkerKind,
     config::Config,
     probes::{self, Readiness},
 };
+
+/// A worker role, as `herald worker <kinds>` names it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum WorkerKind {
+    Tasks,
+    Webhooks,
+    Mail,
+}
 
 /// Which roles a process runs.
 #[derive(Debug, Clone, Default)]
