@@ -30,13 +30,14 @@ HERALD=$TARGET_DIR/debug/herald
 STATE=$(mktemp -d -t herald-dev.XXXXXX)
 children=()
 cleanup() {
-    trap - EXIT INT TERM
+    trap - EXIT INT TERM HUP
     for pid in "${children[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     wait || true
     rm -rf "$STATE"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+# A closed terminal (SIGHUP) stops everything as Ctrl-C does.
+trap 'exit 130' INT TERM HUP
 
 "$TOOLS/bin/mailpit" --smtp 127.0.0.1:1025 --listen 127.0.0.1:8025 \
     --database "$STATE/mailpit.db" --disable-version-check --quiet &

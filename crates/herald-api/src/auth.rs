@@ -42,7 +42,7 @@ use utoipa_axum::router::OpenApiRouter;
 pub use tokens::{NewToken, Scope, TOKEN_PREFIX, TokenEntry, Tokens, TokensFileError, new_token};
 use tokens::{Token, TokenStore};
 
-use crate::{ApiConfig, ApiError, AppState, openapi::operations};
+use crate::{ApiConfig, ApiError, AppState, operations::operations};
 
 /// The security scheme's name in the OpenAPI document.
 pub(crate) const SCHEME: &str = "bearer";

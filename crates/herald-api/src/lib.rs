@@ -14,6 +14,7 @@ pub mod auth;
 mod error;
 mod health;
 mod openapi;
+mod operations;
 mod replay;
 mod serve;
 mod tasks;
@@ -179,7 +180,13 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "API listening");
     state.access().log_state();
-    tokio::spawn(state.access().clone().watch(shutdown.clone()));
+    // The tokens file's reload runs beside the server, not detached: it
+    // ends with `shutdown`, and the server is done only when it is.
+    let reload = state.access().clone().watch(shutdown.clone());
     let config = state.config.clone();
-    serve::run(listener, router(state), &config, shutdown).await
+    let ((), served) = tokio::join!(
+        reload,
+        serve::run(listener, router(state), &config, shutdown)
+    );
+    served
 }

@@ -13,13 +13,13 @@ use utoipa::{
     Modify, OpenApi,
     openapi::{
         RefOr,
-        path::{Operation, ParameterIn, PathItem},
+        path::ParameterIn,
         schema::{Schema, SchemaType, Type},
         security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
     },
 };
 
-use crate::{auth, error::ErrorBody};
+use crate::{auth, error::ErrorBody, operations::operations};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -89,31 +89,6 @@ fn headers_are_never_null(doc: &mut utoipa::openapi::OpenApi) {
             }
         }
     }
-}
-
-/// Every operation of the document.
-pub(crate) fn operations(
-    doc: &mut utoipa::openapi::OpenApi,
-) -> impl Iterator<Item = &mut Operation> {
-    doc.paths
-        .paths
-        .values_mut()
-        .flat_map(|item: &mut PathItem| {
-            [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.options,
-                &mut item.head,
-                &mut item.patch,
-                &mut item.trace,
-                &mut item.query,
-            ]
-            .into_iter()
-            .flatten()
-            .chain(item.additional_operations.values_mut())
-        })
 }
 
 /// The document as served and committed: pretty JSON ending in a newline.

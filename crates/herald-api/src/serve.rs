@@ -11,7 +11,8 @@
 //!   the server a bounded number of slots and never starves the probes.
 //!
 //! On shutdown the listener closes and every connection finishes its
-//! request in progress (hyper's graceful shutdown).
+//! request in progress (hyper's graceful shutdown); [`run`] returns once
+//! every connection's task has ended.
 
 use std::{sync::Arc, time::Duration};
 
@@ -28,7 +29,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{ApiConfig, ApiError};
 
@@ -48,6 +49,8 @@ pub(crate) async fn run(
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let overflow = app.clone().layer(middleware::from_fn(probes_only));
     let graceful = GracefulShutdown::new();
+    // Every connection's task, waited for at the end.
+    let connections = TaskTracker::new();
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -80,7 +83,7 @@ pub(crate) async fn run(
         let connection =
             builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             // Held for the connection's life.
             let _slot = slot;
             if let Err(e) = connection.await {
@@ -90,6 +93,8 @@ pub(crate) async fn run(
     }
     drop(listener);
     graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
     Ok(())
 }
 

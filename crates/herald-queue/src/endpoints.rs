@@ -29,7 +29,7 @@ use herald_core::{
     payload::EndpointConfig,
 };
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{Broker, QueueError, cas};
 
@@ -48,16 +48,21 @@ pub struct EndpointCache {
 }
 
 impl EndpointCache {
-    /// Starts watching the bucket in the background. Use
+    /// Starts watching the bucket, on `tasks`, until `shutdown`. Use
     /// [`Self::wait_loaded`] before relying on the contents.
-    pub fn start(broker: Broker, keyring: Arc<Keyring>, shutdown: CancellationToken) -> Self {
+    pub fn start(
+        tasks: &TaskTracker,
+        broker: Broker,
+        keyring: Arc<Keyring>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (loaded_tx, loaded) = watch::channel(false);
         let cache = Self {
             endpoints: Arc::default(),
             loaded,
         };
         let endpoints = cache.endpoints.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut delay = Duration::from_millis(100);
             while !shutdown.is_cancelled() {
                 let result = tokio::select! {

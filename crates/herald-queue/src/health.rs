@@ -26,7 +26,7 @@ use herald_core::{
     payload::{EndpointHealth, MailJob, MailReason, VERSION, decode, encode},
 };
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{Broker, QueueError, cas, endpoints::EndpointCache, publish::Outgoing};
 
@@ -156,15 +156,41 @@ pub struct HealthTracker {
 }
 
 impl HealthTracker {
-    /// Starts the flusher, which flushes a last time when `shutdown` fires,
-    /// and the watch of disabled endpoints. `disable_after`: how long an
-    /// endpoint may fail without a success before it is disabled.
+    /// Like [`Self::start_on`], on tasks nobody waits for, stopping at
+    /// `shutdown`: outcomes recorded after it are lost. Kept for
+    /// `herald_worker::webhooks::start` until it takes a [`TaskTracker`];
+    /// the roles use [`Self::start_on`].
     pub fn start(
         broker: Broker,
         endpoints: EndpointCache,
         interval: Duration,
         disable_after: Duration,
         shutdown: CancellationToken,
+    ) -> Self {
+        Self::start_on(
+            &TaskTracker::new(),
+            broker,
+            endpoints,
+            interval,
+            disable_after,
+            shutdown,
+        )
+    }
+
+    /// Starts, on `tasks`, the flusher and the watch of disabled endpoints.
+    /// Both run until `stop` fires; the flusher then flushes a last time.
+    /// So cancel `stop` once nothing records outcomes any more (after the
+    /// webhook consumer has drained), and wait for `tasks`: the outcomes of
+    /// the deliveries that finished during the drain reach the bucket.
+    /// `disable_after`: how long an endpoint may fail without a success
+    /// before it is disabled.
+    pub fn start_on(
+        tasks: &TaskTracker,
+        broker: Broker,
+        endpoints: EndpointCache,
+        interval: Duration,
+        disable_after: Duration,
+        stop: CancellationToken,
     ) -> Self {
         let tracker = Self {
             pending: Arc::default(),
@@ -174,26 +200,29 @@ impl HealthTracker {
             endpoints,
             disable_after,
         };
-        tokio::spawn(follow_disabled(
+        tasks.spawn(follow_disabled(
             broker.clone(),
             tracker.disabled.clone(),
-            shutdown.clone(),
+            stop.clone(),
         ));
-        let flusher = tracker.clone();
-        tokio::spawn(async move {
-            loop {
-                let stopping = tokio::select! {
-                    _ = shutdown.cancelled() => true,
-                    _ = tokio::time::sleep(interval) => false,
-                    _ = flusher.flush_now.notified() => false,
-                };
-                flusher.flush(&broker).await;
-                if stopping {
-                    break;
-                }
-            }
-        });
+        tasks.spawn(tracker.clone().flush_until(broker, interval, stop));
         tracker
+    }
+
+    /// Flushes every `interval`, at once when asked, and a last time when
+    /// `stop` fires.
+    async fn flush_until(self, broker: Broker, interval: Duration, stop: CancellationToken) {
+        loop {
+            let stopping = tokio::select! {
+                _ = stop.cancelled() => true,
+                _ = tokio::time::sleep(interval) => false,
+                _ = self.flush_now.notified() => false,
+            };
+            self.flush(&broker).await;
+            if stopping {
+                break;
+            }
+        }
     }
 
     /// Whether deliveries to the endpoint are disabled.

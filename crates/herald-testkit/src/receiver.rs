@@ -32,6 +32,9 @@ pub enum ReceiverBehaviour {
     Gone,
     /// Never answers: the request stays open until the client gives up.
     Hang,
+    /// Holds every request until [`TestReceiver::release`], then 200: a
+    /// delivery kept in flight for as long as a test needs.
+    Held,
     /// 307 Temporary Redirect to this URL.
     RedirectTo(String),
     /// `status` with this response body.
@@ -63,6 +66,8 @@ pub struct TestReceiver {
 
 struct ReceiverState {
     behaviour: Mutex<ReceiverBehaviour>,
+    /// Set by [`TestReceiver::release`]; held requests wait for it.
+    released: tokio::sync::watch::Sender<bool>,
     received: Mutex<Vec<ReceivedWebhook>>,
     seen_per_webhook_id: Mutex<HashMap<String, usize>>,
 }
@@ -82,6 +87,7 @@ impl TestReceiver {
         let base = format!("http://{}", listener.local_addr().expect("bound address"));
         let state = Arc::new(ReceiverState {
             behaviour: Mutex::new(behaviour),
+            released: tokio::sync::watch::Sender::new(false),
             received: Mutex::default(),
             seen_per_webhook_id: Mutex::default(),
         });
@@ -107,6 +113,12 @@ impl TestReceiver {
     /// or breaks.
     pub fn set_behaviour(&self, behaviour: ReceiverBehaviour) {
         *lock(&self.state.behaviour) = behaviour;
+    }
+
+    /// Answers the requests [`ReceiverBehaviour::Held`] holds, and any
+    /// later ones, with 200.
+    pub fn release(&self) {
+        self.state.released.send_replace(true);
     }
 
     /// Every request so far, in arrival order.
@@ -159,6 +171,11 @@ async fn record(
         ReceiverBehaviour::Status(status) => *status,
         ReceiverBehaviour::Gone => 410,
         ReceiverBehaviour::Hang => std::future::pending().await,
+        ReceiverBehaviour::Held => {
+            let mut released = state.released.subscribe();
+            let _ = released.wait_for(|released| *released).await;
+            200
+        }
         ReceiverBehaviour::RedirectTo(location) => {
             return (
                 StatusCode::TEMPORARY_REDIRECT,

@@ -12,11 +12,12 @@ use anyhow::{Context, bail};
 use clap::Args;
 use herald_queue::{endpoints, topology};
 use serde_json::json;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::{
-    cli::{CommonFlags, init_logging},
     endpoints_file,
+    flags::CommonFlags,
+    logging::init_logging,
     roles::{self, Roles},
     shutdown,
 };
@@ -225,7 +226,9 @@ async fn start_nats(binary: &Path, port: u16, store: &Path) -> anyhow::Result<Ch
     // A name of its own, so the readiness check below knows it reached this
     // server and not something else already listening on the port.
     let server_name = format!("herald-dev-{}", std::process::id());
-    let mut child = Command::new(binary)
+    // Through `child-of`: even if herald dev is killed, the server goes
+    // with it and frees the port.
+    let mut child = crate::child::command(binary)?
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
         .arg(store)
         .args(["--server_name", &server_name])

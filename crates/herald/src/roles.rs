@@ -3,12 +3,14 @@
 use std::{collections::BTreeSet, sync::Arc};
 
 use anyhow::Context;
+use clap::ValueEnum;
 use herald_api::AppState;
 use herald_core::names;
 use herald_queue::{
     Broker,
     consume::{self, ConsumerSettings},
     endpoints::EndpointCache,
+    health::HealthTracker,
     topology,
 };
 use herald_worker::{
@@ -16,16 +18,23 @@ use herald_worker::{
     mail::MailWorker,
     max_deliveries::{Abandoned, MaxDeliveries},
     tasks::TaskWorker,
-    webhooks,
+    webhooks::WebhookWorker,
 };
 use tokio::{net::TcpListener, task::JoinSet};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    cli::WorkerKind,
     config::Config,
     probes::{self, Readiness},
 };
+
+/// A worker role, as `herald worker <kinds>` names it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum WorkerKind {
+    Tasks,
+    Webhooks,
+    Mail,
+}
 
 /// Which roles a process runs.
 #[derive(Debug, Clone, Default)]
@@ -84,6 +93,10 @@ pub async fn run(config: Config, roles: Roles, shutdown: CancellationToken) -> a
 /// Runs `roles` on an existing connection and listener. `handlers` builds
 /// the task handler registry from the configured transcode duration, so
 /// embedders can add their own task types.
+///
+/// Every task it starts is owned: the roles in a `JoinSet` whose first
+/// failure is the process's failure, their helpers (the endpoint watch,
+/// the health flusher) in a `TaskTracker`. It returns once all have ended.
 pub async fn run_with(
     config: Config,
     roles: Roles,
@@ -105,7 +118,7 @@ pub async fn run_with(
     } else {
         None
     };
-    let mut running = JoinSet::new();
+    let mut tasks = Owned::default();
 
     // The API starts at once and answers 503 until the topology exists.
     let api_state = match listener {
@@ -115,7 +128,7 @@ pub async fn run_with(
                 .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
             let serving = state.clone();
             let stop = shutdown.clone();
-            running.spawn(async move {
+            tasks.roles.spawn(async move {
                 herald_api::serve(listener, serving, stop)
                     .await
                     .context("API server failed")
@@ -132,7 +145,7 @@ pub async fn run_with(
         &broker,
         &readiness,
         &shutdown,
-        &mut running,
+        &mut tasks.roles,
     )
     .await?;
 
@@ -154,23 +167,36 @@ pub async fn run_with(
         // Turned away by NATS: stop with the reason, do not sit there.
         Err(refused @ herald_queue::QueueError::Connect(_)) => {
             shutdown.cancel();
-            let _ = drain(running).await;
+            let _ = tasks.wait().await;
             return Err(refused.into());
         }
-        Err(_) => return drain(running).await, // shut down before NATS was ever reachable
+        Err(_) => return tasks.wait().await, // shut down before NATS was ever reachable
     }
     if let Some(state) = &api_state {
         state.set_topology_ready();
     }
 
-    if let Some(keyring) = keyring {
-        let cache = EndpointCache::start(broker.clone(), keyring, shutdown.clone());
-        tokio::select! {
-            _ = shutdown.cancelled() => return drain(running).await,
-            _ = cache.wait_loaded() => {}
+    let cache = match keyring {
+        Some(keyring) => {
+            let cache =
+                EndpointCache::start(&tasks.helpers, broker.clone(), keyring, shutdown.clone());
+            tokio::select! {
+                _ = shutdown.cancelled() => return tasks.wait().await,
+                _ = cache.wait_loaded() => {}
+            }
+            Some(cache)
         }
+        None => None,
+    };
+
+    let mut workers = Workers {
+        broker: &broker,
+        config: &config,
+        shutdown: &shutdown,
+        running: &mut tasks.roles,
+    };
+    if let Some(cache) = cache {
         let ack_wait = config.topology.ack_wait;
-        let grace = config.shutdown.grace;
         if roles.workers.contains(&WorkerKind::Tasks) {
             let worker = Arc::new(TaskWorker::new(
                 broker.clone(),
@@ -178,114 +204,154 @@ pub async fn run_with(
                 handlers(config.tasks.transcode_duration),
                 ack_wait,
             ));
-            let settings = ConsumerSettings {
-                stream: names::TASKS_STREAM,
-                consumer: names::TASKS_CONSUMER,
-                concurrency: config.tasks.concurrency,
-                grace,
-                manage_topology: config.nats.manage_topology,
-            };
-            running.spawn(consume_until(
-                broker.clone(),
-                config.clone(),
-                settings,
-                worker,
-                shutdown.clone(),
-            ));
             let abandoned = Abandoned::tasks(broker.clone(), cache.clone(), ack_wait);
-            spawn_max_deliveries(&broker, &config, abandoned, &shutdown, &mut running);
+            workers.start(
+                WorkerKind::Tasks,
+                worker,
+                abandoned,
+                CancellationToken::new(),
+            );
         }
         if roles.workers.contains(&WorkerKind::Webhooks) {
-            let worker = webhooks::start(
+            // Health is flushed a last time after the drain, so the
+            // outcomes of the deliveries finished during it are kept.
+            let drained = CancellationToken::new();
+            let health = HealthTracker::start_on(
+                &tasks.helpers,
                 broker.clone(),
                 cache.clone(),
+                config.webhooks.health_flush_interval,
+                config.webhooks.disable_after,
+                drained.clone(),
+            );
+            let worker = Arc::new(WebhookWorker::new(
+                broker.clone(),
+                cache.clone(),
+                health,
                 config.webhooks.clone(),
                 ack_wait,
-                shutdown.clone(),
-            );
-            let settings = ConsumerSettings {
-                stream: names::WEBHOOKS_STREAM,
-                consumer: names::WEBHOOKS_CONSUMER,
-                concurrency: config.webhooks.concurrency,
-                grace,
-                manage_topology: config.nats.manage_topology,
-            };
-            running.spawn(consume_until(
-                broker.clone(),
-                config.clone(),
-                settings,
-                worker,
-                shutdown.clone(),
             ));
             let abandoned = Abandoned::Webhooks(cache.clone());
-            spawn_max_deliveries(&broker, &config, abandoned, &shutdown, &mut running);
+            workers.start(WorkerKind::Webhooks, worker, abandoned, drained);
         }
     }
     if let Some(worker) = mail_worker {
-        let settings = ConsumerSettings {
-            stream: names::MAIL_STREAM,
-            consumer: names::MAIL_CONSUMER,
-            concurrency: config.mail.concurrency,
-            grace: config.shutdown.grace,
-            manage_topology: config.nats.manage_topology,
-        };
-        running.spawn(consume_until(
-            broker.clone(),
-            config.clone(),
-            settings,
+        workers.start(
+            WorkerKind::Mail,
             worker,
-            shutdown.clone(),
-        ));
-        spawn_max_deliveries(&broker, &config, Abandoned::Mail, &shutdown, &mut running);
+            Abandoned::Mail,
+            CancellationToken::new(),
+        );
     }
     readiness.set_ready();
     tracing::info!(api = roles.api, workers = ?roles.workers, "herald running");
-    let result = drain(running).await;
+    let result = tasks.wait().await;
     // Acks and naks are buffered by the client: send them before exiting.
     let _ = broker.client.flush().await;
     result
 }
 
-/// Each worker kind also ends its own stream's jobs that reached
-/// max_deliver, from the advisories `HERALD_ADVISORIES` kept for it.
-fn spawn_max_deliveries(
-    broker: &Broker,
-    config: &Config,
-    abandoned: Abandoned,
-    shutdown: &CancellationToken,
-    running: &mut JoinSet<anyhow::Result<()>>,
-) {
-    let handler = MaxDeliveries::new(broker.clone(), abandoned);
-    let settings = handler.settings(config.shutdown.grace, config.nats.manage_topology);
-    running.spawn(consume_until(
-        broker.clone(),
-        config.clone(),
-        settings,
-        Arc::new(handler),
-        shutdown.clone(),
-    ));
+/// Where each worker kind reads its jobs, and how many it takes on.
+fn consumer_settings(kind: WorkerKind, config: &Config) -> ConsumerSettings {
+    let (stream, consumer, concurrency) = match kind {
+        WorkerKind::Tasks => (
+            names::TASKS_STREAM,
+            names::TASKS_CONSUMER,
+            config.tasks.concurrency,
+        ),
+        WorkerKind::Webhooks => (
+            names::WEBHOOKS_STREAM,
+            names::WEBHOOKS_CONSUMER,
+            config.webhooks.concurrency,
+        ),
+        WorkerKind::Mail => (
+            names::MAIL_STREAM,
+            names::MAIL_CONSUMER,
+            config.mail.concurrency,
+        ),
+    };
+    ConsumerSettings {
+        stream,
+        consumer,
+        concurrency,
+        grace: config.shutdown.grace,
+        manage_topology: config.nats.manage_topology,
+    }
 }
 
-async fn consume_until<H: consume::MessageHandler>(
-    broker: Broker,
-    config: Config,
-    settings: ConsumerSettings,
-    handler: Arc<H>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    consume::run(broker, config.topology, settings, handler, shutdown).await;
-    Ok(())
+/// Starts worker kinds on one connection and configuration, as `running`
+/// roles.
+struct Workers<'a> {
+    broker: &'a Broker,
+    config: &'a Config,
+    shutdown: &'a CancellationToken,
+    running: &'a mut JoinSet<anyhow::Result<()>>,
 }
 
-/// Waits for every role; the first failure is the process's failure.
-async fn drain(mut running: JoinSet<anyhow::Result<()>>) -> anyhow::Result<()> {
-    let mut first_error = None;
-    while let Some(result) = running.join_next().await {
-        let result = result.context("a role panicked").and_then(|r| r);
-        if let Err(e) = result {
-            tracing::error!(error = %e, "role failed");
-            first_error.get_or_insert(e);
+impl Workers<'_> {
+    /// Consumes `kind`'s stream with `handler`, and ends the stream's jobs
+    /// that reached max_deliver (from the advisories `HERALD_ADVISORIES`
+    /// keeps for it) as `abandoned` says. `drained` is cancelled once
+    /// `handler`'s consumer has drained, also if it panicked: nothing
+    /// handles a message after that.
+    fn start<H: consume::MessageHandler>(
+        &mut self,
+        kind: WorkerKind,
+        handler: Arc<H>,
+        abandoned: Abandoned,
+        drained: CancellationToken,
+    ) {
+        let consumer = self.consume(consumer_settings(kind, self.config), handler, drained);
+        self.running.spawn(consumer);
+        let max_deliveries = MaxDeliveries::new(self.broker.clone(), abandoned);
+        let settings =
+            max_deliveries.settings(self.config.shutdown.grace, self.config.nats.manage_topology);
+        let consumer = self.consume(settings, Arc::new(max_deliveries), CancellationToken::new());
+        self.running.spawn(consumer);
+    }
+
+    /// The consumer loop until shutdown, and its drain.
+    fn consume<H: consume::MessageHandler>(
+        &self,
+        settings: ConsumerSettings,
+        handler: Arc<H>,
+        drained: CancellationToken,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send + 'static {
+        let broker = self.broker.clone();
+        let topology = self.config.topology.clone();
+        let shutdown = self.shutdown.clone();
+        async move {
+            let _drained = drained.drop_guard();
+            consume::run(broker, topology, settings, handler, shutdown).await;
+            Ok(())
         }
     }
-    first_error.map_or(Ok(()), Err)
+}
+
+/// Every task a process's roles started.
+#[derive(Default)]
+struct Owned {
+    /// The roles: the API, the probes, each consumer.
+    roles: JoinSet<anyhow::Result<()>>,
+    /// What the roles need beside them: the endpoint watch, the health
+    /// flusher. Each ends on its own stop token.
+    helpers: TaskTracker,
+}
+
+impl Owned {
+    /// Waits for every role, then for every helper; the first failure of a
+    /// role is the process's failure.
+    async fn wait(mut self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        while let Some(result) = self.roles.join_next().await {
+            let result = result.context("a role panicked").and_then(|r| r);
+            if let Err(e) = result {
+                tracing::error!(error = %e, "role failed");
+                first_error.get_or_insert(e);
+            }
+        }
+        self.helpers.close();
+        self.helpers.wait().await;
+        first_error.map_or(Ok(()), Err)
+    }
 }

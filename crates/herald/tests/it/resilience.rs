@@ -1,17 +1,24 @@
 //! NATS restarts and worker crashes lose nothing.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, process::Stdio, time::Duration};
 
 use futures::{StreamExt, stream};
 use herald::{cli::WorkerKind, roles::Roles};
+use herald_core::names::WEBHOOKS_CONSUMER;
 use herald_testkit::{Mailpit, NatsServer, ReceiverBehaviour, TestReceiver, wait_until};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
 use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    sync::mpsc,
+};
 
-use crate::harness::{DEADLINE, Herald, add_endpoint, schedule, test_config, worker_process};
+use crate::harness::{
+    DEADLINE, Herald, add_endpoint, broker, schedule, test_config, worker_command, worker_process,
+};
 
 #[tokio::test]
 async fn the_api_answers_503_while_nats_is_down_and_recovers_without_restart() {
@@ -276,4 +283,86 @@ async fn a_job_that_reaches_max_deliver_is_recorded_and_mailed() {
         .await;
     assert_eq!(receiver.received().len(), 2, "delivered past max_deliver");
     herald.stop().await;
+}
+
+/// SIGTERM while a delivery is in flight: it finishes during the drain, and
+/// its outcome still reaches `herald-endpoint-health` before the worker
+/// exits. (The flusher used to stop at the first flush after the signal,
+/// so what the drain recorded was lost.) The periodic flush is an hour
+/// away: only the flush after the drain can write the record.
+#[tokio::test]
+async fn a_delivery_that_finishes_during_the_drain_reaches_the_health_record() {
+    let nats = NatsServer::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Held).await;
+    add_endpoint(&nats, "14", "hooks", &receiver.url("/hooks"), None).await;
+    let herald = Herald::start(test_config(&nats, None), Roles::api_only()).await;
+    let mut worker = worker_command(
+        &nats,
+        "tasks,webhooks",
+        &[
+            ("HERALD_WEBHOOKS__HEALTH_FLUSH_INTERVAL", "1h"),
+            ("HERALD_SHUTDOWN__GRACE", "20s"),
+            ("HERALD_LOG__FILTER", "info"),
+            ("HERALD_LOG__FORMAT", "json"),
+        ],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start herald worker");
+    let mut log = log_lines(worker.stderr.take().expect("piped stderr"));
+
+    let id = herald.accept("14", "echo", json!({})).await;
+    receiver.wait_for(1, DEADLINE).await;
+    let pid = Pid::from_raw(worker.id().expect("worker is running") as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    // Answer only once the webhook consumer drains: the outcome is
+    // recorded after shutdown began.
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(line) = log.recv().await {
+            let fields = &line["fields"];
+            if fields["message"] == "draining" && fields["consumer"] == WEBHOOKS_CONSUMER {
+                assert_eq!(fields["in_flight"], 1, "the delivery is in flight");
+                return;
+            }
+        }
+        panic!("the worker exited without draining the webhook consumer");
+    })
+    .await
+    .expect("the webhook consumer did not start draining");
+    receiver.release();
+
+    let status = tokio::time::timeout(DEADLINE, worker.wait())
+        .await
+        .expect("the worker did not exit after its drain")
+        .unwrap();
+    assert!(status.success(), "worker exited with {status}");
+    herald.wait_for_state("14", &id, "delivered").await;
+    let health = herald_queue::health::read(
+        &broker(&nats).await,
+        &"14".parse().unwrap(),
+        &"default_hooks".parse().unwrap(),
+    )
+    .await
+    .unwrap()
+    .expect("the delivery finished during the drain left no health record");
+    assert!(
+        health.last_success_ms.is_some(),
+        "the success is not in the health record: {health:?}"
+    );
+    herald.stop().await;
+}
+
+/// The JSON log lines of a child's stderr, read to its end (so the child
+/// never blocks on a full pipe).
+fn log_lines(stderr: tokio::process::ChildStderr) -> mpsc::UnboundedReceiver<serde_json::Value> {
+    let (lines, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            if let Ok(value) = serde_json::from_str(&line) {
+                let _ = lines.send(value);
+            }
+        }
+    });
+    received
 }

@@ -63,7 +63,12 @@ async fn loaded_cache(
     keyring: Arc<Keyring>,
 ) -> (EndpointCache, CancellationToken) {
     let stop = CancellationToken::new();
-    let cache = EndpointCache::start(broker(nats).await, keyring, stop.clone());
+    let cache = EndpointCache::start(
+        &tokio_util::task::TaskTracker::new(),
+        broker(nats).await,
+        keyring,
+        stop.clone(),
+    );
     tokio::time::timeout(DEADLINE, cache.wait_loaded())
         .await
         .expect("the endpoint cache did not load");
