@@ -156,27 +156,6 @@ pub struct HealthTracker {
 }
 
 impl HealthTracker {
-    /// Like [`Self::start_on`], on tasks nobody waits for, stopping at
-    /// `shutdown`: outcomes recorded after it are lost. Kept for
-    /// `herald_worker::webhooks::start` until it takes a [`TaskTracker`];
-    /// the roles use [`Self::start_on`].
-    pub fn start(
-        broker: Broker,
-        endpoints: EndpointCache,
-        interval: Duration,
-        disable_after: Duration,
-        shutdown: CancellationToken,
-    ) -> Self {
-        Self::start_on(
-            &TaskTracker::new(),
-            broker,
-            endpoints,
-            interval,
-            disable_after,
-            shutdown,
-        )
-    }
-
     /// Starts, on `tasks`, the flusher and the watch of disabled endpoints.
     /// Both run until `stop` fires; the flusher then flushes a last time.
     /// So cancel `stop` once nothing records outcomes any more (after the

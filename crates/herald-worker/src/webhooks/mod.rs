@@ -25,7 +25,7 @@ mod gate;
 mod request;
 mod settle;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
 use herald_core::{
@@ -232,28 +232,6 @@ impl MessageHandler for WebhookWorker {
             }
         }
     }
-}
-
-/// Builds the worker and its companion, which runs until `shutdown`: the
-/// health tracker's flusher. (Jobs past max_deliver:
-/// [`crate::max_deliveries`].)
-pub fn start(
-    broker: Broker,
-    endpoints: EndpointCache,
-    config: WebhookWorkerConfig,
-    ack_wait: Duration,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> Arc<WebhookWorker> {
-    let health = HealthTracker::start(
-        broker.clone(),
-        endpoints.clone(),
-        config.health_flush_interval,
-        config.disable_after,
-        shutdown.clone(),
-    );
-    Arc::new(WebhookWorker::new(
-        broker, endpoints, health, config, ack_wait,
-    ))
 }
 
 #[cfg(test)]
