@@ -5,7 +5,8 @@ export HERALD_TOOLS ?= $(HOME)/.cache/herald-tools
 
 .PHONY: tools control-plane dev test lint bench soak
 
-## tools: pinned nats-server, mailpit, the Standard Webhooks verifier and schemathesis, into $(HERALD_TOOLS)
+## tools: pinned nats-server, mailpit, the Standard Webhooks verifier, schemathesis
+## and cargo-deny, into $(HERALD_TOOLS)
 tools:
 	scripts/install-tools.sh
 
@@ -23,10 +24,16 @@ dev: tools
 test: tools control-plane lint
 	cargo test --workspace --locked
 
-lint: control-plane
+## lint: formatting, clippy, the Helm chart's checks, and cargo-deny on the
+## dependency tree (licenses, bans, sources; offline: see deny.toml)
+lint: tools control-plane
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	scripts/check-chart.sh
+# cargo-deny reads every platform's dependencies from the local cache
+# (--offline: it must never fetch its advisory database, see deny.toml).
+	cargo fetch --locked
+	$(HERALD_TOOLS)/bin/cargo-deny --offline --locked check licenses bans sources
 
 ## bench: the whole pipeline under load, then isolation between endpoints and
 ## shared rate limits (docs/benchmarks.md)

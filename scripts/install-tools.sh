@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the pinned external programs Herald's tests run against (nats-server,
 # mailpit, a Python venv with the reference Standard Webhooks verifier and the
-# schemathesis API fuzzer) into a
+# schemathesis API fuzzer) and the cargo-deny linter `make lint` runs into a
 # cache outside the repository, so every clone and every CI run shares one build.
 #
 # Idempotent: a tool already at its pinned version is left alone, so a second
@@ -12,6 +12,7 @@ NATS_SERVER_VERSION=v2.15.2
 MAILPIT_VERSION=v1.33.1
 STANDARDWEBHOOKS_VERSION=1.1.0
 SCHEMATHESIS_VERSION=4.32.5
+CARGO_DENY_VERSION=0.20.2
 # Both Go modules above declare `go 1.26.0`; GOTOOLCHAIN=local means we never
 # download a toolchain, so the installed go must be at least this.
 GO_MIN_MINOR=26
@@ -145,10 +146,35 @@ ensure_rust_components() {
     done
 }
 
+install_cargo_deny() {
+    local have=""
+    [ -x "$BIN/cargo-deny" ] && have=$("$BIN/cargo-deny" --version 2>/dev/null || true)
+    if [ "$have" = "cargo-deny $CARGO_DENY_VERSION" ]; then
+        log "cargo-deny $CARGO_DENY_VERSION already installed"
+    else
+        # Its own target directory (CARGO_DENY_BUILD_DIR, else a temporary
+        # one), removed afterwards: the build is only needed for the one
+        # binary it leaves in $BIN, and never mixes with the project's.
+        local target=${CARGO_DENY_BUILD_DIR:-}
+        [ -n "$target" ] || target=$(mktemp -d "${TMPDIR:-/tmp}/herald-cargo-deny.XXXXXX")
+        log "cargo install cargo-deny $CARGO_DENY_VERSION (a few minutes the first time)"
+        if ! CARGO_TARGET_DIR=$target cargo install --locked "cargo-deny@$CARGO_DENY_VERSION" --root "$TOOLS"; then
+            rm -rf "$target"
+            die "cargo install cargo-deny@$CARGO_DENY_VERSION failed"
+        fi
+        rm -rf "$target"
+        have=$("$BIN/cargo-deny" --version)
+        [ "$have" = "cargo-deny $CARGO_DENY_VERSION" ] || die "installed cargo-deny reports '$have'"
+        log "installed cargo-deny $CARGO_DENY_VERSION"
+    fi
+    touch "$STAMPS/cargo-deny-$CARGO_DENY_VERSION"
+}
+
 mkdir -p "$BIN" "$STAMPS"
 ensure_rust_components
 log "tools directory: $TOOLS"
 install_nats_server
 install_mailpit
 install_venv
-log "done: nats-server $NATS_SERVER_VERSION, mailpit $MAILPIT_VERSION, standardwebhooks $STANDARDWEBHOOKS_VERSION, schemathesis $SCHEMATHESIS_VERSION"
+install_cargo_deny
+log "done: nats-server $NATS_SERVER_VERSION, mailpit $MAILPIT_VERSION, standardwebhooks $STANDARDWEBHOOKS_VERSION, schemathesis $SCHEMATHESIS_VERSION, cargo-deny $CARGO_DENY_VERSION"

@@ -5,6 +5,7 @@
 //! Standard Webhooks signing. The API, the workers and the operator agree on
 //! these types, so a change here is a change of the wire contract.
 
+pub mod duration_serde;
 pub mod endpoint;
 pub mod endpoint_secrets;
 pub mod ids;

@@ -25,12 +25,6 @@ pub use leader::{LeaderElector, LeaseSettings};
 use reconcile::{Context, error_policy, generated_secret_name, reconcile};
 pub use tenancy::TenancyConfig;
 
-mod duration_serde {
-    pub use herald_queue::topology::{
-        deserialize_duration as deserialize, serialize_duration as serialize,
-    };
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OperatorConfig {
@@ -42,16 +36,16 @@ pub struct OperatorConfig {
     pub lease_namespace: String,
     pub lease_name: String,
     /// How long a leader's lease lasts without renewal.
-    #[serde(with = "duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub lease_duration: Duration,
     /// How often the leader renews (and a candidate retries).
-    #[serde(with = "duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub renew_interval: Duration,
     /// How often each resource's status is refreshed from endpoint health.
-    #[serde(with = "duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub health_resync: Duration,
     /// Delay before retrying a reconcile that failed (API or NATS error).
-    #[serde(with = "duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub error_backoff: Duration,
     /// Which users each namespace may serve, declared by the cluster admin.
     pub tenancy: TenancyConfig,

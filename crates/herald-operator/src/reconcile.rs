@@ -601,136 +601,37 @@ mod tests {
 }
 
 /// The reconciler against a scripted API server (no cluster): each request
-/// it makes is checked and answered in turn.
+/// it makes is checked and answered in turn ([`fixtures`]).
+#[cfg(test)]
+mod fixtures;
+
 #[cfg(test)]
 mod scripted_api_server {
-    use http::{Method, Request, Response};
-    use kube::{client::Body, runtime::events::Reporter};
-    use serde_json::{Value, json};
+    use http::Method;
+    use serde_json::json;
 
-    use super::*;
-
-    type Server = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
-    fn endpoint(secret: &str) -> WebhookEndpoint {
-        let mut endpoint = WebhookEndpoint::new(
-            "orders",
-            serde_json::from_value(json!({
-                "userId": "7",
-                "url": "https://example.com/hooks",
-                "secretRef": { "name": secret },
-            }))
-            .unwrap(),
-        );
-        endpoint.metadata.namespace = Some("default".into());
-        endpoint.metadata.uid = Some("5c1b2e5e-0000-4000-8000-000000000001".into());
-        endpoint.metadata.generation = Some(3);
-        endpoint.metadata.finalizers = Some(vec![FINALIZER.into()]);
-        endpoint
-    }
-
-    async fn context(client: Client) -> Arc<Context> {
-        // Nothing listens on port 9: a NATS call would fail the test.
-        let broker = herald_queue::connect("nats://127.0.0.1:9", "scripted")
-            .await
-            .unwrap();
-        Arc::new(Context {
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: MANAGER.into(),
-                    instance: None,
-                },
-            ),
-            client,
-            broker,
-            records: RecordWriter {
-                keyring: Arc::new(
-                    herald_core::keyring::Keyring::parse(
-                        &herald_core::keyring::new_key_text("test").unwrap(),
-                    )
-                    .unwrap(),
-                ),
-                rotation_overlap: std::time::Duration::from_secs(60),
-            },
-            config: OperatorConfig {
-                tenancy: crate::TenancyConfig {
-                    namespaces: [("default".to_string(), vec!["*".to_string()])].into(),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        })
-    }
-
-    /// Takes the next request, checks its method and path, answers it.
-    async fn expect(
-        server: &mut Server,
-        method: Method,
-        path: &str,
-        status: u16,
-        answer: Value,
-    ) -> Value {
-        let (request, respond) = server
-            .next_request()
-            .await
-            .unwrap_or_else(|| panic!("no {method} {path}"));
-        assert_eq!(request.method(), method);
-        assert_eq!(request.uri().path(), path);
-        let body = request.into_body().collect_bytes().await.unwrap();
-        respond.send_response(
-            Response::builder()
-                .status(status)
-                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                .unwrap(),
-        );
-        serde_json::from_slice(&body).unwrap_or(Value::Null)
-    }
-
-    /// The requests every problem ends with: a Warning Event, then the
-    /// status patch. Returns both bodies.
-    async fn expect_event_then_status(
-        server: &mut Server,
-        answer: &WebhookEndpoint,
-    ) -> (Value, Value) {
-        let event = expect(
-            server,
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/default/events",
-            201,
-            json!({}),
-        )
-        .await;
-        let patch = expect(
-            server,
-            Method::PATCH,
-            "/apis/herald.dev/v1alpha1/namespaces/default/webhookendpoints/orders/status",
-            200,
-            serde_json::to_value(answer).unwrap(),
-        )
-        .await;
-        (event, patch)
-    }
+    use super::{
+        fixtures::{endpoint, scripted},
+        *,
+    };
 
     #[tokio::test]
     async fn a_missing_secret_is_ready_false_with_an_event_and_no_error() {
-        let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
-        let ctx = context(client).await;
+        let (ctx, mut server) = scripted().await;
         let api_server = tokio::spawn(async move {
             let not_found = json!({
                 "kind": "Status", "apiVersion": "v1", "status": "Failure",
                 "reason": "NotFound", "code": 404, "message": "secrets \"later\" not found",
             });
-            expect(
-                &mut server,
-                Method::GET,
-                "/api/v1/namespaces/default/secrets/later",
-                404,
-                not_found,
-            )
-            .await;
-            let (event, patch) = expect_event_then_status(&mut server, &endpoint("later")).await;
+            server
+                .expect(
+                    Method::GET,
+                    "/api/v1/namespaces/default/secrets/later",
+                    404,
+                    not_found,
+                )
+                .await;
+            let (event, patch) = server.expect_event_then_status(&endpoint("later")).await;
             assert_eq!(event["reason"], "SecretNotFound");
             assert_eq!(event["type"], "Warning");
             assert_eq!(event["regarding"]["name"], "orders");
@@ -751,24 +652,22 @@ mod scripted_api_server {
 
     #[tokio::test]
     async fn a_secret_that_is_not_whsec_is_reported_as_invalid() {
-        let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
-        let ctx = context(client).await;
+        let (ctx, mut server) = scripted().await;
         let api_server = tokio::spawn(async move {
             let secret = json!({
                 "apiVersion": "v1", "kind": "Secret",
                 "metadata": { "name": "plain", "namespace": "default" },
                 "data": { "secret": "aHVudGVyMg==" },
             });
-            expect(
-                &mut server,
-                Method::GET,
-                "/api/v1/namespaces/default/secrets/plain",
-                200,
-                secret,
-            )
-            .await;
-            let (event, patch) = expect_event_then_status(&mut server, &endpoint("plain")).await;
+            server
+                .expect(
+                    Method::GET,
+                    "/api/v1/namespaces/default/secrets/plain",
+                    200,
+                    secret,
+                )
+                .await;
+            let (event, patch) = server.expect_event_then_status(&endpoint("plain")).await;
             assert_eq!(event["reason"], "InvalidSecret");
             // The message says where to look, and never shows the value.
             let note = event["note"].as_str().unwrap();

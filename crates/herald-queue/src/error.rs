@@ -1,4 +1,7 @@
-use std::fmt;
+/// What a failed operation reports as its cause: the client's own error
+/// when there is one (so `source()` reaches it), or a sentence when the
+/// failure is Herald's own finding (a timeout, an unexpected answer).
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A JetStream operation that failed. Each variant names the operation, so
 /// logs and metrics can tell a full stream from a server that is down.
@@ -15,18 +18,21 @@ pub enum QueueError {
     /// The server turned this process away (credentials, certificates).
     #[error(transparent)]
     Connect(#[from] crate::connect::ConnectError),
-    #[error("{operation} failed: {message}")]
+    #[error("{operation} failed: {source}")]
     Request {
         operation: &'static str,
-        message: String,
+        #[source]
+        source: Cause,
     },
 }
 
 impl QueueError {
-    pub fn request(operation: &'static str, err: impl fmt::Display) -> Self {
+    /// `operation` failed because of `cause`: an error the client returned,
+    /// or a message (`&str`, `String`) saying what went wrong.
+    pub fn request(operation: &'static str, cause: impl Into<Cause>) -> Self {
         QueueError::Request {
             operation,
-            message: err.to_string(),
+            source: cause.into(),
         }
     }
 
@@ -38,5 +44,35 @@ impl QueueError {
             QueueError::Connect(_) => "refused",
             QueueError::Request { operation, .. } => operation,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn a_request_error_keeps_its_cause_and_its_message() {
+        let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline passed");
+        let error = QueueError::request("get stream", io);
+        assert_eq!(error.to_string(), "get stream failed: deadline passed");
+        assert_eq!(error.label(), "get stream");
+        let source = error.source().expect("the cause is kept");
+        let io = source
+            .downcast_ref::<std::io::Error>()
+            .expect("the cause keeps its type");
+        assert_eq!(io.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn a_request_error_from_a_message_reads_as_before() {
+        let error = QueueError::request("read task history", "timed out");
+        assert_eq!(error.to_string(), "read task history failed: timed out");
+        assert_eq!(
+            error.source().map(|s| s.to_string()).as_deref(),
+            Some("timed out")
+        );
     }
 }

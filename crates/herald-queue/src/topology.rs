@@ -21,13 +21,13 @@ pub struct TopologyConfig {
     /// `file` (durable) or `memory`.
     pub storage: Storage,
     /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub duplicate_window: Duration,
     /// How long task history (attempts, mail outcomes) is kept.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub attempts_max_age: Duration,
     /// How long a task's record is kept in `herald-tasks`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub task_records_max_age: Duration,
     /// Largest message a stream accepts (task inputs are limited below it).
     pub max_message_bytes: i32,
@@ -35,7 +35,7 @@ pub struct TopologyConfig {
     pub max_stream_bytes: i64,
     /// How long a worker may hold a message without acking or reporting
     /// progress before JetStream redelivers it.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub ack_wait: Duration,
     /// Safety net above every retry schedule: deliveries after which
     /// JetStream gives up on a message (Herald turns it into a mail job).
@@ -69,22 +69,10 @@ impl Default for TopologyConfig {
     }
 }
 
-mod humantime_serde {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
-    }
-}
-
-pub use humantime_serde::{deserialize as deserialize_duration, serialize as serialize_duration};
+/// For `herald-api`'s configuration, which still names them here.
+pub use herald_core::duration_serde::{
+    deserialize as deserialize_duration, serialize as serialize_duration,
+};
 
 impl TopologyConfig {
     fn storage(&self) -> StorageType {

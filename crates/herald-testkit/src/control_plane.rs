@@ -8,25 +8,30 @@
 //! `Terminating`, ownerReferences are never garbage-collected and no default
 //! ServiceAccounts appear.
 
+//!
+//! One file per part: [`etcd`], [`certificates`], [`apiserver`] and the
+//! [`kubeconfig`]s users connect with; this one starts them in order and
+//! owns them.
+
 use std::{
     ffi::OsStr,
-    io::Write,
     path::{Path, PathBuf},
     process::{Command, Output},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PublicKeyData, SigningKey,
-};
 use tempfile::TempDir;
-use time::OffsetDateTime;
-use yasna::{DERWriter, Tag, models::ObjectIdentifier, models::UTCTime};
 
-use crate::{free_port, process::ChildProcess, tools::installed, wait_until};
+use crate::{process::ChildProcess, tools::installed};
+
+mod apiserver;
+mod certificates;
+mod etcd;
+mod kubeconfig;
+
+use certificates::CertificateAuthority;
+use kubeconfig::write_kubeconfig;
 
 /// How many times `start` tries again on fresh ports when a port it picked
 /// was taken before the server could bind it (envtest tries 5 times too).
@@ -42,8 +47,6 @@ const DEFAULT_NAMESPACE: Duration = Duration::from_secs(30);
 const SLACK: Duration = Duration::from_secs(5);
 /// SIGTERM grace period before SIGKILL, per process.
 const STOP_GRACE: Duration = Duration::from_secs(10);
-/// Leaf certificates are valid this long (envtest: 168 hours).
-const LEAF_VALIDITY: time::Duration = time::Duration::days(7);
 
 /// etcd and kube-apiserver on free loopback ports, with RBAC authorization
 /// and client-certificate users; stopped (SIGTERM, then SIGKILL) and deleted
@@ -255,188 +258,26 @@ fn control_plane_tool(name: &str) -> PathBuf {
 /// every other failure panics.
 async fn try_start(binaries: &Binaries) -> Result<ControlPlane, String> {
     let dir = tempfile::tempdir().expect("cannot create a temporary directory");
-    let http = crate::http_client();
-
-    // etcd, plain HTTP on loopback, as envtest runs it. A unique member name
-    // lets the readiness probe tell our etcd from another test's that won a
-    // port race.
-    let etcd_port = free_port();
-    let peer_port = free_port();
-    let etcd_url = format!("http://127.0.0.1:{etcd_port}");
-    let peer_url = format!("http://127.0.0.1:{peer_port}");
-    let name = format!(
-        "herald-test-{}-{}",
-        std::process::id(),
-        unique_number() % 1_000_000_000
-    );
-    let etcd_args = [
-        format!("--name={name}"),
-        format!("--data-dir={}", dir.path().join("etcd").display()),
-        format!("--listen-client-urls={etcd_url}"),
-        format!("--advertise-client-urls={etcd_url}"),
-        format!("--listen-peer-urls={peer_url}"),
-        format!("--initial-advertise-peer-urls={peer_url}"),
-        format!("--initial-cluster={name}={peer_url}"),
-        // Nothing here needs to survive a power cut.
-        "--unsafe-no-fsync=true".to_string(),
-    ];
-    let etcd_log = dir.path().join("etcd.log");
-    let mut etcd = ChildProcess::spawn("etcd", &binaries.etcd, &etcd_args, etcd_log.clone());
-    let members = format!("{etcd_url}/v3/cluster/member/list");
-    let give_up = Instant::now() + STARTUP;
-    wait_until("etcd to become ready", STARTUP + SLACK, || {
-        let port_taken = port_taken(&etcd_log);
-        if port_taken.is_none() {
-            etcd.assert_running();
-            assert_in_time(&etcd, "etcd", give_up, "become ready");
-        }
-        let request = http.post(&members).body("{}").send();
-        let name = name.clone();
-        async move {
-            if let Some(taken) = port_taken {
-                return Some(Err(format!("etcd: {taken}")));
-            }
-            let response = request.await.ok()?;
-            if !response.status().is_success() {
-                return None;
-            }
-            let members = response.text().await.ok()?;
-            members
-                .contains(&format!("\"name\":\"{name}\""))
-                .then_some(Ok(()))
-        }
-    })
-    .await?;
-
-    // Certificates, as envtest makes them: three independent CAs.
+    let mut etcd = etcd::start(&binaries.etcd, dir.path()).await?;
     let certs = dir.path().join("certs");
-    std::fs::create_dir(&certs).expect("cannot create the certificate directory");
-    let serving_ca = CertificateAuthority::new();
-    let serving = serving_ca.serving_certificate();
-    write_file(&certs.join("apiserver.crt"), &serving.certificate_pem);
-    write_file(&certs.join("apiserver.key"), &serving.key_pem);
-    let sa_signer = CertificateAuthority::new();
-    write_file(&certs.join("sa-signer.crt"), &sa_signer.certificate_pem);
-    write_file(&certs.join("sa-signer.key"), &sa_signer.key.serialize_pem());
-    let client_ca = CertificateAuthority::new();
-    write_file(
-        &certs.join("client-cert-auth-ca.crt"),
-        &client_ca.certificate_pem,
-    );
-
-    // kube-apiserver with envtest's flags. Its serving pair is found in
-    // --cert-dir by name (apiserver.crt/.key). There is no
-    // --advertise-address: loopback is refused, so it derives one from the
-    // default route.
-    let port = free_port();
-    let apiserver_args = [
-        format!("--etcd-servers={etcd_url}"),
-        format!("--cert-dir={}", certs.display()),
-        format!("--secure-port={port}"),
-        "--bind-address=127.0.0.1".to_string(),
-        "--service-cluster-ip-range=10.0.0.0/24".to_string(),
-        "--allow-privileged=true".to_string(),
-        // No controller-manager creates default ServiceAccounts, so this
-        // plugin would refuse every pod.
-        "--disable-admission-plugins=ServiceAccount".to_string(),
-        "--authorization-mode=RBAC".to_string(),
-        format!("--service-account-issuer=https://127.0.0.1:{port}/"),
-        format!(
-            "--service-account-key-file={}",
-            certs.join("sa-signer.crt").display()
-        ),
-        format!(
-            "--service-account-signing-key-file={}",
-            certs.join("sa-signer.key").display()
-        ),
-        format!(
-            "--client-ca-file={}",
-            certs.join("client-cert-auth-ca.crt").display()
-        ),
-    ];
-    let apiserver_log = dir.path().join("kube-apiserver.log");
-    let mut apiserver = ChildProcess::spawn(
-        "kube-apiserver",
-        &binaries.apiserver,
-        &apiserver_args,
-        apiserver_log.clone(),
-    );
-    let server_url = format!("https://127.0.0.1:{port}");
-
-    // Only a server presenting our serving certificate counts: that is how a
-    // port race with another test's API server shows.
-    let trusting = |identity: Option<&CertifiedKey>| {
-        let mut builder =
-            reqwest::Client::builder().tls_certs_only([reqwest::Certificate::from_pem(
-                serving_ca.certificate_pem.as_bytes(),
-            )
-            .expect("the serving CA is valid PEM")]);
-        if let Some(identity) = identity {
-            let pem = format!("{}{}", identity.certificate_pem, identity.key_pem);
-            builder = builder.identity(
-                reqwest::Identity::from_pem(pem.as_bytes()).expect("the identity is valid PEM"),
-            );
-        }
-        builder
-            .build()
-            .expect("cannot build an HTTPS client for the API server")
-    };
-    let probe = trusting(None);
-    let healthz = format!("{server_url}/healthz");
-    let give_up = Instant::now() + STARTUP;
-    wait_until("kube-apiserver to become healthy", STARTUP + SLACK, || {
-        let port_taken = port_taken(&apiserver_log);
-        if port_taken.is_none() {
-            etcd.assert_running();
-            apiserver.assert_running();
-            assert_in_time(&apiserver, "kube-apiserver", give_up, "answer /healthz");
-        }
-        let request = probe.get(&healthz).send();
-        async move {
-            if let Some(taken) = port_taken {
-                return Some(Err(format!("kube-apiserver: {taken}")));
-            }
-            request.await.ok()?.status().is_success().then_some(Ok(()))
-        }
-    })
-    .await?;
-
-    let admin = client_ca.client_certificate("admin", &["system:masters"]);
-    let as_admin = trusting(Some(&admin));
-    let default_namespace = format!("{server_url}/api/v1/namespaces/default");
-    let give_up = Instant::now() + DEFAULT_NAMESPACE;
-    wait_until(
-        "namespace default to exist",
-        DEFAULT_NAMESPACE + SLACK,
-        || {
-            apiserver.assert_running();
-            assert_in_time(
-                &apiserver,
-                "kube-apiserver",
-                give_up,
-                "create namespace default",
-            );
-            let request = as_admin.get(&default_namespace).send();
-            async move { request.await.ok()?.status().is_success().then_some(()) }
-        },
-    )
-    .await;
-
+    let pki = certificates::write_pki(&certs);
+    let apiserver =
+        apiserver::start(&binaries.apiserver, dir.path(), &certs, &mut etcd, &pki).await?;
     let kubeconfig = dir.path().join("kubeconfig");
     write_kubeconfig(
         &kubeconfig,
-        &server_url,
-        &serving_ca.certificate_pem,
+        &format!("https://127.0.0.1:{}", apiserver.port),
+        &pki.serving_ca.certificate_pem,
         "admin",
-        &admin,
+        &apiserver.admin,
     );
     Ok(ControlPlane {
-        apiserver: Some(apiserver),
-        etcd: Some(etcd),
-        port,
-        etcd_url,
-        serving_ca_pem: serving_ca.certificate_pem,
-        client_ca,
+        apiserver: Some(apiserver.process),
+        etcd: Some(etcd.process),
+        port: apiserver.port,
+        etcd_url: etcd.url,
+        serving_ca_pem: pki.serving_ca.certificate_pem,
+        client_ca: pki.client_ca,
         kubeconfig,
         dir,
     })
@@ -465,276 +306,6 @@ fn write_file(path: &Path, contents: &str) {
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
-/// A kubeconfig, as JSON (which kubeconfig readers accept), readable by its
-/// owner only so helm does not warn about it.
-fn write_kubeconfig(
-    path: &Path,
-    server_url: &str,
-    ca_pem: &str,
-    user: &str,
-    identity: &CertifiedKey,
-) {
-    use std::os::unix::fs::OpenOptionsExt;
-
-    let config = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{
-            "name": "herald-test",
-            "cluster": {
-                "server": server_url,
-                "certificate-authority-data": BASE64.encode(ca_pem),
-            },
-        }],
-        "users": [{
-            "name": user,
-            "user": {
-                "client-certificate-data": BASE64.encode(&identity.certificate_pem),
-                "client-key-data": BASE64.encode(&identity.key_pem),
-            },
-        }],
-        "contexts": [{
-            "name": "herald-test",
-            "context": { "cluster": "herald-test", "user": user },
-        }],
-        "current-context": "herald-test",
-    });
-    let text = serde_json::to_string_pretty(&config).expect("a kubeconfig serializes");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut file| file.write_all(text.as_bytes()))
-        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-}
-
-/// A certificate with its private key, both PEM (the key PKCS#8).
-struct CertifiedKey {
-    certificate_pem: String,
-    key_pem: String,
-}
-
-/// A self-signed CA with an ECDSA P-256 key, as envtest's tinyca makes
-/// them: CN `envtest-environment`, O `envtest`.
-struct CertificateAuthority {
-    key: KeyPair,
-    params: CertificateParams,
-    certificate_pem: String,
-    /// The CA's subject Name exactly as encoded in its certificate: the
-    /// issuer of everything it signs.
-    subject_der: Vec<u8>,
-}
-
-impl CertificateAuthority {
-    fn new() -> CertificateAuthority {
-        let key = KeyPair::generate().expect("cannot generate an ECDSA key");
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "envtest-environment");
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "envtest");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(365);
-        let certificate = params
-            .self_signed(&key)
-            .expect("cannot self-sign a CA certificate");
-        let subject_der = subject_of(certificate.der());
-        CertificateAuthority {
-            certificate_pem: certificate.pem(),
-            key,
-            params,
-            subject_der,
-        }
-    }
-
-    /// The API server's serving certificate: CN and DNS name `localhost`,
-    /// IP 127.0.0.1.
-    fn serving_certificate(&self) -> CertifiedKey {
-        let key = KeyPair::generate().expect("cannot generate an ECDSA key");
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .expect("valid subject alternative names");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + LEAF_VALIDITY;
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let certificate = params
-            .signed_by(&key, &issuer)
-            .expect("cannot sign the serving certificate");
-        CertifiedKey {
-            certificate_pem: certificate.pem(),
-            key_pem: key.serialize_pem(),
-        }
-    }
-
-    /// A client certificate for `user` in `groups`: CN `user`, one O per
-    /// group, ExtKeyUsage ClientAuth. Written by hand rather than with rcgen,
-    /// whose DistinguishedName holds one value per attribute type, while
-    /// Kubernetes reads one group from each O.
-    fn client_certificate(&self, user: &str, groups: &[&str]) -> CertifiedKey {
-        assert_eq!(
-            self.key.algorithm(),
-            &rcgen::PKCS_ECDSA_P256_SHA256,
-            "the CA's key is ECDSA P-256"
-        );
-        let key = KeyPair::generate().expect("cannot generate an ECDSA key");
-        let now = OffsetDateTime::now_utc()
-            .replace_nanosecond(0)
-            .expect("zero nanoseconds is valid");
-        let tbs = yasna::construct_der(|writer| {
-            writer.write_sequence(|tbs| {
-                // version: v3
-                tbs.next().write_tagged(Tag::context(0), |w| w.write_u8(2));
-                tbs.next()
-                    .write_bigint_bytes(&unique_number().to_be_bytes(), true);
-                write_ecdsa_with_sha256(tbs.next());
-                tbs.next().write_der(&self.subject_der);
-                tbs.next().write_sequence(|validity| {
-                    validity
-                        .next()
-                        .write_utctime(&UTCTime::from_datetime(now - time::Duration::hours(1)));
-                    validity
-                        .next()
-                        .write_utctime(&UTCTime::from_datetime(now + LEAF_VALIDITY));
-                });
-                tbs.next().write_sequence(|name| {
-                    write_attribute(name.next(), &[2, 5, 4, 3], user);
-                    for group in groups {
-                        write_attribute(name.next(), &[2, 5, 4, 10], group);
-                    }
-                });
-                tbs.next().write_der(&key.subject_public_key_info());
-                tbs.next().write_tagged(Tag::context(3), |w| {
-                    w.write_sequence(|extensions| {
-                        // keyUsage, critical: digitalSignature (bit 0).
-                        extensions.next().write_sequence(|e| {
-                            e.next()
-                                .write_oid(&ObjectIdentifier::from_slice(&[2, 5, 29, 15]));
-                            e.next().write_bool(true);
-                            e.next().write_bytes(&yasna::construct_der(|w| {
-                                w.write_bitvec_bytes(&[0x80], 1)
-                            }));
-                        });
-                        // extKeyUsage: clientAuth.
-                        extensions.next().write_sequence(|e| {
-                            e.next()
-                                .write_oid(&ObjectIdentifier::from_slice(&[2, 5, 29, 37]));
-                            e.next().write_bytes(&yasna::construct_der(|w| {
-                                w.write_sequence(|purposes| {
-                                    purposes.next().write_oid(&ObjectIdentifier::from_slice(&[
-                                        1, 3, 6, 1, 5, 5, 7, 3, 2,
-                                    ]))
-                                })
-                            }));
-                        });
-                        // basicConstraints, critical: not a CA.
-                        extensions.next().write_sequence(|e| {
-                            e.next()
-                                .write_oid(&ObjectIdentifier::from_slice(&[2, 5, 29, 19]));
-                            e.next().write_bool(true);
-                            e.next()
-                                .write_bytes(&yasna::construct_der(|w| w.write_sequence(|_| {})));
-                        });
-                    })
-                });
-            })
-        });
-        let signature = self
-            .key
-            .sign(&tbs)
-            .expect("cannot sign a client certificate");
-        let certificate = yasna::construct_der(|writer| {
-            writer.write_sequence(|w| {
-                w.next().write_der(&tbs);
-                write_ecdsa_with_sha256(w.next());
-                w.next().write_bitvec_bytes(&signature, signature.len() * 8);
-            })
-        });
-        CertifiedKey {
-            certificate_pem: pem("CERTIFICATE", &certificate),
-            key_pem: key.serialize_pem(),
-        }
-    }
-}
-
-/// AlgorithmIdentifier ecdsa-with-SHA256 (RFC 5758: no parameters).
-fn write_ecdsa_with_sha256(writer: DERWriter) {
-    writer.write_sequence(|w| {
-        w.next()
-            .write_oid(&ObjectIdentifier::from_slice(&[1, 2, 840, 10045, 4, 3, 2]))
-    });
-}
-
-/// One RelativeDistinguishedName holding one attribute, a UTF8String.
-fn write_attribute(writer: DERWriter, oid: &[u64], value: &str) {
-    writer.write_set(|set| {
-        set.next().write_sequence(|attribute| {
-            attribute
-                .next()
-                .write_oid(&ObjectIdentifier::from_slice(oid));
-            attribute.next().write_utf8_string(value);
-        })
-    });
-}
-
-/// The subject Name of a DER certificate, exactly as encoded there.
-fn subject_of(certificate: &[u8]) -> Vec<u8> {
-    let (_, certificate) = der_element(certificate);
-    let (_, mut tbs) = der_element(certificate);
-    // version [0], serialNumber, signature, issuer, validity, then subject.
-    for _ in 0..5 {
-        let (element, _) = der_element(tbs);
-        tbs = &tbs[element.len()..];
-    }
-    der_element(tbs).0.to_vec()
-}
-
-/// The DER element at the start of `der`: (the whole element, its
-/// contents). For certificates we just made; panics on anything malformed.
-fn der_element(der: &[u8]) -> (&[u8], &[u8]) {
-    let first = usize::from(der[1]);
-    let (header, length) = if first < 0x80 {
-        (2, first)
-    } else {
-        let bytes = first & 0x7f;
-        let length = der[2..2 + bytes]
-            .iter()
-            .fold(0usize, |length, byte| (length << 8) | usize::from(*byte));
-        (2 + bytes, length)
-    };
-    (&der[..header + length], &der[header..header + length])
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    let body = BASE64.encode(der);
-    let mut text = format!("-----BEGIN {label}-----\n");
-    for line in body.as_bytes().chunks(64) {
-        text.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        text.push('\n');
-    }
-    text.push_str(&format!("-----END {label}-----\n"));
-    text
-}
-
 /// Distinct on every call in this process and across processes in
 /// practice: nanoseconds since the epoch, plus a counter. Positive, below
 /// 2^127, so it fits a certificate serial number (at most 20 octets).
@@ -745,46 +316,4 @@ fn unique_number() -> u128 {
         .expect("the clock is after 1970")
         .as_nanos();
     ((nanos << 16) + u128::from(COUNTER.fetch_add(1, Ordering::Relaxed))) & (u128::MAX >> 1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_certificates_carry_every_group_and_the_ca_as_issuer() {
-        let ca = CertificateAuthority::new();
-        let identity = ca.client_certificate("bob", &["team-a", "team-b", "team-c"]);
-        let der = BASE64
-            .decode(
-                identity
-                    .certificate_pem
-                    .lines()
-                    .filter(|line| !line.starts_with("-----"))
-                    .collect::<String>(),
-            )
-            .expect("valid base64");
-        // Every part of the TBSCertificate is where it belongs.
-        let (_, certificate) = der_element(&der);
-        let (_, mut tbs) = der_element(certificate);
-        let mut parts = Vec::new();
-        while !tbs.is_empty() {
-            let (element, _) = der_element(tbs);
-            parts.push(element.to_vec());
-            tbs = &tbs[element.len()..];
-        }
-        assert_eq!(
-            parts.len(),
-            8,
-            "version, serial, alg, issuer, validity, subject, key, extensions"
-        );
-        assert_eq!(parts[3], ca.subject_der, "the issuer is the CA's subject");
-        let subject = &parts[5];
-        for value in ["bob", "team-a", "team-b", "team-c"] {
-            assert!(
-                subject.windows(value.len()).any(|w| w == value.as_bytes()),
-                "{value} is in the subject"
-            );
-        }
-    }
 }

@@ -41,9 +41,5 @@ pub(crate) fn task_event_with_id(
     }
 }
 
-/// Parses durations written like "5s" or "250ms" in configuration.
-pub mod duration_serde {
-    pub use herald_queue::topology::{
-        deserialize_duration as deserialize, serialize_duration as serialize,
-    };
-}
+/// `crate::duration_serde`, the name the worker's configuration uses.
+pub(crate) use herald_core::duration_serde;

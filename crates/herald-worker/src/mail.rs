@@ -54,7 +54,7 @@ pub struct MailConfig {
     pub from: String,
     /// Pooled SMTP connections per process.
     pub pool_size: u32,
-    #[serde(with = "crate::duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub timeout: Duration,
     /// Delays between send attempts of one mail.
     pub retry_schedule: RetrySchedule,

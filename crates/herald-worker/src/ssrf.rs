@@ -24,6 +24,7 @@ use std::{
     sync::Arc,
 };
 
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,55 +51,38 @@ pub const LOOPBACK: [Cidr; 2] = [
     Cidr::v6([0, 0, 0, 0, 0, 0, 0, 1], 128),
 ];
 
-/// An IP network written `address/prefix`, with no host bits set.
+/// An IP network written `address/prefix`, with no host bits set: an
+/// [`IpNet`] parsed strictly (ipnet itself accepts `10.1.2.3/8`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cidr {
-    V4(u32, u8),
-    V6(u128, u8),
-}
+pub struct Cidr(IpNet);
 
 impl Cidr {
+    /// Panics (at compile time, in a `const`) on a prefix over 32.
     const fn v4(octets: [u8; 4], prefix: u8) -> Cidr {
-        Cidr::V4(u32::from_be_bytes(octets), prefix)
+        let [a, b, c, d] = octets;
+        Cidr(IpNet::V4(Ipv4Net::new_assert(
+            Ipv4Addr::new(a, b, c, d),
+            prefix,
+        )))
     }
 
+    /// Panics (at compile time, in a `const`) on a prefix over 128.
     const fn v6(segments: [u16; 8], prefix: u8) -> Cidr {
-        let mut bits = 0u128;
-        let mut i = 0;
-        while i < 8 {
-            bits = (bits << 16) | segments[i] as u128;
-            i += 1;
-        }
-        Cidr::V6(bits, prefix)
+        let [a, b, c, d, e, f, g, h] = segments;
+        Cidr(IpNet::V6(Ipv6Net::new_assert(
+            Ipv6Addr::new(a, b, c, d, e, f, g, h),
+            prefix,
+        )))
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (*self, ip) {
-            (Cidr::V4(network, prefix), IpAddr::V4(ip)) => {
-                u32::from(ip) & mask_v4(prefix) == network
-            }
-            (Cidr::V6(network, prefix), IpAddr::V6(ip)) => {
-                u128::from(ip) & mask_v6(prefix) == network
-            }
-            _ => false,
-        }
+        self.0.contains(&ip)
     }
-}
-
-fn mask_v4(prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
-}
-
-fn mask_v6(prefix: u8) -> u128 {
-    u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Cidr::V4(network, prefix) => write!(f, "{}/{prefix}", Ipv4Addr::from(network)),
-            Cidr::V6(network, prefix) => write!(f, "{}/{prefix}", Ipv6Addr::from(network)),
-        }
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
@@ -111,6 +95,8 @@ impl FromStr for Cidr {
 
     fn from_str(s: &str) -> Result<Cidr, CidrError> {
         let error = |why| CidrError(s.to_string(), why);
+        // Split by hand rather than take `IpNet::from_str`'s one error, so
+        // the message says which half is wrong.
         let (address, prefix) = s
             .trim()
             .split_once('/')
@@ -121,30 +107,16 @@ impl FromStr for Cidr {
         let prefix: u8 = prefix
             .parse()
             .map_err(|_| error("the prefix is not a number"))?;
+        let network = IpNet::new(address, prefix).map_err(|_| match address {
+            IpAddr::V4(_) => error("an IPv4 prefix is at most 32"),
+            IpAddr::V6(_) => error("an IPv6 prefix is at most 128"),
+        })?;
         // Host bits set (10.1.2.3/8) usually means a typo in the address or
         // the prefix; refusing it beats silently opening 10.0.0.0/8.
-        match address {
-            IpAddr::V4(ip) => {
-                if prefix > 32 {
-                    return Err(error("an IPv4 prefix is at most 32"));
-                }
-                let bits = u32::from(ip);
-                if bits & !mask_v4(prefix) != 0 {
-                    return Err(error("bits are set after the prefix"));
-                }
-                Ok(Cidr::V4(bits, prefix))
-            }
-            IpAddr::V6(ip) => {
-                if prefix > 128 {
-                    return Err(error("an IPv6 prefix is at most 128"));
-                }
-                let bits = u128::from(ip);
-                if bits & !mask_v6(prefix) != 0 {
-                    return Err(error("bits are set after the prefix"));
-                }
-                Ok(Cidr::V6(bits, prefix))
-            }
+        if network.trunc() != network {
+            return Err(error("bits are set after the prefix"));
         }
+        Ok(Cidr(network))
     }
 }
 

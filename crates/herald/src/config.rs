@@ -47,7 +47,7 @@ pub struct SecretsConfig {
     /// `HERALD_SECRETS__KEY`. Set this or `key_file`, not both.
     pub key: String,
     /// How long a replaced signing secret keeps signing next to the new one.
-    #[serde(with = "herald_worker::duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub rotation_overlap: Duration,
 }
 
@@ -125,7 +125,7 @@ pub use herald_queue::NatsConfig;
 #[serde(default, deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// How long in-flight work may run after SIGTERM/SIGINT.
-    #[serde(with = "herald_worker::duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub grace: Duration,
 }
 

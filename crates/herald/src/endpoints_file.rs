@@ -51,13 +51,13 @@ pub fn load(path: &Path) -> anyhow::Result<Vec<FileEndpoint>> {
 
 pub fn parse(text: &str) -> anyhow::Result<Vec<FileEndpoint>> {
     let mut documents = Vec::new();
-    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc)
+    for (index, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value = serde_norway::Value::deserialize(doc)
             .with_context(|| format!("document {} is not YAML", index + 1))?;
         if value.is_null() {
             continue;
         }
-        let document: Document = serde_yaml::from_value(value).with_context(|| {
+        let document: Document = serde_norway::from_value(value).with_context(|| {
             format!("document {} is not a WebhookEndpoint or Secret", index + 1)
         })?;
         documents.push((index + 1, document));

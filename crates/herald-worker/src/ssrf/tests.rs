@@ -369,7 +369,7 @@ async fn a_redirect_is_returned_never_followed() {
 fn cidrs_are_parsed_strictly() {
     assert_eq!(cidr("127.0.0.0/8").to_string(), "127.0.0.0/8");
     assert_eq!(cidr("::1/128").to_string(), "::1/128");
-    assert_eq!(cidr("0.0.0.0/0"), Cidr::V4(0, 0));
+    assert_eq!(cidr("0.0.0.0/0"), Cidr::v4([0, 0, 0, 0], 0));
     assert!(cidr("0.0.0.0/0").contains(ip("203.0.113.1")));
     assert!(cidr("::/0").contains(ip("::1")));
     assert!(!cidr("::/0").contains(ip("127.0.0.1")));
