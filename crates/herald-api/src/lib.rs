@@ -41,12 +41,6 @@ pub use health::metrics;
 pub use openapi::{openapi, openapi_json};
 pub use tasks::ENVELOPE_RESERVE;
 
-mod duration_serde {
-    pub use herald_queue::topology::{
-        deserialize_duration as deserialize, serialize_duration as serialize,
-    };
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
@@ -61,11 +55,11 @@ pub struct ApiConfig {
     pub max_json_depth: usize,
     /// How long a client may take to send a request's line and headers;
     /// then the connection is closed.
-    #[serde(with = "duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub header_read_timeout: Duration,
     /// How long a client may take to send a request's body; then it gets
     /// 408 and the connection is closed.
-    #[serde(with = "duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub body_read_timeout: Duration,
     /// Connections served at once. Beyond it, connections are still taken
     /// but only `/healthz` and `/readyz` are answered (others get 503),
@@ -76,7 +70,7 @@ pub struct ApiConfig {
     pub tokens_file: String,
     /// How often the tokens file is re-read for added or revoked tokens;
     /// 0 reads it only at start.
-    #[serde(with = "duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub tokens_reload_interval: Duration,
     /// `/metrics` needs a valid token (of any scope); otherwise it is open.
     pub metrics_require_token: bool,

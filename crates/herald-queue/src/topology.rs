@@ -69,11 +69,6 @@ impl Default for TopologyConfig {
     }
 }
 
-/// For `herald-api`'s configuration, which still names them here.
-pub use herald_core::duration_serde::{
-    deserialize as deserialize_duration, serialize as serialize_duration,
-};
-
 impl TopologyConfig {
     fn storage(&self) -> StorageType {
         match self.storage {

@@ -40,6 +40,3 @@ pub(crate) fn task_event_with_id(
         ..task_event(user, task, event)
     }
 }
-
-/// `crate::duration_serde`, the name the worker's configuration uses.
-pub(crate) use herald_core::duration_serde;

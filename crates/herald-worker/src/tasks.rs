@@ -40,7 +40,7 @@ pub struct TaskWorkerConfig {
     /// Tasks handled at once by one process.
     pub concurrency: usize,
     /// How long the demo `transcode` handler pretends to work.
-    #[serde(with = "crate::duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub transcode_duration: Duration,
 }
 

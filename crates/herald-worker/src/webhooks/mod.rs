@@ -56,22 +56,22 @@ pub struct WebhookWorkerConfig {
     /// Webhook requests in flight at once in one process.
     pub concurrency: usize,
     /// Request timeout for endpoints that do not set `timeoutSeconds`.
-    #[serde(with = "crate::duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub timeout: Duration,
     /// Delays between attempts for endpoints without a schedule of their own.
     pub retry_schedule: RetrySchedule,
     /// Longest `Retry-After` honoured; longer values are cut to this.
-    #[serde(with = "crate::duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub max_retry_after: Duration,
     /// Delay before looking again at a job for a paused endpoint.
-    #[serde(with = "crate::duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub paused_recheck: Duration,
     /// How often endpoint health is written to `herald-endpoint-health`.
-    #[serde(with = "crate::duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub health_flush_interval: Duration,
     /// How long an endpoint may fail without a single success before it is
     /// disabled and its owner mailed (410 Gone disables at once).
-    #[serde(with = "crate::duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub disable_after: Duration,
     /// Requests in flight at once to one endpoint in one process. A slow
     /// or hanging endpoint can hold at most this many of `concurrency`;
@@ -88,7 +88,7 @@ pub struct WebhookWorkerConfig {
     /// (looked at again every `paused_recheck`) before it is recorded as
     /// `endpoint_removed`: at least one `operator.health_resync`, so a
     /// record the operator removes and writes again keeps its deliveries.
-    #[serde(with = "crate::duration_serde")]
+    #[serde(with = "herald_core::duration_serde")]
     pub endpoint_removed_grace: Duration,
 }
 
