@@ -131,6 +131,35 @@ install_venv() {
     log "installed python venv with ${PYTHON_PACKAGES[*]}"
 }
 
+# rust-toolchain.toml names a release (say 1.95.0), and rustup would try to
+# download a toolchain of that name even when the installed `stable` is that
+# very release; this machine reaches no download server. So when the pinned
+# release is missing and `stable` is it, the stable toolchain is linked under
+# the pinned name; otherwise rustup installs it as usual (or says why not).
+ensure_pinned_toolchain() {
+    command -v rustup >/dev/null || return 0
+    local pinned
+    pinned=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$(dirname "$0")/../rust-toolchain.toml")
+    [ -n "$pinned" ] || die "rust-toolchain.toml names no channel"
+    if RUSTUP_TOOLCHAIN=$pinned rustc --version >/dev/null 2>&1; then
+        return 0
+    fi
+    local stable
+    stable=$(RUSTUP_TOOLCHAIN=stable rustc --version 2>/dev/null | awk '{print $2}')
+    if [ "$stable" = "$pinned" ]; then
+        # `rustup toolchain link` refuses a release's name, so the link goes
+        # into rustup's toolchains directory itself.
+        local sysroot triple
+        sysroot=$(RUSTUP_TOOLCHAIN=stable rustc --print sysroot)
+        triple=$(RUSTUP_TOOLCHAIN=stable rustc -vV | sed -n 's/^host: //p')
+        log "linking toolchain $pinned-$triple to the installed stable ($pinned)"
+        ln -sfn "$sysroot" "$(dirname "$sysroot")/$pinned-$triple"
+    else
+        log "rustup toolchain install $pinned (stable here is ${stable:-missing})"
+        rustup toolchain install "$pinned" --profile minimal --component rustfmt,clippy
+    fi
+}
+
 # `make test` checks formatting and lints: the toolchain needs both.
 ensure_rust_components() {
     command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs)"
@@ -171,6 +200,7 @@ install_cargo_deny() {
 }
 
 mkdir -p "$BIN" "$STAMPS"
+ensure_pinned_toolchain
 ensure_rust_components
 log "tools directory: $TOOLS"
 install_nats_server
