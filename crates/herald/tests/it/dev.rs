@@ -119,14 +119,37 @@ fn dev_command(dir: &std::path::Path) -> (tokio::process::Command, String, u16) 
 /// nats-server child (killed if the test fails before it is gone) and the
 /// port that child holds.
 async fn start_dev(dir: &std::path::Path) -> (tokio::process::Child, NatsChild, u16) {
-    let (mut command, api, nats_port) = dev_command(dir);
-    let dev = command.spawn().expect("start herald dev");
-    let http = http_client();
-    wait_until("herald dev to be ready", DEADLINE, || async {
-        let response = http.get(format!("http://{api}/readyz")).send().await.ok()?;
-        (response.status() == 200).then_some(())
-    })
-    .await;
+    // A free port can be handed to someone else (any outgoing connection's
+    // local port) before herald dev binds it: a herald dev that exits at
+    // start is started again on new ports.
+    for _ in 0..3 {
+        let (mut command, api, nats_port) = dev_command(dir);
+        let mut dev = command.spawn().expect("start herald dev");
+        let http = http_client();
+        let (http, api) = (&http, api.as_str());
+        let ready = wait_until("herald dev to be ready or to exit", DEADLINE, || {
+            let exited = dev.try_wait().expect("herald dev's status").is_some();
+            async move {
+                if exited {
+                    return Some(false);
+                }
+                let response = http.get(format!("http://{api}/readyz")).send().await.ok()?;
+                (response.status() == 200).then_some(true)
+            }
+        })
+        .await;
+        if ready {
+            return started_dev(dev, nats_port);
+        }
+    }
+    panic!("herald dev exited at start three times (see its errors above)");
+}
+
+/// The checks on a `herald dev` that answered ready.
+fn started_dev(
+    dev: tokio::process::Child,
+    nats_port: u16,
+) -> (tokio::process::Child, NatsChild, u16) {
     let parent = dev.id().expect("running");
     let children = children_of(parent);
     assert_eq!(children.len(), 1, "herald dev has one child: {children:?}");
