@@ -165,27 +165,20 @@ pub async fn task_events(
 ) -> Result<Vec<TaskEvent>, QueueError> {
     let attempts = stream(broker, names::ATTEMPTS_STREAM).await?;
     let subject = names::attempts_subject(user, task);
-    let mut events = Vec::new();
-    let mut next_sequence = None;
-    while events.len() < MAX_EVENTS {
-        match attempts
-            .direct_get_next_for_subject(subject.clone(), next_sequence)
-            .await
-        {
-            Ok(message) => {
-                next_sequence = Some(message.sequence + 1);
-                match decode::<TaskEventMessage>(&message.payload) {
-                    Ok(event) => events.push(event.event),
-                    Err(e) => {
-                        tracing::warn!(sequence = message.sequence, error = %e, "skipping unreadable task event")
-                    }
-                }
+    read_subject(
+        &attempts,
+        subject,
+        MAX_EVENTS,
+        "read task events",
+        |sequence, payload| match decode::<TaskEventMessage>(payload) {
+            Ok(event) => Some(event.event),
+            Err(e) => {
+                tracing::warn!(sequence, error = %e, "skipping unreadable task event");
+                None
             }
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
-            Err(e) => return Err(QueueError::request("read task events", e)),
-        }
-    }
-    Ok(events)
+        },
+    )
+    .await
 }
 
 /// Replay requests are read this many at most per task: more than one or
@@ -202,24 +195,42 @@ pub async fn pending_replays(
 ) -> Result<Vec<ReplayRequest>, QueueError> {
     let tasks = stream(broker, names::TASKS_STREAM).await?;
     let filter = names::replay_filter(user, task);
-    let mut requests = Vec::new();
+    read_subject(
+        &tasks,
+        filter,
+        MAX_PENDING_REPLAYS,
+        "read replay requests",
+        |_, payload| decode::<ReplayRequest>(payload).ok(),
+    )
+    .await
+}
+
+/// The messages on `subject` (a filter may have wildcards), oldest first,
+/// read one direct get at a time: at most `limit` of those `parse` keeps
+/// (it is given each message's sequence and payload).
+async fn read_subject<T>(
+    stream: &Stream<()>,
+    subject: String,
+    limit: usize,
+    operation: &'static str,
+    mut parse: impl FnMut(u64, &[u8]) -> Option<T>,
+) -> Result<Vec<T>, QueueError> {
+    let mut kept = Vec::new();
     let mut next_sequence = None;
-    while requests.len() < MAX_PENDING_REPLAYS {
-        match tasks
-            .direct_get_next_for_subject(filter.clone(), next_sequence)
+    while kept.len() < limit {
+        match stream
+            .direct_get_next_for_subject(subject.clone(), next_sequence)
             .await
         {
             Ok(message) => {
                 next_sequence = Some(message.sequence + 1);
-                if let Ok(request) = decode::<ReplayRequest>(&message.payload) {
-                    requests.push(request);
-                }
+                kept.extend(parse(message.sequence, &message.payload));
             }
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
-            Err(e) => return Err(QueueError::request("read replay requests", e)),
+            Err(e) => return Err(QueueError::request(operation, e)),
         }
     }
-    Ok(requests)
+    Ok(kept)
 }
 
 async fn stream(broker: &Broker, name: &str) -> Result<Stream<()>, QueueError> {
