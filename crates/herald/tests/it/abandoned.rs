@@ -100,6 +100,20 @@ pub(crate) async fn wait_for_stored_advisory(nats: &NatsServer, advisory_consume
     .await;
 }
 
+/// Waits until the abandoned job is gone from `stream` and its advisory
+/// from `HERALD_ADVISORIES`: deleted only once its end is recorded.
+pub(crate) async fn wait_for_removal(nats: &NatsServer, stream: &str) {
+    wait_until(
+        &format!("the job on {stream} and its advisory to be removed"),
+        DEADLINE,
+        || async {
+            (stored(nats, stream).await == 0 && stored(nats, names::ADVISORIES_STREAM).await == 0)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// Messages `stream` holds now.
 async fn stored(nats: &NatsServer, stream: &str) -> u64 {
     let broker = broker(nats).await;
@@ -162,16 +176,7 @@ async fn a_delivery_past_max_deliver_while_no_webhook_worker_runs_is_recorded_an
         .wait_for_messages("owner40@example.com", 1, DEADLINE)
         .await;
     assert!(mails[0].text.contains(&id), "{}", mails[0].text);
-    wait_until(
-        "the job and its advisory to be removed",
-        DEADLINE,
-        || async {
-            (stored(&nats, names::WEBHOOKS_STREAM).await == 0
-                && stored(&nats, names::ADVISORIES_STREAM).await == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    wait_for_removal(&nats, names::WEBHOOKS_STREAM).await;
     assert_eq!(receiver.received().len(), 2, "delivered past max_deliver");
     worker.start_kill().unwrap();
     let _ = worker.wait().await;
@@ -243,16 +248,7 @@ async fn a_task_past_max_deliver_while_no_task_worker_runs_is_recorded_failed_an
             .contains("max_deliver"),
         "{body}"
     );
-    wait_until(
-        "the task and its advisory to be removed",
-        DEADLINE,
-        || async {
-            (stored(&nats, names::TASKS_STREAM).await == 0
-                && stored(&nats, names::ADVISORIES_STREAM).await == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    wait_for_removal(&nats, names::TASKS_STREAM).await;
     worker.start_kill().unwrap();
     let _ = worker.wait().await;
     herald.stop().await;
@@ -327,16 +323,7 @@ async fn a_mail_past_max_deliver_while_no_mail_worker_runs_is_recorded_failed() 
             .contains("gave up after 2 deliveries"),
         "{task}"
     );
-    wait_until(
-        "the mail job and its advisory to be removed",
-        DEADLINE,
-        || async {
-            (stored(&nats, names::MAIL_STREAM).await == 0
-                && stored(&nats, names::ADVISORIES_STREAM).await == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    wait_for_removal(&nats, names::MAIL_STREAM).await;
     worker.start_kill().unwrap();
     let _ = worker.wait().await;
     herald.stop().await;
