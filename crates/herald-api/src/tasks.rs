@@ -12,8 +12,7 @@ use std::time::Duration;
 use herald_core::{
     TaskId, TaskType, UserId,
     json::{self, JsonError},
-    names,
-    payload::{RedeliveryCause, TaskEvent, TaskMessage, VERSION, encode},
+    payload::{RedeliveryCause, TaskEvent, TaskMessage, VERSION},
     rfc3339,
     state::{EndpointDeliveryState, TaskState, current_round, endpoint_state, task_state},
 };
@@ -119,14 +118,7 @@ pub(crate) async fn create(
             accepted_at_ms: herald_core::now_ms(),
             input,
         };
-        state
-            .broker
-            .publish(Outgoing::new(
-                names::task_subject(&task_type, &user, &id),
-                names::task_msg_id(&id),
-                encode(&message),
-            ))
-            .await?;
+        state.broker.publish(Outgoing::task(&message)).await?;
         herald_core::metrics::metrics().tasks_accepted.inc();
     }
     let location = format!("/users/{user}/tasks/{id}");

@@ -13,6 +13,7 @@ pub mod json;
 pub mod keyring;
 pub mod metrics;
 pub mod names;
+pub mod outgoing;
 pub mod payload;
 pub mod redact;
 pub mod schedule;

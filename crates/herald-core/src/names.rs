@@ -104,6 +104,11 @@ pub fn mail_subject(user: &UserId) -> String {
     format!("herald.mail.{user}")
 }
 
+/// Every task event of `user`, whatever the task.
+pub fn user_attempts_filter(user: &UserId) -> String {
+    format!("herald.attempts.{user}.>")
+}
+
 /// Every delivery attempt and mail outcome of one task, in order.
 pub fn attempts_subject(user: &UserId, task: &TaskId) -> String {
     format!("herald.attempts.{user}.{task}")
@@ -114,8 +119,10 @@ pub fn task_msg_id(task: &TaskId) -> String {
     task.to_string()
 }
 
-/// `Nats-Msg-Id` of a delivery job, so a redelivered task cannot fan out twice.
-/// It is also the Standard Webhooks `webhook-id`, stable across retries.
+/// `Nats-Msg-Id` of a delivery job of the fan-out, so a redelivered task
+/// cannot fan out twice. It is also the Standard Webhooks `webhook-id`
+/// ([`crate::payload::DeliveryJob::webhook_id`]), the same on every attempt
+/// and every redelivery round.
 pub fn delivery_msg_id(task: &TaskId, endpoint: &EndpointId) -> String {
     format!("{task}.{endpoint}")
 }
@@ -144,6 +151,27 @@ pub fn mail_msg_id(task: &TaskId, endpoint: &EndpointId, redelivery: Option<&str
     }
 }
 
+/// `Nats-Msg-Id` of a mail about an endpoint as a whole (disabled,
+/// recovered): `news` names the change, `base_revision` the health record's
+/// revision the write that made it replaced (0: the record was new). Only
+/// one write can replace a given revision, so the id is the same for every
+/// try to queue that mail and different for the next change.
+pub fn endpoint_news_msg_id(
+    user: &UserId,
+    endpoint: &EndpointId,
+    news: &str,
+    base_revision: u64,
+) -> String {
+    format!("health.{user}.{endpoint}.{news}.r{base_revision}")
+}
+
+/// `Nats-Msg-Id` of what records the end of the job at `sequence` of
+/// `stream`, abandoned at `max_deliver`: one per stream message, so a
+/// second try after a failed delete records nothing twice.
+pub fn abandoned_record_msg_id(stream: &str, sequence: u64) -> String {
+    format!("{stream}.{sequence}.max-deliver")
+}
+
 /// `Nats-Msg-Id` of the event that records a redelivery round.
 pub fn redelivery_event_msg_id(task: &TaskId, endpoint: &EndpointId, redelivery: &str) -> String {
     format!("{task}.{endpoint}.{redelivery}.queued")
@@ -160,7 +188,63 @@ pub fn endpoint_key(user: &UserId, endpoint: &EndpointId) -> String {
     format!("{user}.{endpoint}")
 }
 
+/// The user and endpoint an [`endpoint_key`] names; `None` for a key that
+/// is not `<user>.<endpoint>` with valid tokens (neither token can hold a
+/// dot, so the split is unambiguous).
+pub fn parse_endpoint_key(key: &str) -> Option<(UserId, EndpointId)> {
+    let (user, endpoint) = key.split_once('.')?;
+    Some((UserId::new(user).ok()?, EndpointId::new(endpoint).ok()?))
+}
+
+/// The keys of every user's endpoint named `endpoint`.
+pub fn endpoint_keys_named(endpoint: &EndpointId) -> String {
+    format!("*.{endpoint}")
+}
+
+/// The subject a KV put of `key` in `bucket` is a publish to.
+pub fn kv_subject(bucket: &str, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
+/// The subject of a task's record in `herald-tasks` ([`kv_subject`]).
+pub fn task_record_subject(task: &TaskId) -> String {
+    kv_subject(TASKS_BUCKET, &task_key(task))
+}
+
 /// Key of a task's record in `herald-tasks`.
 pub fn task_key(task: &TaskId) -> String {
     task.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn an_endpoint_key_parses_back_into_what_built_it() {
+        let user = UserId::new("alice").unwrap();
+        let endpoint = EndpointId::new("team-a_hook").unwrap();
+        let key = endpoint_key(&user, &endpoint);
+        assert_eq!(parse_endpoint_key(&key), Some((user, endpoint)));
+        for hostile in ["alice", "alice.", ".hook", "al ice.hook", "alice.ho.ok", ""] {
+            assert_eq!(parse_endpoint_key(hostile), None, "{hostile:?}");
+        }
+    }
+
+    #[test]
+    fn endpoint_news_ids_are_stable_per_write_and_apart_per_change() {
+        let user = UserId::new("7").unwrap();
+        let endpoint = EndpointId::new("hooks").unwrap();
+        let id = |news, revision| endpoint_news_msg_id(&user, &endpoint, news, revision);
+        assert_eq!(id("recovered", 12), id("recovered", 12));
+        assert_ne!(id("recovered", 12), id("recovered", 15));
+        assert_ne!(id("recovered", 12), id("disabled", 12));
+        assert_eq!(
+            id("disabled", 3),
+            "health.7.hooks.disabled.r3",
+            "ids already stored keep de-duplicating"
+        );
+    }
 }

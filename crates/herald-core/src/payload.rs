@@ -100,6 +100,26 @@ fn first_attempt() -> u32 {
     1
 }
 
+impl DeliveryJob {
+    /// The Standard Webhooks `webhook-id`: one per task and endpoint, the
+    /// same on every attempt and in every redelivery round, so a receiver
+    /// can de-duplicate on it whatever Herald repeats.
+    pub fn webhook_id(&self) -> String {
+        crate::names::delivery_msg_id(&self.task, &self.endpoint)
+    }
+
+    /// `Nats-Msg-Id` of the job that starts the delivery: the fan-out's is
+    /// the `webhook-id` (a redelivered task cannot fan out twice); a
+    /// redelivery round's is its attempt 1, apart from earlier rounds' so
+    /// the stream's duplicate window does not drop it.
+    pub fn first_msg_id(&self) -> String {
+        match &self.redelivery {
+            None => self.webhook_id(),
+            Some(round) => crate::names::attempt_msg_id(&self.task, &self.endpoint, Some(round), 1),
+        }
+    }
+}
+
 /// [`DeliveryJob::body`] on the wire: the body's JSON as it is, or, in
 /// jobs from earlier builds, a JSON string holding it.
 mod raw_body {
@@ -155,6 +175,66 @@ pub struct MailJob {
     /// The redelivery round whose attempts ended in this mail, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redelivery: Option<String>,
+}
+
+impl MailJob {
+    /// The mail that ends `job`'s delivery (exhausted or gone) after
+    /// `attempts` attempts, the last of them at `failed_at_ms`.
+    pub fn ending_delivery(
+        job: &DeliveryJob,
+        reason: MailReason,
+        to: String,
+        url: String,
+        attempts: u32,
+        last_error: String,
+        failed_at_ms: u64,
+    ) -> Self {
+        Self {
+            v: VERSION,
+            task: job.task.clone(),
+            user: job.user.clone(),
+            endpoint: job.endpoint.clone(),
+            url,
+            to,
+            reason,
+            attempts,
+            last_error,
+            failed_at_ms,
+            redelivery: job.redelivery.clone(),
+        }
+    }
+
+    /// `Nats-Msg-Id` of a mail [`Self::ending_delivery`]: one per delivery
+    /// and round, so a round that fails again mails again.
+    pub fn ending_delivery_msg_id(&self) -> String {
+        crate::names::mail_msg_id(&self.task, &self.endpoint, self.redelivery.as_deref())
+    }
+
+    /// A mail about the endpoint as a whole (disabled, recovered); `task`
+    /// is the delivery that made the change.
+    pub fn endpoint_news(
+        user: UserId,
+        endpoint: EndpointId,
+        task: TaskId,
+        reason: MailReason,
+        to: String,
+        url: String,
+        last_error: String,
+    ) -> Self {
+        Self {
+            v: VERSION,
+            task,
+            user,
+            endpoint,
+            url,
+            to,
+            reason,
+            attempts: 0,
+            last_error,
+            failed_at_ms: crate::now_ms(),
+            redelivery: None,
+        }
+    }
 }
 
 /// How one delivery attempt ended.
@@ -369,6 +449,16 @@ pub struct TaskEventMessage {
     pub task: TaskId,
     #[serde(flatten)]
     pub event: TaskEvent,
+}
+
+impl TaskEventMessage {
+    pub fn new(task: TaskId, event: TaskEvent) -> Self {
+        Self {
+            v: VERSION,
+            task,
+            event,
+        }
+    }
 }
 
 /// What the task handler made of a task.

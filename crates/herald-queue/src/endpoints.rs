@@ -198,15 +198,11 @@ fn replace(shared: &std::sync::RwLock<Endpoints>, map: Endpoints) {
 }
 
 fn apply(map: &mut Endpoints, keyring: &Keyring, entry: &kv::Entry) {
-    let Some((user, endpoint)) = entry.key.split_once('.') else {
+    let Some((user, endpoint)) = names::parse_endpoint_key(&entry.key) else {
         tracing::warn!(
             key = entry.key,
-            "ignoring endpoint key that is not <user>.<endpoint>"
+            "ignoring endpoint key that is not <user>.<endpoint> with valid tokens"
         );
-        return;
-    };
-    let (Ok(user), Ok(endpoint)) = (UserId::new(user), EndpointId::new(endpoint)) else {
-        tracing::warn!(key = entry.key, "ignoring endpoint key with invalid tokens");
         return;
     };
     let list = map.by_user.entry(user.clone()).or_default();
@@ -448,7 +444,7 @@ pub async fn users_of(broker: &Broker, endpoint: &EndpointId) -> Result<Vec<User
         .get_key_value(names::ENDPOINTS_BUCKET)
         .await
         .map_err(|e| QueueError::request("open endpoints bucket", e))?;
-    let filter = format!("{}*.{endpoint}", bucket.prefix);
+    let filter = format!("{}{}", bucket.prefix, names::endpoint_keys_named(endpoint));
     let mut subjects = bucket
         .stream
         .info_with_subjects(&filter)
@@ -459,8 +455,8 @@ pub async fn users_of(broker: &Broker, endpoint: &EndpointId) -> Result<Vec<User
         let (subject, _) = subject.map_err(|e| QueueError::request("list endpoint keys", e))?;
         let user = subject
             .strip_prefix(bucket.prefix.as_str())
-            .and_then(|key| key.split_once('.'))
-            .and_then(|(user, _)| UserId::new(user).ok());
+            .and_then(names::parse_endpoint_key)
+            .map(|(user, _)| user);
         // A subject whose last message is a delete marker is listed too;
         // the caller reads the entry anyway.
         if let Some(user) = user {

@@ -317,12 +317,7 @@ impl HealthTracker {
                 .insert(key.to_string());
         }
         tracing::warn!(endpoint = key, ?reason, "endpoint health changed");
-        let Some((user, endpoint)) = key.split_once('.').and_then(|(u, e)| {
-            Some((
-                UserId::new(u.to_string()).ok()?,
-                EndpointId::new(e.to_string()).ok()?,
-            ))
-        }) else {
+        let Some((user, endpoint)) = names::parse_endpoint_key(key) else {
             return;
         };
         let Some(config) = self.endpoints.get(&user, &endpoint) else {
@@ -331,28 +326,21 @@ impl HealthTracker {
         let (Some(to), Some(task)) = (config.email.clone(), pending.last_task.clone()) else {
             return;
         };
-        let suffix = match reason {
+        let news = match reason {
             MailReason::EndpointRecovered => "recovered",
             _ => "disabled",
         };
-        let mail = MailJob {
-            v: VERSION,
-            task: task.clone(),
-            user: user.clone(),
-            endpoint: endpoint.clone(),
-            url: herald_core::redact::RedactedUrl::from_text(&config.url).to_string(),
-            to,
+        let msg_id = names::endpoint_news_msg_id(&user, &endpoint, news, written.base_revision);
+        let mail = MailJob::endpoint_news(
+            user,
+            endpoint,
+            task,
             reason,
-            attempts: 0,
-            last_error: pending.last_error.clone().unwrap_or_default(),
-            failed_at_ms: herald_core::now_ms(),
-            redelivery: None,
-        };
-        let message = Outgoing::new(
-            names::mail_subject(&user),
-            transition_mail_id(key, suffix, written.base_revision),
-            encode(&mail),
+            to,
+            herald_core::redact::RedactedUrl::from_text(&config.url).to_string(),
+            pending.last_error.clone().unwrap_or_default(),
         );
+        let message = Outgoing::mail(&mail, msg_id);
         if let Err(e) = broker.publish(message).await {
             tracing::error!(endpoint = key, error = %e, "could not queue the endpoint mail");
         }
@@ -403,12 +391,6 @@ struct Written {
     /// The revision the write replaced (0: the record was new). Only one
     /// write can replace a given revision, so it names the transition.
     base_revision: u64,
-}
-
-/// `Nats-Msg-Id` of the mail about one health transition of `key`: the same
-/// for every try to queue that mail, different for the next transition.
-fn transition_mail_id(key: &str, suffix: &str, base_revision: u64) -> String {
-    format!("health.{key}.{suffix}.r{base_revision}")
 }
 
 /// One failed attempt, for [`HealthTracker::record_failure`].
@@ -740,18 +722,6 @@ mod tests {
             ),
             [Transition::None, Transition::Recovered],
             "still failing at the first flush; the owner hears of the recovery once"
-        );
-    }
-
-    #[test]
-    fn transition_mail_ids_are_stable_per_write() {
-        assert_eq!(
-            transition_mail_id("7.hooks", "recovered", 12),
-            transition_mail_id("7.hooks", "recovered", 12)
-        );
-        assert_ne!(
-            transition_mail_id("7.hooks", "recovered", 12),
-            transition_mail_id("7.hooks", "recovered", 15)
         );
     }
 }

@@ -11,49 +11,9 @@ use futures::future::try_join_all;
 
 use crate::{Broker, QueueError};
 
-/// A message to publish: subject, `Nats-Msg-Id` for de-duplication, payload,
-/// and, for a message schedule, when and where it fires.
-#[derive(Debug, Clone)]
-pub struct Outgoing {
-    pub subject: String,
-    pub msg_id: Option<String>,
-    pub payload: Vec<u8>,
-    pub schedule: Option<Schedule>,
-}
-
-/// A JetStream message schedule (nats-server 2.12+, ADR-51): the stream
-/// keeps the message on its own subject and publishes its payload to
-/// `target`, in the same stream, at `at_ms`.
-#[derive(Debug, Clone)]
-pub struct Schedule {
-    pub target: String,
-    pub at_ms: u64,
-}
-
-impl Outgoing {
-    pub fn new(subject: String, msg_id: impl Into<Option<String>>, payload: Vec<u8>) -> Self {
-        Self {
-            subject,
-            msg_id: msg_id.into(),
-            payload,
-            schedule: None,
-        }
-    }
-
-    /// A message stored on `subject` that fires onto `target` at `at_ms`.
-    pub fn scheduled(
-        subject: String,
-        target: String,
-        at_ms: u64,
-        msg_id: String,
-        payload: Vec<u8>,
-    ) -> Self {
-        Self {
-            schedule: Some(Schedule { target, at_ms }),
-            ..Self::new(subject, msg_id, payload)
-        }
-    }
-}
+/// Every message is built by [`herald_core::outgoing`]; this module only
+/// sends them.
+pub use herald_core::outgoing::{Outgoing, Schedule};
 
 impl Broker {
     /// Publishes one message and waits for JetStream to store it.

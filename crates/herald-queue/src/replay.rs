@@ -161,7 +161,9 @@ pub async fn redeliver(
         round.clone(),
         RedeliveryCause::Redeliver,
     );
-    broker.publish_all(vec![outgoing(&request)]).await?;
+    broker
+        .publish_all(vec![Outgoing::replay_request(&request)])
+        .await?;
     Ok(Redelivered {
         redelivery: round,
         endpoints: targets,
@@ -417,7 +419,7 @@ async fn recover_since(
     }
     for chunk in requests.chunks(256) {
         let acks = broker
-            .publish_all(chunk.iter().map(outgoing).collect())
+            .publish_all(chunk.iter().map(Outgoing::replay_request).collect())
             .await?;
         for (request, ack) in chunk.iter().zip(acks) {
             // A duplicate: an identical call (same history, so the same
@@ -458,7 +460,7 @@ async fn read_deliveries(
         .map_err(|e| QueueError::request("read task history", e))?;
     let consumer = attempts
         .create_consumer(OrderedConfig {
-            filter_subject: format!("herald.attempts.{user}.>"),
+            filter_subject: names::user_attempts_filter(user),
             deliver_policy: DeliverPolicy::ByStartTime { start_time },
             ..Default::default()
         })
@@ -515,14 +517,4 @@ async fn read_deliveries(
         }
     }
     Ok((candidates, next_since_ms))
-}
-
-/// A replay request as stored: its subject and `Nats-Msg-Id` name the task
-/// and round, so the same round is stored once.
-fn outgoing(request: &ReplayRequest) -> Outgoing {
-    Outgoing::new(
-        names::replay_subject(&request.user, &request.task, &request.redelivery),
-        names::replay_msg_id(&request.task, &request.redelivery),
-        encode(request),
-    )
 }

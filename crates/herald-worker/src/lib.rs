@@ -12,31 +12,3 @@ pub mod replays;
 pub mod ssrf;
 pub mod tasks;
 pub mod webhooks;
-
-use herald_core::payload::{TaskEvent, TaskEventMessage, VERSION, encode};
-use herald_core::{TaskId, UserId, names};
-use herald_queue::publish::Outgoing;
-
-/// The message that appends `event` to the history of `task`.
-pub(crate) fn task_event(user: &UserId, task: &TaskId, event: TaskEvent) -> Outgoing {
-    let message = TaskEventMessage {
-        v: VERSION,
-        task: task.clone(),
-        event,
-    };
-    Outgoing::new(names::attempts_subject(user, task), None, encode(&message))
-}
-
-/// [`task_event`] with a `Nats-Msg-Id`, for an event that a retry of the
-/// same work must not record twice.
-pub(crate) fn task_event_with_id(
-    user: &UserId,
-    task: &TaskId,
-    event: TaskEvent,
-    msg_id: String,
-) -> Outgoing {
-    Outgoing {
-        msg_id: Some(msg_id),
-        ..task_event(user, task, event)
-    }
-}

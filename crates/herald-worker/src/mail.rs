@@ -16,6 +16,7 @@ use herald_core::{
 use herald_queue::{
     Broker,
     consume::{MessageHandler, delivery_count},
+    publish::Outgoing,
 };
 use lettre::{
     AsyncSmtpTransport, AsyncTransport, Message as Email, Tokio1Executor,
@@ -23,8 +24,6 @@ use lettre::{
     transport::smtp::{PoolConfig, authentication::Credentials},
 };
 use serde::{Deserialize, Serialize};
-
-use crate::task_event;
 
 /// How the SMTP connection is secured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,7 +189,7 @@ impl MailWorker {
         error: Option<String>,
         ack: AckKind,
     ) {
-        let event = task_event(
+        let event = Outgoing::task_event(
             &job.user,
             &job.task,
             TaskEvent::Mail(MailOutcome {

@@ -30,7 +30,7 @@ use herald_core::{
     names,
     payload::{
         AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailOutcome, MailReason,
-        ReplayRequest, TaskEvent, TaskMessage, VERSION, decode, encode,
+        ReplayRequest, TaskEvent, TaskMessage, decode,
     },
     redact::RedactedUrl,
 };
@@ -179,7 +179,7 @@ impl MaxDeliveries {
     ) -> Result<Option<Vec<Outgoing>>, NotYet> {
         // The record of an abandoned job has one id per stream message, so
         // a second try after a failed delete records nothing twice.
-        let record_id = format!("{}.{}.max-deliver", advisory.stream, advisory.stream_seq);
+        let record_id = names::abandoned_record_msg_id(&advisory.stream, advisory.stream_seq);
         let deliveries = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
         Ok(match &self.abandoned {
             Abandoned::Tasks(worker) if names::is_replay_subject(subject) => {
@@ -228,7 +228,7 @@ impl MaxDeliveries {
                     error: Some(error),
                     redelivery: job.redelivery.clone(),
                 });
-                Some(vec![crate::task_event_with_id(
+                Some(vec![Outgoing::task_event_once(
                     &job.user, &job.task, event, record_id,
                 )])
             }
@@ -271,28 +271,20 @@ fn abandoned_delivery(
         next_attempt_in_ms: None,
         redelivery: job.redelivery.clone(),
     });
-    let mut outgoing = vec![crate::task_event_with_id(
+    let mut outgoing = vec![Outgoing::task_event_once(
         &job.user, &job.task, attempt, record_id,
     )];
     if let Some(to) = email {
-        let mail = MailJob {
-            v: VERSION,
-            task: job.task.clone(),
-            user: job.user.clone(),
-            endpoint: job.endpoint.clone(),
-            url,
+        let mail = MailJob::ending_delivery(
+            job,
+            MailReason::AttemptsExhausted,
             to,
-            reason: MailReason::AttemptsExhausted,
+            url,
             attempts,
-            last_error: error,
-            failed_at_ms: herald_core::now_ms(),
-            redelivery: job.redelivery.clone(),
-        };
-        outgoing.push(Outgoing::new(
-            names::mail_subject(&job.user),
-            names::mail_msg_id(&job.task, &job.endpoint, job.redelivery.as_deref()),
-            encode(&mail),
-        ));
+            error,
+            herald_core::now_ms(),
+        );
+        outgoing.push(Outgoing::mail(&mail, mail.ending_delivery_msg_id()));
     }
     outgoing
 }

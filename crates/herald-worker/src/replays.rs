@@ -32,7 +32,7 @@ use herald_core::{
     EndpointId, UserId, names,
     payload::{
         AttemptOutcome, DeliveryAttempt, RedeliveryQueued, ReplayRequest, TaskEvent, TaskRecord,
-        decode, encode,
+        decode,
     },
     redact::RedactedUrl,
 };
@@ -157,11 +157,7 @@ fn job(
     webhook: &(String, String),
     round: &str,
 ) -> Outgoing {
-    Outgoing::new(
-        names::webhook_subject(&record.user, endpoint),
-        names::attempt_msg_id(&record.id, endpoint, Some(round), 1),
-        encode(&record.delivery_job(endpoint, webhook, Some(round.to_string()))),
-    )
+    Outgoing::delivery(&record.delivery_job(endpoint, webhook, Some(round.to_string())))
 }
 
 /// The event that starts the round in the task's history.
@@ -172,7 +168,7 @@ fn queued_event(request: &ReplayRequest, endpoint: &EndpointId) -> Outgoing {
         cause: request.cause,
         at_ms: herald_core::now_ms(),
     });
-    crate::task_event_with_id(
+    Outgoing::task_event_once(
         &request.user,
         &request.task,
         event,
@@ -207,7 +203,7 @@ pub(crate) fn refusals(
                 next_attempt_in_ms: None,
                 redelivery: Some(request.redelivery.clone()),
             });
-            crate::task_event_with_id(
+            Outgoing::task_event_once(
                 &request.user,
                 &request.task,
                 event,

@@ -21,7 +21,7 @@ use herald_core::{
     json::{self, MAX_RESULT_DEPTH},
     metrics::Metrics,
     names,
-    payload::{HandlerOutcome, TaskMessage, TaskRecord, VERSION, decode, encode},
+    payload::{HandlerOutcome, TaskMessage, TaskRecord, VERSION, decode},
 };
 use herald_queue::{
     Broker,
@@ -156,20 +156,9 @@ impl TaskWorker {
         let mut outgoing: Vec<Outgoing> = record
             .endpoints
             .iter()
-            .map(|endpoint| {
-                Outgoing::new(
-                    names::webhook_subject(&task.user, endpoint),
-                    names::delivery_msg_id(&task.id, endpoint),
-                    encode(&record.delivery_job(endpoint, &webhook, None)),
-                )
-            })
+            .map(|endpoint| Outgoing::delivery(&record.delivery_job(endpoint, &webhook, None)))
             .collect();
-        // A KV put is a publish to `$KV.<bucket>.<key>`.
-        outgoing.push(Outgoing::new(
-            format!("$KV.{}.{}", names::TASKS_BUCKET, names::task_key(&task.id)),
-            None,
-            encode(&record),
-        ));
+        outgoing.push(Outgoing::task_record(&record));
         Outputs {
             outcome: handler_outcome,
             messages: outgoing,

@@ -165,8 +165,7 @@ pub(crate) async fn sync_endpoints(
         .collect();
     for key in endpoints::keys(broker).await? {
         if !wanted.contains(&key)
-            && let Some((user, id)) = key.split_once('.')
-            && let (Ok(user), Ok(id)) = (user.parse(), id.parse())
+            && let Some((user, id)) = herald_core::names::parse_endpoint_key(&key)
         {
             endpoints::remove_owned(broker, &records.keyring, &user, &id, FILE_OWNER).await?;
         }

@@ -7,7 +7,6 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use herald_core::{
-    names,
     payload::{DeliveryJob, EndpointConfig, RESPONSE_BODY_LIMIT},
     signing::signature_header,
 };
@@ -68,7 +67,7 @@ impl Signed {
     /// `job`'s body signed at `timestamp` (unix seconds) with every secret
     /// `endpoint` signs with at that time.
     fn new(endpoint: &EndpointConfig, job: &DeliveryJob, timestamp: u64) -> Self {
-        let webhook_id = names::delivery_msg_id(&job.task, &job.endpoint);
+        let webhook_id = job.webhook_id();
         let signature = signature_header(
             endpoint.signing_secrets(timestamp * 1000),
             &webhook_id,

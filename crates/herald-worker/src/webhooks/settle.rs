@@ -18,16 +18,12 @@ use herald_core::{
     TaskId,
     metrics::Metrics,
     names,
-    payload::{
-        AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailReason, TaskEvent, VERSION,
-        encode,
-    },
+    payload::{AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailReason, TaskEvent},
     redact::RedactedUrl,
 };
 use herald_queue::{Broker, health::Failure, publish::Outgoing};
 
 use super::{WebhookWorker, classify::ResponseClass, decide::Decision, request::Response};
-use crate::task_event;
 
 /// Why a delivery job is stored again as a message schedule. The reason
 /// sets what the job carries and its `Nats-Msg-Id` ([`Again::msg_id`]).
@@ -82,18 +78,7 @@ pub(super) fn store_again(job: &DeliveryJob, at_ms: u64, again: Again) -> Outgoi
         rate_slot_ms,
         ..job.clone()
     };
-    Outgoing::scheduled(
-        names::retry_subject(
-            &job.user,
-            &job.endpoint,
-            &job.task,
-            job.redelivery.as_deref(),
-        ),
-        names::webhook_subject(&job.user, &job.endpoint),
-        at_ms,
-        again.msg_id(job, at_ms),
-        encode(&next),
-    )
+    Outgoing::delivery_at(&next, at_ms, again.msg_id(job, at_ms))
 }
 
 /// One attempt of a delivery, as its records tell it.
@@ -114,7 +99,7 @@ impl Attempt<'_> {
         next_delay: Option<Duration>,
     ) -> Outgoing {
         let job = self.job;
-        task_event(
+        Outgoing::task_event(
             &job.user,
             &job.task,
             TaskEvent::Delivery(DeliveryAttempt {
@@ -159,29 +144,21 @@ impl Attempt<'_> {
     }
 
     fn mail(&self, email: &str, outcome: AttemptOutcome, response: &Response) -> Outgoing {
-        let job = self.job;
-        let mail = MailJob {
-            v: VERSION,
-            task: job.task.clone(),
-            user: job.user.clone(),
-            endpoint: job.endpoint.clone(),
-            url: shown_url(self.url),
-            to: email.to_string(),
-            reason: if outcome == AttemptOutcome::Gone {
-                MailReason::EndpointGone
-            } else {
-                MailReason::AttemptsExhausted
-            },
-            attempts: self.number,
-            last_error: response.error.clone().unwrap_or_default(),
-            failed_at_ms: self.at_ms,
-            redelivery: job.redelivery.clone(),
+        let reason = if outcome == AttemptOutcome::Gone {
+            MailReason::EndpointGone
+        } else {
+            MailReason::AttemptsExhausted
         };
-        Outgoing::new(
-            names::mail_subject(&job.user),
-            names::mail_msg_id(&job.task, &job.endpoint, job.redelivery.as_deref()),
-            encode(&mail),
-        )
+        let mail = MailJob::ending_delivery(
+            self.job,
+            reason,
+            email.to_string(),
+            shown_url(self.url),
+            self.number,
+            response.error.clone().unwrap_or_default(),
+            self.at_ms,
+        );
+        Outgoing::mail(&mail, mail.ending_delivery_msg_id())
     }
 }
 
