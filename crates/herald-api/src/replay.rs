@@ -20,7 +20,7 @@
 //!
 //! A re-sent webhook has the same body and `webhook-id` as the original; it
 //! is a new round of attempts in the task's history (see
-//! `herald_queue::replay`). "Queued" means the replay request is stored
+//! [`workflows`]). "Queued" means the replay request is stored
 //! (JetStream's publish ack); the task worker then rebuilds the webhook
 //! from the task's record and queues it, so the API never publishes a
 //! delivery job.
@@ -32,9 +32,11 @@ use axum::{
     http::{HeaderMap, StatusCode},
 };
 use herald_core::{EndpointId, TaskId, UserId, rfc3339};
-use herald_queue::replay::{self, RECOVER_LIMIT, Recovered, ReplayError};
+mod workflows;
+
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use workflows::{RECOVER_LIMIT, Recovered, ReplayError};
 
 use crate::{
     ApiConfig, ApiError, AppState, ErrorBody,
@@ -177,7 +179,7 @@ pub(crate) async fn redeliver(
         .and_then(|r| r.endpoint)
         .map(|e| endpoint_token(&user, e))
         .transpose()?;
-    let queued = replay::redeliver(&state.broker, &user, &task, endpoint.as_ref())
+    let queued = workflows::redeliver(&state.broker, &user, &task, endpoint.as_ref())
         .await
         .map_err(|e| match e {
             ReplayError::TaskNotFound => {
@@ -301,7 +303,7 @@ pub(crate) async fn recover(
             request.since
         ))
     })?;
-    let recovered = replay::recover(&state.broker, &user, &endpoint, since_ms).await?;
+    let recovered = workflows::recover(&state.broker, &user, &endpoint, since_ms).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(RecoverResponse::new(since_ms, recovered)),
@@ -350,7 +352,7 @@ pub(crate) async fn enable(
     let Path((user, endpoint)) = path?;
     let user = user_token(user)?;
     let endpoint = endpoint_token(&user, endpoint)?;
-    let enabled = replay::enable(&state.broker, &user, &endpoint).await?;
+    let enabled = workflows::enable(&state.broker, &user, &endpoint).await?;
     Ok(Json(EnableResponse {
         endpoint,
         was_disabled: enabled.was_disabled,

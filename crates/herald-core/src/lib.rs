@@ -8,6 +8,7 @@
 pub mod duration_serde;
 pub mod endpoint;
 pub mod endpoint_secrets;
+pub mod health;
 pub mod ids;
 pub mod json;
 pub mod keyring;

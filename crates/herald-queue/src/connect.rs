@@ -16,6 +16,8 @@ use async_nats::{Client, jetstream};
 use serde::{Deserialize, Serialize};
 use settings::Settings;
 
+use crate::{QueueError, buckets::Buckets};
+
 /// `[nats]` in Herald's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -100,11 +102,14 @@ pub enum ConnectError {
     Refused { message: String },
 }
 
-/// A connected client with its JetStream context.
+/// A connected client with its JetStream context. Its fields are this
+/// crate's: roles go through its methods, so what Herald does with NATS
+/// is all in this crate.
 #[derive(Clone)]
 pub struct Broker {
-    pub client: Client,
-    pub jetstream: jetstream::Context,
+    pub(crate) client: Client,
+    pub(crate) jetstream: jetstream::Context,
+    pub(crate) buckets: Arc<Buckets>,
     settings: Arc<Settings>,
 }
 
@@ -146,11 +151,28 @@ pub async fn connect_with(config: &NatsConfig, name: &str) -> Result<Broker, Con
     Ok(Broker {
         client,
         jetstream,
+        buckets: Arc::default(),
         settings,
     })
 }
 
 impl Broker {
+    /// Sends what the client has buffered and waits for the server to have
+    /// it (core NATS); JetStream publishes wait for their acks anyway.
+    pub async fn flush(&self) -> Result<(), QueueError> {
+        self.client
+            .flush()
+            .await
+            .map_err(|e| QueueError::request("flush", e))
+    }
+
+    /// The raw JetStream context, for tests that look at or break what
+    /// Herald stored (feature `test-util`; no role turns it on).
+    #[cfg(feature = "test-util")]
+    pub fn jetstream_for_tests(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }

@@ -26,7 +26,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{Broker, TopologyConfig, topology};
+use crate::{Broker, TopologyConfig, backoff::Backoff, topology};
 
 /// How long the server keeps an unfilled pull request. Short, because a
 /// request made before a server restart is forgotten by the server and the
@@ -77,7 +77,7 @@ pub async fn run<H: MessageHandler>(
 ) {
     let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
     let mut in_flight = JoinSet::new();
-    let mut retry_delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     let consumer_name = settings.consumer;
 
     'subscribe: while !shutdown.is_cancelled() {
@@ -90,11 +90,9 @@ pub async fn run<H: MessageHandler>(
                 } else {
                     tracing::warn!(consumer = consumer_name, error = %e, "consumer unavailable; waiting for it");
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(retry_delay) => {}
+                if !backoff.wait(&shutdown).await {
+                    break;
                 }
-                retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
@@ -117,15 +115,13 @@ pub async fn run<H: MessageHandler>(
                 Ok(batch) => batch,
                 Err(e) => {
                     tracing::warn!(consumer = consumer_name, error = %e, "cannot pull");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break 'subscribe,
-                        _ = tokio::time::sleep(retry_delay) => {}
+                    if !backoff.wait(&shutdown).await {
+                        break 'subscribe;
                     }
-                    retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
                     continue 'subscribe;
                 }
             };
-            retry_delay = Duration::from_millis(100);
+            backoff.reset();
             let mut reconnect_check = tokio::time::interval(RECONNECT_CHECK);
 
             loop {

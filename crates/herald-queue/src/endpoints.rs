@@ -31,7 +31,7 @@ use herald_core::{
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{Broker, QueueError, cas};
+use crate::{Broker, QueueError, buckets::Bucket, cas, kv_follow};
 
 #[derive(Debug, Default, Clone)]
 struct Endpoints {
@@ -61,24 +61,18 @@ impl EndpointCache {
             endpoints: Arc::default(),
             loaded,
         };
-        let endpoints = cache.endpoints.clone();
-        tasks.spawn(async move {
-            let mut delay = Duration::from_millis(100);
-            while !shutdown.is_cancelled() {
-                let result = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    result = follow(&broker, &keyring, &endpoints, &loaded_tx) => result,
-                };
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, retry_in = ?delay, "endpoint watch interrupted");
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        });
+        let follower = CacheFollower {
+            shared: cache.endpoints.clone(),
+            keyring,
+            loaded: loaded_tx,
+        };
+        tasks.spawn(kv_follow::follow(
+            broker,
+            Bucket::Endpoints,
+            "endpoint cache",
+            follower,
+            shutdown,
+        ));
         cache
     }
 
@@ -140,61 +134,35 @@ impl EndpointCache {
     }
 }
 
-/// Loads the bucket into a fresh map, swaps it in, then applies live
-/// changes until the watch ends or fails.
-async fn follow(
-    broker: &Broker,
-    keyring: &Keyring,
-    shared: &std::sync::RwLock<Endpoints>,
-    loaded: &watch::Sender<bool>,
-) -> Result<(), QueueError> {
-    let bucket = broker
-        .jetstream
-        .get_key_value(names::ENDPOINTS_BUCKET)
-        .await
-        .map_err(|e| QueueError::request("open endpoints bucket", e))?;
-    let empty = bucket
-        .status()
-        .await
-        .map_err(|e| QueueError::request("endpoints bucket status", e))?
-        .values()
-        == 0;
-    let mut watch = bucket
-        .watch_with_history(">")
-        .await
-        .map_err(|e| QueueError::request("watch endpoints", e))?;
-
-    let mut fresh = Endpoints::default();
-    let mut caught_up = empty;
-    if caught_up {
-        replace(shared, fresh.clone());
-        loaded.send_replace(true);
-    }
-    while let Some(entry) = watch.next().await {
-        let entry = entry.map_err(|e| QueueError::request("watch endpoints", e))?;
-        if caught_up {
-            let mut map = shared.write().unwrap_or_else(|p| p.into_inner());
-            apply(&mut map, keyring, &entry);
-        } else {
-            apply(&mut fresh, keyring, &entry);
-            if entry.delta == 0 {
-                caught_up = true;
-                let count: usize = fresh.by_user.values().map(Vec::len).sum();
-                tracing::info!(
-                    endpoints = count,
-                    unreadable = fresh.unreadable.len(),
-                    "endpoint cache loaded"
-                );
-                replace(shared, std::mem::take(&mut fresh));
-                loaded.send_replace(true);
-            }
-        }
-    }
-    Ok(())
+/// Keeps an [`EndpointCache`] true to the bucket.
+struct CacheFollower {
+    shared: Arc<std::sync::RwLock<Endpoints>>,
+    keyring: Arc<Keyring>,
+    loaded: watch::Sender<bool>,
 }
 
-fn replace(shared: &std::sync::RwLock<Endpoints>, map: Endpoints) {
-    *shared.write().unwrap_or_else(|p| p.into_inner()) = map;
+impl kv_follow::Follower for CacheFollower {
+    type View = Endpoints;
+
+    fn fold(&self, view: &mut Endpoints, entry: &kv::Entry) {
+        apply(view, &self.keyring, entry);
+    }
+
+    fn caught_up(&self, view: Endpoints) {
+        let count: usize = view.by_user.values().map(Vec::len).sum();
+        tracing::info!(
+            endpoints = count,
+            unreadable = view.unreadable.len(),
+            "endpoint cache loaded"
+        );
+        *self.shared.write().unwrap_or_else(|p| p.into_inner()) = view;
+        self.loaded.send_replace(true);
+    }
+
+    fn changed(&self, entry: &kv::Entry) {
+        let mut map = self.shared.write().unwrap_or_else(|p| p.into_inner());
+        apply(&mut map, &self.keyring, entry);
+    }
 }
 
 fn apply(map: &mut Endpoints, keyring: &Keyring, entry: &kv::Entry) {
@@ -280,11 +248,7 @@ pub async fn put(
     writer: &RecordWriter,
     config: &EndpointConfig,
 ) -> Result<Put, QueueError> {
-    let bucket = broker
-        .jetstream
-        .get_key_value(names::ENDPOINTS_BUCKET)
-        .await
-        .map_err(|e| QueueError::request("open endpoints bucket", e))?;
+    let bucket = broker.bucket(Bucket::Endpoints).await?;
     let key = names::endpoint_key(&config.user, &config.id);
     // Compare-and-set on the revision read: the operator and `herald
     // endpoints` may write the same record, and a blind put could drop a
@@ -400,11 +364,7 @@ pub async fn remove_owned(
     endpoint: &EndpointId,
     owner: &str,
 ) -> Result<Removed, QueueError> {
-    let bucket = broker
-        .jetstream
-        .get_key_value(names::ENDPOINTS_BUCKET)
-        .await
-        .map_err(|e| QueueError::request("open endpoints bucket", e))?;
+    let bucket = broker.bucket(Bucket::Endpoints).await?;
     let key = names::endpoint_key(user, endpoint);
     for _ in 0..10 {
         let Some(entry) = bucket
@@ -439,11 +399,7 @@ pub async fn remove_owned(
 /// `*.<endpoint>`), found by the server from its subjects, without
 /// listing the whole bucket.
 pub async fn users_of(broker: &Broker, endpoint: &EndpointId) -> Result<Vec<UserId>, QueueError> {
-    let bucket = broker
-        .jetstream
-        .get_key_value(names::ENDPOINTS_BUCKET)
-        .await
-        .map_err(|e| QueueError::request("open endpoints bucket", e))?;
+    let bucket = broker.bucket(Bucket::Endpoints).await?;
     let filter = format!("{}{}", bucket.prefix, names::endpoint_keys_named(endpoint));
     let mut subjects = bucket
         .stream
@@ -479,11 +435,7 @@ pub async fn exists(
     if !broker.is_connected() {
         return Err(QueueError::Disconnected);
     }
-    let bucket = broker
-        .jetstream
-        .get_key_value(names::ENDPOINTS_BUCKET)
-        .await
-        .map_err(|e| QueueError::request("open endpoints bucket", e))?;
+    let bucket = broker.bucket(Bucket::Endpoints).await?;
     let value = bucket
         .get(names::endpoint_key(user, endpoint))
         .await
@@ -506,11 +458,7 @@ pub async fn delete(
     user: &UserId,
     endpoint: &EndpointId,
 ) -> Result<(), QueueError> {
-    let bucket = broker
-        .jetstream
-        .get_key_value(names::ENDPOINTS_BUCKET)
-        .await
-        .map_err(|e| QueueError::request("open endpoints bucket", e))?;
+    let bucket = broker.bucket(Bucket::Endpoints).await?;
     bucket
         .delete(names::endpoint_key(user, endpoint))
         .await
@@ -519,11 +467,7 @@ pub async fn delete(
 
 /// Keys of every endpoint in the bucket.
 pub async fn keys(broker: &Broker) -> Result<Vec<String>, QueueError> {
-    let bucket = broker
-        .jetstream
-        .get_key_value(names::ENDPOINTS_BUCKET)
-        .await
-        .map_err(|e| QueueError::request("open endpoints bucket", e))?;
+    let bucket = broker.bucket(Bucket::Endpoints).await?;
     let mut keys = bucket
         .keys()
         .await

@@ -12,13 +12,19 @@
 //! without the API's depth limit) is [`StoredTask::Unreadable`], logged,
 //! and shown as such, instead of a 503 for every read of it.
 
-use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    consumer::{DeliverPolicy, pull::OrderedConfig},
+    stream::{DirectGetErrorKind, Stream},
+};
+use futures::StreamExt;
 use herald_core::{
     TaskId, TaskType, UserId, json, names,
     payload::{ReplayRequest, TaskEvent, TaskEventMessage, TaskMessage, TaskRecord, decode},
 };
 
-use crate::{Broker, QueueError};
+use crate::{Broker, QueueError, buckets::Bucket};
 
 /// Where a task stands in storage.
 #[derive(Debug)]
@@ -106,7 +112,7 @@ pub async fn find_task(
     if let Some(record) = task_record(broker, task).await? {
         return Ok(record.belongs_to(user).then(|| record.into_stored()));
     }
-    let tasks = stream(broker, names::TASKS_STREAM).await?;
+    let tasks = broker.stream(names::TASKS_STREAM).await?;
     match tasks
         .direct_get_next_for_subject(names::queued_task_filter(user, task), None)
         .await
@@ -136,11 +142,7 @@ pub async fn find_task(
 /// The task's record, if stored; one that does not decode is
 /// [`Record::Unreadable`] (and logged), never an error.
 pub async fn task_record(broker: &Broker, task: &TaskId) -> Result<Option<Record>, QueueError> {
-    let bucket = broker
-        .jetstream
-        .get_key_value(names::TASKS_BUCKET)
-        .await
-        .map_err(|e| QueueError::request("open tasks bucket", e))?;
+    let bucket = broker.bucket(Bucket::Tasks).await?;
     let Some(bytes) = bucket
         .get(names::task_key(task))
         .await
@@ -163,7 +165,7 @@ pub async fn task_events(
     user: &UserId,
     task: &TaskId,
 ) -> Result<Vec<TaskEvent>, QueueError> {
-    let attempts = stream(broker, names::ATTEMPTS_STREAM).await?;
+    let attempts = broker.stream(names::ATTEMPTS_STREAM).await?;
     let subject = names::attempts_subject(user, task);
     read_subject(
         &attempts,
@@ -181,6 +183,72 @@ pub async fn task_events(
     .await
 }
 
+/// Longest wait for the next event while reading a user's history; the
+/// read stops at the stream's last message, so this only bounds a stalled
+/// server.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Gives `visit` every readable task event of `user` stored since
+/// `since_ms`, oldest first, with its stream sequence, up to the stream's
+/// last message at the time of the call (an ordered consumer: one pass,
+/// no state left on the server). Unreadable events are logged and skipped.
+pub async fn user_events_since(
+    broker: &Broker,
+    user: &UserId,
+    since_ms: u64,
+    mut visit: impl FnMut(u64, TaskEventMessage),
+) -> Result<(), QueueError> {
+    if !broker.is_connected() {
+        return Err(QueueError::Disconnected);
+    }
+    if since_ms > herald_core::now_ms() {
+        return Ok(());
+    }
+    let attempts = broker
+        .jetstream
+        .get_stream(names::ATTEMPTS_STREAM)
+        .await
+        .map_err(|e| QueueError::request("get stream", e))?;
+    let end = attempts.cached_info().state.last_sequence;
+    let start_time = async_nats::datetime::from_nanos(i128::from(since_ms) * 1_000_000)
+        .map_err(|e| QueueError::request("read task history", e))?;
+    let consumer = attempts
+        .create_consumer(OrderedConfig {
+            filter_subject: names::user_attempts_filter(user),
+            deliver_policy: DeliverPolicy::ByStartTime { start_time },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| QueueError::request("read task history", e))?;
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(());
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| QueueError::request("read task history", e))?;
+    loop {
+        let message = match tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => return Err(QueueError::request("read task history", e)),
+            Ok(None) => break,
+            Err(_) => return Err(QueueError::request("read task history", "timed out")),
+        };
+        let info = message
+            .info()
+            .map_err(|e| QueueError::request("read task history", e))?;
+        let (sequence, pending) = (info.stream_sequence, info.pending);
+        match decode::<TaskEventMessage>(&message.payload) {
+            Ok(event) => visit(sequence, event),
+            Err(e) => tracing::warn!(sequence, error = %e, "skipping unreadable task event"),
+        }
+        if pending == 0 || sequence >= end {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Replay requests are read this many at most per task: more than one or
 /// two waiting for the same task means something is flooding it.
 const MAX_PENDING_REPLAYS: usize = 100;
@@ -193,7 +261,7 @@ pub async fn pending_replays(
     user: &UserId,
     task: &TaskId,
 ) -> Result<Vec<ReplayRequest>, QueueError> {
-    let tasks = stream(broker, names::TASKS_STREAM).await?;
+    let tasks = broker.stream(names::TASKS_STREAM).await?;
     let filter = names::replay_filter(user, task);
     read_subject(
         &tasks,
@@ -231,15 +299,4 @@ async fn read_subject<T>(
         }
     }
     Ok(kept)
-}
-
-async fn stream(broker: &Broker, name: &str) -> Result<Stream<()>, QueueError> {
-    if !broker.is_connected() {
-        return Err(QueueError::Disconnected);
-    }
-    broker
-        .jetstream
-        .get_stream_no_info(name)
-        .await
-        .map_err(|e| QueueError::request("get stream", e))
 }

@@ -22,15 +22,11 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use crate::{Broker, QueueError, buckets::Bucket, cas};
 use async_nats::jetstream::kv;
-use herald_core::names;
-use tokio::sync::OnceCell;
-
-use crate::{Broker, QueueError, cas};
 
 pub struct RateLimiter {
     broker: Broker,
-    bucket: OnceCell<kv::Store>,
     endpoint_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -38,7 +34,6 @@ impl RateLimiter {
     pub fn new(broker: Broker) -> Self {
         Self {
             broker,
-            bucket: OnceCell::new(),
             endpoint_locks: Mutex::default(),
         }
     }
@@ -55,16 +50,7 @@ impl RateLimiter {
             .or_default()
             .clone();
         let _one_at_a_time = lock.lock().await;
-        let bucket = self
-            .bucket
-            .get_or_try_init(|| async {
-                self.broker
-                    .jetstream
-                    .get_key_value(names::RATE_LIMITS_BUCKET)
-                    .await
-                    .map_err(|e| QueueError::request("open rate-limit bucket", e))
-            })
-            .await?;
+        let bucket = self.broker.bucket(Bucket::RateLimits).await?;
         for _ in 0..50 {
             let entry = bucket
                 .entry(key)
@@ -78,7 +64,7 @@ impl RateLimiter {
             let slot_us = next_free_us.max(now_us());
             let value = (slot_us + interval_us).to_string();
             let revision = entry.as_ref().map(|e| e.revision);
-            if cas::write_at(bucket, key, value.into(), revision, "write rate limit").await? {
+            if cas::write_at(&bucket, key, value.into(), revision, "write rate limit").await? {
                 return Ok(slot_us / 1000);
             }
             // Another replica took a slot first: read again.

@@ -10,7 +10,7 @@ use async_nats::jetstream::{
 use herald_core::names;
 use serde::{Deserialize, Serialize};
 
-use crate::{Broker, QueueError};
+use crate::{Broker, QueueError, backoff::Backoff};
 
 /// Sizes and limits of the JetStream objects; from Herald's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -342,30 +342,28 @@ pub async fn prepare(
     manage: bool,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<(), QueueError> {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     loop {
         if manage {
             match ensure(broker, config).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "JetStream topology not ready")
+                    tracing::warn!(error = %e, retry_in = ?backoff.delay(), "JetStream topology not ready")
                 }
             }
         } else if present(broker).await {
             return Ok(());
         } else {
             tracing::info!(
-                retry_in = ?delay,
+                retry_in = ?backoff.delay(),
                 "waiting for the JetStream topology (nats.manage_topology is false: another role creates it)"
             );
         }
         if let Some(refused) = broker.refused().await {
             return Err(refused.into());
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Err(QueueError::Disconnected),
-            _ = tokio::time::sleep(delay) => {}
+        if !backoff.wait(shutdown).await {
+            return Err(QueueError::Disconnected);
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }

@@ -25,7 +25,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{AckKind, Message, stream::DirectGetErrorKind};
+use async_nats::jetstream::{AckKind, Message};
 use herald_core::{
     names,
     payload::{
@@ -128,16 +128,13 @@ impl MaxDeliveries {
     /// Records the abandoned job's end, then deletes it. `Ok` also when the
     /// job is gone already (an earlier try deleted it).
     async fn end(&self, advisory: &MaxDeliveriesAdvisory) -> Result<(), NotYet> {
-        let stream = self
+        let stream = self.abandoned.stream();
+        let Some(stored) = self
             .broker
-            .jetstream
-            .get_stream_no_info(self.abandoned.stream())
-            .await
-            .map_err(|e| QueueError::request("get stream", e))?;
-        let stored = match stream.direct_get(advisory.stream_seq).await {
-            Ok(m) => m,
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(QueueError::request("read abandoned job", e).into()),
+            .stored_message(stream, advisory.stream_seq)
+            .await?
+        else {
+            return Ok(());
         };
         let error = format!(
             "gave up after {} deliveries without an outcome (max_deliver)",
@@ -155,16 +152,9 @@ impl MaxDeliveries {
                 );
             }
         }
-        if let Err(e) = stream.delete_message(advisory.stream_seq).await {
-            // Fine if another try of the same advisory deleted it meanwhile.
-            let gone = matches!(
-                stream.direct_get(advisory.stream_seq).await,
-                Err(ref missing) if missing.kind() == DirectGetErrorKind::NotFound
-            );
-            if !gone {
-                return Err(QueueError::request("delete abandoned job", e).into());
-            }
-        }
+        self.broker
+            .delete_stored(stream, advisory.stream_seq)
+            .await?;
         Ok(())
     }
 

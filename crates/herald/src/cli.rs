@@ -175,7 +175,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await?;
             }
             dev::sync_endpoints(&broker, &records, &endpoints).await?;
-            broker.client.flush().await?;
+            broker.flush().await?;
             println!("{} endpoints in herald-endpoints", endpoints.len());
             Ok(())
         }

@@ -61,6 +61,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         result?;
     }
     while running.join_next().await.is_some() {}
-    let _ = broker.client.flush().await;
+    let _ = broker.flush().await;
     Ok(())
 }

@@ -10,7 +10,6 @@ use herald_queue::{
     Broker,
     consume::{self, ConsumerSettings},
     endpoints::EndpointCache,
-    health::HealthTracker,
     topology,
 };
 use herald_worker::{
@@ -19,6 +18,7 @@ use herald_worker::{
     max_deliveries::{Abandoned, MaxDeliveries},
     tasks::TaskWorker,
     webhooks::WebhookWorker,
+    webhooks::health::HealthTracker,
 };
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -247,7 +247,7 @@ pub async fn run_with(
     tracing::info!(api = roles.api, workers = ?roles.workers, "herald running");
     let result = tasks.wait().await;
     // Acks and naks are buffered by the client: send them before exiting.
-    let _ = broker.client.flush().await;
+    let _ = broker.flush().await;
     result
 }
 

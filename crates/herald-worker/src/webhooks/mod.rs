@@ -22,12 +22,14 @@
 mod classify;
 mod decide;
 mod gate;
+pub mod health;
 mod request;
 mod settle;
 
 use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
+use health::HealthTracker;
 use herald_core::{
     payload::{DeliveryJob, RESPONSE_BODY_LIMIT, decode},
     schedule::RetrySchedule,
@@ -36,7 +38,6 @@ use herald_queue::{
     Broker,
     consume::{MessageHandler, delivery_count, with_progress},
     endpoints::EndpointCache,
-    health::HealthTracker,
     rate_limit::RateLimiter,
 };
 pub use request::{http_client, http_client_with};

@@ -14,6 +14,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
+use herald_core::health::Failure;
 use herald_core::{
     TaskId,
     metrics::Metrics,
@@ -21,7 +22,7 @@ use herald_core::{
     payload::{AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailReason, TaskEvent},
     redact::RedactedUrl,
 };
-use herald_queue::{Broker, health::Failure, publish::Outgoing};
+use herald_queue::{Broker, publish::Outgoing};
 
 use super::{WebhookWorker, classify::ResponseClass, decide::Decision, request::Response};
 

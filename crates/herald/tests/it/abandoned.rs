@@ -37,7 +37,7 @@ pub(crate) fn config(nats: &NatsServer, mail: &Mailpit) -> herald::config::Confi
 /// Deliveries the work-queue consumer `consumer` of `stream` has made.
 async fn deliveries(broker: &Broker, stream: &str, consumer: &str) -> u64 {
     let mut consumer: async_nats::jetstream::consumer::PullConsumer = broker
-        .jetstream
+        .jetstream_for_tests()
         .get_stream(stream)
         .await
         .unwrap()
@@ -88,7 +88,7 @@ pub(crate) async fn wait_for_stored_advisory(nats: &NatsServer, advisory_consume
         DEADLINE,
         || async {
             let stream = broker
-                .jetstream
+                .jetstream_for_tests()
                 .get_stream(names::ADVISORIES_STREAM)
                 .await
                 .ok()?;
@@ -117,7 +117,11 @@ pub(crate) async fn wait_for_removal(nats: &NatsServer, stream: &str) {
 /// Messages `stream` holds now.
 async fn stored(nats: &NatsServer, stream: &str) -> u64 {
     let broker = broker(nats).await;
-    let mut stream = broker.jetstream.get_stream(stream).await.unwrap();
+    let mut stream = broker
+        .jetstream_for_tests()
+        .get_stream(stream)
+        .await
+        .unwrap();
     stream.info().await.unwrap().state.messages
 }
 

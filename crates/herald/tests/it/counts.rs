@@ -33,7 +33,7 @@ async fn a_delivery_stopped_by_nats_before_sending_keeps_its_attempt_number() {
     let herald = Herald::start(config.clone(), Roles::all()).await;
     let broker = broker(&nats).await;
     broker
-        .jetstream
+        .jetstream_for_tests()
         .delete_key_value(names::RATE_LIMITS_BUCKET)
         .await
         .unwrap();
@@ -41,7 +41,7 @@ async fn a_delivery_stopped_by_nats_before_sending_keeps_its_attempt_number() {
     let id = herald.accept("50", "echo", json!({})).await;
     wait_until("the delivery to be handed back twice", DEADLINE, || async {
         let mut consumer: async_nats::jetstream::consumer::PullConsumer = broker
-            .jetstream
+            .jetstream_for_tests()
             .get_stream(names::WEBHOOKS_STREAM)
             .await
             .ok()?
@@ -99,7 +99,7 @@ async fn wait_for_health(
 /// `HERALD_MAIL`).
 async fn queued_mails(broker: &Broker) -> Vec<MailJob> {
     let mut stream = broker
-        .jetstream
+        .jetstream_for_tests()
         .get_stream(names::MAIL_STREAM)
         .await
         .unwrap();

@@ -138,7 +138,7 @@ async fn store_task(
 ) {
     let broker = broker(nats).await;
     let bucket = broker
-        .jetstream
+        .jetstream_for_tests()
         .get_key_value(names::TASKS_BUCKET)
         .await
         .unwrap();
@@ -165,7 +165,7 @@ async fn store_task(
     };
     let user = UserId::new(user).unwrap();
     broker
-        .jetstream
+        .jetstream_for_tests()
         .publish(names::attempts_subject(&user, task), encode(&event).into())
         .await
         .unwrap()
@@ -301,10 +301,18 @@ async fn an_unreadable_stored_record_is_shown_and_skipped_never_a_503() {
 /// job publish fail, then work again.
 async fn set_max_message(nats: &NatsServer, stream: &str, bytes: i32) {
     let broker = broker(nats).await;
-    let mut stream = broker.jetstream.get_stream(stream).await.unwrap();
+    let mut stream = broker
+        .jetstream_for_tests()
+        .get_stream(stream)
+        .await
+        .unwrap();
     let mut config = stream.info().await.unwrap().config.clone();
     config.max_message_size = bytes;
-    broker.jetstream.update_stream(config).await.unwrap();
+    broker
+        .jetstream_for_tests()
+        .update_stream(config)
+        .await
+        .unwrap();
 }
 
 async fn is_disabled(nats: &NatsServer, user: &str, endpoint: &str) -> bool {

@@ -274,7 +274,7 @@ pub async fn wait_for_scheduled_delivery(
 ) {
     let broker = broker(nats).await;
     let stream = broker
-        .jetstream
+        .jetstream_for_tests()
         .get_stream(herald_core::names::WEBHOOKS_STREAM)
         .await
         .unwrap();

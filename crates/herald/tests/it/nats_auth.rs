@@ -296,7 +296,7 @@ async fn stored(locked: &LockedNats, user: &str, subject: &str) -> bool {
         .await
         .unwrap();
     let ack = match broker
-        .jetstream
+        .jetstream_for_tests()
         .publish(subject.to_string(), "{\"v\":1}".into())
         .await
     {
@@ -384,14 +384,14 @@ async fn a_role_cannot_publish_what_its_permissions_forbid() {
         .unwrap();
     assert!(
         broker
-            .jetstream
+            .jetstream_for_tests()
             .delete_stream(herald_core::names::TASKS_STREAM)
             .await
             .is_err()
     );
     assert!(
         broker
-            .jetstream
+            .jetstream_for_tests()
             .get_stream(herald_core::names::TASKS_STREAM)
             .await
             .is_ok(),

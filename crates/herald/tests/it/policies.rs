@@ -246,7 +246,7 @@ async fn a_worker_started_after_an_endpoint_was_disabled_holds_its_deliveries() 
     };
     crate::harness::broker(&nats)
         .await
-        .jetstream
+        .jetstream_for_tests()
         .get_key_value(herald_core::names::HEALTH_BUCKET)
         .await
         .unwrap()

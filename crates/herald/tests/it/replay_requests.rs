@@ -79,7 +79,7 @@ async fn drained(broker: &Broker) {
         DEADLINE,
         || async {
             for stream in [names::TASKS_STREAM, names::WEBHOOKS_STREAM] {
-                let mut stream = broker.jetstream.get_stream(stream).await.ok()?;
+                let mut stream = broker.jetstream_for_tests().get_stream(stream).await.ok()?;
                 if stream.info().await.ok()?.state.messages != 0 {
                     return None;
                 }
@@ -135,7 +135,7 @@ async fn a_replay_request_resends_only_a_users_own_webhook_and_records_what_it_r
     // A stored record that cannot be read.
     let unreadable = "01a22359-3238-7167-a1b7-33a2de398bdf";
     let records = broker
-        .jetstream
+        .jetstream_for_tests()
         .get_key_value(names::TASKS_BUCKET)
         .await
         .unwrap();
@@ -172,7 +172,7 @@ async fn a_replay_request_past_max_deliver_while_no_task_worker_runs_is_recorded
 
     // Taken twice and never acked, as by task workers that died on it.
     let consumer: PullConsumer = broker
-        .jetstream
+        .jetstream_for_tests()
         .get_stream(names::TASKS_STREAM)
         .await
         .unwrap()
@@ -221,7 +221,7 @@ async fn a_tasks_consumer_from_before_replay_requests_is_updated_in_place() {
     // The stream and consumer as an earlier Herald made them, one task
     // waiting.
     broker
-        .jetstream
+        .jetstream_for_tests()
         .create_stream(async_nats::jetstream::stream::Config {
             name: names::TASKS_STREAM.into(),
             subjects: vec![names::TASKS_SUBJECTS.into()],
@@ -231,7 +231,7 @@ async fn a_tasks_consumer_from_before_replay_requests_is_updated_in_place() {
         .await
         .unwrap();
     let stream = broker
-        .jetstream
+        .jetstream_for_tests()
         .get_stream(names::TASKS_STREAM)
         .await
         .unwrap();

@@ -38,7 +38,7 @@ fn keyring(keys: &[&str]) -> Arc<Keyring> {
 /// Every message the bucket's stream holds, as stored.
 async fn raw_bucket(broker: &herald_queue::Broker) -> Vec<Vec<u8>> {
     let stream = broker
-        .jetstream
+        .jetstream_for_tests()
         .get_stream(format!("KV_{}", names::ENDPOINTS_BUCKET))
         .await
         .unwrap();
@@ -167,7 +167,7 @@ async fn the_bucket_reveals_nothing_and_a_key_rotation_re_encrypts_it() {
     // A record in clear (as an older Herald wrote it) is not used, and the
     // next write replaces it with a sealed one.
     let bucket = broker
-        .jetstream
+        .jetstream_for_tests()
         .get_key_value(names::ENDPOINTS_BUCKET)
         .await
         .unwrap();
@@ -379,7 +379,7 @@ async fn a_task_worker_that_cannot_read_an_endpoint_does_not_fan_out_without_it(
     // The task worker has taken the task and handed it back...
     let broker = broker(&nats).await;
     wait_until("the task worker to hand the task back", DEADLINE, || {
-        let jetstream = broker.jetstream.clone();
+        let jetstream = broker.jetstream_for_tests().clone();
         async move {
             let mut consumer: async_nats::jetstream::consumer::PullConsumer = jetstream
                 .get_consumer_from_stream(names::TASKS_CONSUMER, names::TASKS_STREAM)

@@ -91,7 +91,7 @@ async fn record(
 ) -> Option<EndpointConfig> {
     let broker = broker(nats).await;
     let bucket = broker
-        .jetstream
+        .jetstream_for_tests()
         .get_key_value(names::ENDPOINTS_BUCKET)
         .await
         .unwrap();
@@ -247,7 +247,7 @@ async fn a_hostile_annotation_removes_nothing_of_another_tenant() {
     // Every change to the victim's record from here on.
     let broker = broker(&nats).await;
     let bucket = broker
-        .jetstream
+        .jetstream_for_tests()
         .get_key_value(names::ENDPOINTS_BUCKET)
         .await
         .unwrap();

@@ -85,7 +85,7 @@ async fn a_record_that_comes_back_within_the_grace_gets_its_held_delivery() {
     // schedule that says since when), recording nothing.
     let broker = broker(&nats).await;
     let stream = broker
-        .jetstream
+        .jetstream_for_tests()
         .get_stream(names::WEBHOOKS_STREAM)
         .await
         .unwrap();

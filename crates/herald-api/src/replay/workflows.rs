@@ -1,12 +1,13 @@
 //! Sending deliveries again: redeliver a task, recover what failed for an
 //! endpoint since a time, and enable a disabled endpoint (which recovers
-//! what it held). This is the API's side: it checks the call against the
-//! stored state and stores a [`ReplayRequest`] per task in `HERALD_TASKS`;
-//! the task worker carries it out (`herald_worker::replays`).
+//! what it held). The API's side of it, behind the routes of [`super`]: it
+//! checks the call against the stored state and stores a [`ReplayRequest`]
+//! per task in `HERALD_TASKS`; the task worker carries it out
+//! (`herald_worker::replays`).
 //!
 //! Every re-send is a new *round* of attempts for one task and endpoint: a
 //! delivery job carrying the round's id, so its `Nats-Msg-Id`s
-//! ([`names::attempt_msg_id`]) stay apart from earlier rounds' and the
+//! ([`herald_core::names::attempt_msg_id`]) stay apart from earlier rounds' and the
 //! stream's duplicate window does not drop it, while the `webhook-id` (and
 //! the body, rebuilt from the task's record) stay the same, so receivers can
 //! still de-duplicate. Attempt numbers start at 1 in each round, which also
@@ -23,24 +24,16 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use async_nats::jetstream::{
-    consumer::{DeliverPolicy, pull::OrderedConfig},
-    kv,
-};
 use futures::{StreamExt, TryStreamExt, stream};
 use herald_core::{
-    EndpointId, TaskId, UserId, names,
-    payload::{
-        EndpointHealth, RedeliveryCause, ReplayRequest, TaskEvent, TaskEventMessage, VERSION,
-        decode, encode,
-    },
+    EndpointId, TaskId, UserId,
+    outgoing::Outgoing,
+    payload::{EndpointHealth, RedeliveryCause, ReplayRequest, TaskEvent},
     state::endpoint_state,
 };
-
-use crate::{
-    Broker, QueueError, cas, endpoints, health,
+use herald_queue::{
+    Broker, QueueError, endpoints, health,
     history::{self, Record, StoredTask},
-    publish::Outgoing,
 };
 
 /// At most this many tasks are examined by one recover call; the answer
@@ -51,10 +44,6 @@ pub const RECOVER_LIMIT: usize = 10_000;
 /// marking the endpoint disabled was stored) are this much older than
 /// `disabled_at_ms`; enabling recovers from this far before it.
 const HELD_BEFORE_DISABLED: Duration = Duration::from_secs(60);
-
-/// Longest wait for the next event while reading history; the read stops
-/// at the stream's last message, so this only bounds a stalled server.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a redelivery was refused.
 #[derive(Debug, thiserror::Error)]
@@ -258,61 +247,21 @@ pub async fn enable(
     })
 }
 
-/// Compare-and-set: writes the health record without the disabled flag and
-/// failure streak, at the revision read, so a worker's concurrent merge is
-/// not lost (whoever loses reads again). Returns the record as it was when
-/// it was disabled, or `None` when it was not.
+/// Writes the health record without the disabled flag and failure streak
+/// ([`EndpointHealth::enabled`]), compare-and-set, so a worker's
+/// concurrent merge is not lost. Returns the record as it was when it was
+/// disabled, or `None` when it was not.
 async fn clear_disabled(
     broker: &Broker,
     user: &UserId,
     endpoint: &EndpointId,
 ) -> Result<Option<EndpointHealth>, QueueError> {
-    let bucket = crate::health::bucket(broker).await?;
-    let key = names::endpoint_key(user, endpoint);
-    for _ in 0..10 {
-        let Some(entry) = bucket
-            .entry(&key)
-            .await
-            .map_err(|e| QueueError::request("read endpoint health", e))?
-        else {
-            return Ok(None);
-        };
-        if entry.operation != kv::Operation::Put {
-            return Ok(None);
-        }
-        let Ok(before) = decode::<EndpointHealth>(&entry.value) else {
-            return Ok(None);
-        };
-        if !before.disabled {
-            return Ok(None);
-        }
-        // `owner_notified` stays: the first success sends the recovered mail.
-        let enabled = EndpointHealth {
-            v: VERSION,
-            disabled: false,
-            disabled_at_ms: None,
-            disabled_reason: None,
-            consecutive_failures: 0,
-            failing_since_ms: None,
-            ..before.clone()
-        };
-        let value = encode(&enabled).into();
-        if cas::write_at(
-            &bucket,
-            &key,
-            value,
-            Some(entry.revision),
-            "write endpoint health",
-        )
-        .await?
-        {
-            return Ok(Some(before));
-        }
-    }
-    Err(QueueError::request(
-        "write endpoint health",
-        "too many concurrent writers",
-    ))
+    let cleared = health::update(broker, user, endpoint, |stored| {
+        let before = stored.filter(|h| h.disabled)?;
+        Some((before.enabled(), before))
+    })
+    .await?;
+    Ok(cleared.map(|written| written.outcome))
 }
 
 /// Puts back the disabled state `before` (as [`clear_disabled`] found
@@ -323,45 +272,12 @@ async fn restore_disabled(
     endpoint: &EndpointId,
     before: &EndpointHealth,
 ) -> Result<(), QueueError> {
-    let bucket = crate::health::bucket(broker).await?;
-    let key = names::endpoint_key(user, endpoint);
-    for _ in 0..10 {
-        let entry = bucket
-            .entry(&key)
-            .await
-            .map_err(|e| QueueError::request("read endpoint health", e))?
-            .filter(|entry| entry.operation == kv::Operation::Put);
-        let current = entry
-            .as_ref()
-            .and_then(|entry| decode::<EndpointHealth>(&entry.value).ok())
-            .unwrap_or_else(|| before.clone());
-        let restored = EndpointHealth {
-            v: VERSION,
-            disabled: true,
-            disabled_at_ms: before.disabled_at_ms,
-            disabled_reason: before.disabled_reason.clone(),
-            consecutive_failures: current
-                .consecutive_failures
-                .max(before.consecutive_failures),
-            failing_since_ms: before.failing_since_ms.or(current.failing_since_ms),
-            ..current
-        };
-        if cas::write_at(
-            &bucket,
-            &key,
-            encode(&restored).into(),
-            entry.map(|e| e.revision),
-            "write endpoint health",
-        )
-        .await?
-        {
-            return Ok(());
-        }
-    }
-    Err(QueueError::request(
-        "write endpoint health",
-        "too many concurrent writers",
-    ))
+    health::update(broker, user, endpoint, |stored| {
+        let current = stored.unwrap_or_else(|| before.clone());
+        Some((current.disabled_again(before), ()))
+    })
+    .await?;
+    Ok(())
 }
 
 /// The events of one task's delivery to the endpoint being recovered.
@@ -444,77 +360,31 @@ async fn read_deliveries(
     endpoint: &EndpointId,
     since_ms: u64,
 ) -> Result<(Vec<Candidate>, Option<u64>), QueueError> {
-    if !broker.is_connected() {
-        return Err(QueueError::Disconnected);
-    }
-    if since_ms > herald_core::now_ms() {
-        return Ok((Vec::new(), None));
-    }
-    let attempts = broker
-        .jetstream
-        .get_stream(names::ATTEMPTS_STREAM)
-        .await
-        .map_err(|e| QueueError::request("get stream", e))?;
-    let end = attempts.cached_info().state.last_sequence;
-    let start_time = async_nats::datetime::from_nanos(i128::from(since_ms) * 1_000_000)
-        .map_err(|e| QueueError::request("read task history", e))?;
-    let consumer = attempts
-        .create_consumer(OrderedConfig {
-            filter_subject: names::user_attempts_filter(user),
-            deliver_policy: DeliverPolicy::ByStartTime { start_time },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| QueueError::request("read task history", e))?;
     let mut candidates: Vec<Candidate> = Vec::new();
     let mut index: HashMap<TaskId, usize> = HashMap::new();
     let mut next_since_ms = None;
-    if consumer.cached_info().num_pending == 0 {
-        return Ok((candidates, next_since_ms));
-    }
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| QueueError::request("read task history", e))?;
-    loop {
-        let message = match tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
-            Ok(Some(Ok(message))) => message,
-            Ok(Some(Err(e))) => return Err(QueueError::request("read task history", e)),
-            Ok(None) => break,
-            Err(_) => return Err(QueueError::request("read task history", "timed out")),
-        };
-        let info = message
-            .info()
-            .map_err(|e| QueueError::request("read task history", e))?;
-        let (sequence, pending) = (info.stream_sequence, info.pending);
-        let event = decode::<TaskEventMessage>(&message.payload);
-        if let Err(e) = &event {
-            tracing::warn!(sequence, error = %e, "skipping unreadable task event");
+    history::user_events_since(broker, user, since_ms, |sequence, event| {
+        if event.event.endpoint() != endpoint {
+            return;
         }
-        if let Ok(event) = event
-            && event.event.endpoint() == endpoint
-        {
-            match index.get(&event.task) {
-                Some(&i) => {
-                    candidates[i].events.push(event.event);
-                    candidates[i].last_sequence = sequence;
-                }
-                None if candidates.len() < RECOVER_LIMIT => {
-                    index.insert(event.task.clone(), candidates.len());
-                    candidates.push(Candidate {
-                        task: event.task,
-                        events: vec![event.event],
-                        last_sequence: sequence,
-                    });
-                }
-                None => {
-                    next_since_ms.get_or_insert(event.event.at_ms());
-                }
+        match index.get(&event.task) {
+            Some(&i) => {
+                candidates[i].events.push(event.event);
+                candidates[i].last_sequence = sequence;
+            }
+            None if candidates.len() < RECOVER_LIMIT => {
+                index.insert(event.task.clone(), candidates.len());
+                candidates.push(Candidate {
+                    task: event.task,
+                    events: vec![event.event],
+                    last_sequence: sequence,
+                });
+            }
+            None => {
+                next_since_ms.get_or_insert(event.event.at_ms());
             }
         }
-        if pending == 0 || sequence >= end {
-            break;
-        }
-    }
+    })
+    .await?;
     Ok((candidates, next_since_ms))
 }
