@@ -19,7 +19,7 @@ pub const SERDE_DEPTH_LIMIT: usize = 127;
 /// Containers around a handler's result in the deepest payload that
 /// carries it: a delivery job holds the webhook body, which holds `data`,
 /// which holds the result.
-pub const RESULT_ENVELOPE_DEPTH: usize = 3;
+const RESULT_ENVELOPE_DEPTH: usize = 3;
 
 /// The deepest handler result that still fits every stored payload.
 pub const MAX_RESULT_DEPTH: usize = SERDE_DEPTH_LIMIT - RESULT_ENVELOPE_DEPTH;

@@ -283,11 +283,6 @@ impl AttemptOutcome {
             AttemptOutcome::Held => "held",
         }
     }
-
-    /// True when no further attempt follows this one.
-    pub fn is_final(self) -> bool {
-        !matches!(self, AttemptOutcome::Retrying)
-    }
 }
 
 /// One webhook attempt, recorded in `HERALD_ATTEMPTS`.

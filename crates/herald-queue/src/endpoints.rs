@@ -82,10 +82,6 @@ impl EndpointCache {
         let _ = loaded.wait_for(|loaded| *loaded).await;
     }
 
-    pub fn is_loaded(&self) -> bool {
-        *self.loaded.borrow()
-    }
-
     /// Every endpoint of `user`, in a stable order.
     pub fn for_user(&self, user: &UserId) -> Vec<Arc<EndpointConfig>> {
         self.read().by_user.get(user).cloned().unwrap_or_default()

@@ -321,21 +321,12 @@ pub async fn present(broker: &Broker) -> bool {
     true
 }
 
-/// Runs [`ensure`] until it succeeds, waiting between tries, so a role can
-/// start before NATS does. Returns early if `shutdown` fires, and with
-/// [`QueueError::Connect`] if the server turns this process away.
-pub async fn ensure_with_retry(
-    broker: &Broker,
-    config: &TopologyConfig,
-    shutdown: &tokio_util::sync::CancellationToken,
-) -> Result<(), QueueError> {
-    prepare(broker, config, true, shutdown).await
-}
-
 /// Makes sure the topology exists before a role starts: creates or updates
 /// it when `manage` (`nats.manage_topology`), otherwise waits until a role
 /// that may create it has (least-privilege credentials have no right to
-/// create streams). Retries as [`ensure_with_retry`] does.
+/// create streams). Waits between tries, so a role can start before NATS
+/// does; returns early if `shutdown` fires, and with
+/// [`QueueError::Connect`] if the server turns this process away.
 pub async fn prepare(
     broker: &Broker,
     config: &TopologyConfig,

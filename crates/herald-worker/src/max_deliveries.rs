@@ -46,10 +46,10 @@ use crate::{handlers::HandlerRegistry, tasks::TaskWorker};
 
 /// The part of the advisory this needs.
 #[derive(Debug, Deserialize)]
-pub struct MaxDeliveriesAdvisory {
-    pub stream: String,
-    pub stream_seq: u64,
-    pub deliveries: u64,
+struct MaxDeliveriesAdvisory {
+    stream: String,
+    stream_seq: u64,
+    deliveries: u64,
 }
 
 /// How long an advisory that could not be handled (NATS refusing a write,

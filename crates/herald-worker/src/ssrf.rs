@@ -403,7 +403,7 @@ impl SsrfGuard {
 
     /// Checks a URL whose host is a literal IP address; a host name is left
     /// to the resolver.
-    pub fn check_url(&self, url: &reqwest::Url) -> Result<(), Refused> {
+    fn check_url(&self, url: &reqwest::Url) -> Result<(), Refused> {
         match url.host() {
             Some(url::Host::Ipv4(ip)) => self.check(IpAddr::V4(ip)),
             Some(url::Host::Ipv6(ip)) => self.check(IpAddr::V6(ip)),
@@ -434,7 +434,7 @@ impl Resolver for SystemResolver {
 /// reqwest's resolver for webhooks: looks the name up once, refuses the
 /// request if any answer is non-global, and hands the connector exactly the
 /// addresses it checked.
-pub struct GuardedResolver {
+struct GuardedResolver {
     guard: Arc<SsrfGuard>,
     resolver: Arc<dyn Resolver>,
 }

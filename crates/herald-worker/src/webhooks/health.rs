@@ -94,7 +94,7 @@ impl HealthTracker {
     }
 
     /// Whether deliveries to the endpoint are disabled.
-    pub fn is_disabled(&self, user: &UserId, endpoint: &EndpointId) -> bool {
+    pub(crate) fn is_disabled(&self, user: &UserId, endpoint: &EndpointId) -> bool {
         self.disabled.contains(user, endpoint)
     }
 
@@ -103,7 +103,7 @@ impl HealthTracker {
     /// endpoint was enabled can reach a worker before the bucket's watch
     /// does, and must not be held again. When the bucket cannot be read, the
     /// local flag stands.
-    pub async fn confirm_disabled(
+    pub(crate) async fn confirm_disabled(
         &self,
         broker: &Broker,
         user: &UserId,
@@ -118,7 +118,13 @@ impl HealthTracker {
         }
     }
 
-    pub fn record_success(&self, user: &UserId, endpoint: &EndpointId, task: &TaskId, at_ms: u64) {
+    pub(crate) fn record_success(
+        &self,
+        user: &UserId,
+        endpoint: &EndpointId,
+        task: &TaskId,
+        at_ms: u64,
+    ) {
         let key = (user.clone(), endpoint.clone());
         lock(&self.pending)
             .entry(key.clone())
@@ -129,7 +135,7 @@ impl HealthTracker {
 
     /// A failed attempt. `gone`: the endpoint answered 410 and is disabled
     /// at once. `owner_notified`: a mail about it is on its way.
-    pub fn record_failure(&self, failure: Failure<'_>) {
+    pub(crate) fn record_failure(&self, failure: Failure<'_>) {
         let key = (failure.user.clone(), failure.endpoint.clone());
         lock(&self.pending)
             .entry(key.clone())
