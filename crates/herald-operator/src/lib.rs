@@ -11,7 +11,7 @@ pub mod tenancy;
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use herald_core::endpoint::WebhookEndpoint;
+use herald_crd::WebhookEndpoint;
 use herald_queue::{Broker, endpoints::RecordWriter};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{

@@ -25,11 +25,11 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use herald_core::{
     EndpointId, UserId,
-    endpoint::{EndpointState, SpecError, WebhookEndpoint, WebhookEndpointStatus},
     payload::{EndpointHealth, owner_of_resource},
     redact::RedactedUrl,
     signing::SigningSecret,
 };
+use herald_crd::{EndpointState, SpecError, WebhookEndpoint, WebhookEndpointStatus};
 use herald_queue::{
     Broker,
     endpoints::{self, Put, RecordWriter, Removed},

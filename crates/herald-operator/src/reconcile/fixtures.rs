@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::{Context, FINALIZER, MANAGER};
 use crate::OperatorConfig;
-use herald_core::endpoint::WebhookEndpoint;
+use herald_crd::WebhookEndpoint;
 use herald_queue::endpoints::RecordWriter;
 
 /// The API server's side of the reconciler's client.
