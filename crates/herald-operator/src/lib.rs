@@ -5,7 +5,7 @@
 //! One replica leads at a time (a Lease); the others wait to take over.
 
 mod leader;
-pub mod reconcile;
+mod reconcile;
 pub mod tenancy;
 
 use std::{sync::Arc, time::Duration};
