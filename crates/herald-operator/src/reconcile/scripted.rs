@@ -6,10 +6,10 @@ use std::sync::Arc;
 use herald_core::metrics::{FailedStep, metrics, render};
 use http::Method;
 use kube::runtime::controller::Action;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::{
-    fixtures::{endpoint, scripted},
+    fixtures::{endpoint, failure, scripted},
     reconcile,
 };
 
@@ -79,14 +79,6 @@ async fn a_secret_that_is_not_whsec_is_reported_as_invalid() {
     api_server.await.unwrap();
 }
 
-/// A Status an API server answers with when it fails.
-fn internal_error() -> Value {
-    json!({
-        "kind": "Status", "apiVersion": "v1", "status": "Failure",
-        "reason": "InternalError", "code": 500, "message": "etcdserver: request timed out",
-    })
-}
-
 fn failures(label: &'static str) -> u64 {
     metrics()
         .operator_reconcile_failures
@@ -99,6 +91,7 @@ async fn a_failing_reconcile_is_an_error_counted_under_the_step_that_failed() {
     let (ctx, mut server) = scripted().await;
     let reconciles = metrics().operator_reconciles.get();
     let (secret_read, status_patch) = (failures("secret_read"), failures("status_patch"));
+    let timed_out = failure(500, "InternalError", "etcdserver: request timed out");
     let api_server = tokio::spawn(async move {
         // The Secret cannot be read: nothing else is tried.
         server
@@ -106,7 +99,7 @@ async fn a_failing_reconcile_is_an_error_counted_under_the_step_that_failed() {
                 Method::GET,
                 "/api/v1/namespaces/default/secrets/flaky",
                 500,
-                internal_error(),
+                timed_out.clone(),
             )
             .await;
         // Next time it is missing, and the status cannot be written.
@@ -115,27 +108,11 @@ async fn a_failing_reconcile_is_an_error_counted_under_the_step_that_failed() {
                 Method::GET,
                 "/api/v1/namespaces/default/secrets/flaky",
                 404,
-                json!({
-                    "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                    "reason": "NotFound", "code": 404, "message": "secrets \"flaky\" not found",
-                }),
+                failure(404, "NotFound", "secrets \"flaky\" not found"),
             )
             .await;
         server
-            .expect(
-                Method::POST,
-                "/apis/events.k8s.io/v1/namespaces/default/events",
-                201,
-                json!({}),
-            )
-            .await;
-        server
-            .expect(
-                Method::PATCH,
-                "/apis/herald.dev/v1alpha1/namespaces/default/webhookendpoints/orders/status",
-                500,
-                internal_error(),
-            )
+            .expect_event_then_status_answered(500, timed_out)
             .await;
     });
     let error = reconcile(Arc::new(endpoint("flaky")), ctx.clone())
