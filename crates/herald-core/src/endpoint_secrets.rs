@@ -148,22 +148,18 @@ fn context(key: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{endpoint::WebhookEndpointSpec, keyring::new_key_text};
+    use crate::keyring::new_key_text;
 
     const HOUR: Duration = Duration::from_secs(3600);
     const HOUR_MS: u64 = 3_600_000;
 
     fn config(secrets: &[&SigningSecret]) -> EndpointConfig {
-        let spec: WebhookEndpointSpec = serde_json::from_value(serde_json::json!({
-            "userId": "1", "url": "https://example.com/hook",
+        serde_json::from_value(serde_json::json!({
+            "v": VERSION, "user": "1", "id": "default_hook",
+            "url": "https://example.com/hook",
             "headers": { "authorization": "Bearer api-token-in-a-header" },
+            "secrets": secrets.iter().map(|s| s.expose()).collect::<Vec<_>>(),
         }))
-        .unwrap();
-        spec.to_config(
-            "default",
-            "hook",
-            secrets.iter().map(|s| (*s).clone()).collect(),
-        )
         .unwrap()
     }
 

@@ -6,7 +6,6 @@
 //! these types, so a change here is a change of the wire contract.
 
 pub mod duration_serde;
-pub mod endpoint;
 pub mod endpoint_secrets;
 pub mod health;
 pub mod ids;

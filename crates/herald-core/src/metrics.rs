@@ -20,6 +20,12 @@ pub struct Outcome {
     pub outcome: &'static str,
 }
 
+/// The step a failed operator reconcile failed at.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailedStep {
+    pub error: &'static str,
+}
+
 pub struct Metrics {
     /// Tasks the API stored (idempotent replays excluded).
     pub tasks_accepted: Counter,
@@ -31,6 +37,10 @@ pub struct Metrics {
     pub webhook_duration: Histogram,
     /// Failure mails by `sent`, `retrying` or `failed`.
     pub mails: Family<Outcome, Counter>,
+    /// `WebhookEndpoint` reconciles the operator ran.
+    pub operator_reconciles: Counter,
+    /// Reconciles that failed, by the step (`secret_read`, `record_write`...).
+    pub operator_reconcile_failures: Family<FailedStep, Counter>,
     registry: Registry,
 }
 
@@ -41,6 +51,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     // 1 ms to about 33 s.
     let webhook_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
     let mails = Family::default();
+    let operator_reconciles = Counter::default();
+    let operator_reconcile_failures = Family::default();
     let mut registry = Registry::with_prefix("herald");
     registry.register(
         "tasks_accepted",
@@ -63,12 +75,24 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         webhook_duration.clone(),
     );
     registry.register("mails", "Failure mails, by outcome", mails.clone());
+    registry.register(
+        "operator_reconciles",
+        "WebhookEndpoint reconciles the operator ran",
+        operator_reconciles.clone(),
+    );
+    registry.register(
+        "operator_reconcile_failures",
+        "WebhookEndpoint reconciles that failed, by the failed step",
+        operator_reconcile_failures.clone(),
+    );
     Metrics {
         tasks_accepted,
         tasks_handled,
         webhook_attempts,
         webhook_duration,
         mails,
+        operator_reconciles,
+        operator_reconcile_failures,
         registry,
     }
 });

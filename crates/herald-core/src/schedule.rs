@@ -86,29 +86,6 @@ impl RetrySchedule {
     }
 }
 
-/// A list of human durations, as the API server can check it.
-impl schemars::JsonSchema for RetrySchedule {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "RetrySchedule".into()
-    }
-
-    fn inline_schema() -> bool {
-        true
-    }
-
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "array",
-            "description": "Delays between attempts, such as [\"5s\", \"5m\", \"30m\"].",
-            "maxItems": MAX_RETRIES,
-            "items": {
-                "type": "string",
-                "pattern": r"^\s*[0-9]+\s*[a-zµ]+(\s*[0-9]+\s*[a-zµ]+)*\s*$"
-            }
-        })
-    }
-}
-
 impl TryFrom<Vec<String>> for RetrySchedule {
     type Error = ScheduleError;
     fn try_from(values: Vec<String>) -> Result<Self, Self::Error> {

@@ -5,13 +5,13 @@
 //! One replica leads at a time (a Lease); the others wait to take over.
 
 mod leader;
-pub mod reconcile;
-pub mod tenancy;
+mod reconcile;
+mod tenancy;
 
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use herald_core::endpoint::WebhookEndpoint;
+use herald_crd::WebhookEndpoint;
 use herald_queue::{Broker, endpoints::RecordWriter};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{
@@ -21,7 +21,7 @@ use kube::{
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-pub use leader::{LeaderElector, LeaseSettings};
+use leader::{LeaderElector, LeaseSettings};
 use reconcile::{Context, error_policy, generated_secret_name, reconcile};
 pub use tenancy::TenancyConfig;
 
@@ -89,7 +89,7 @@ impl OperatorConfig {
 
 /// Who this process is, in the Lease and in Events: the pod name when the
 /// chart sets `POD_NAME`, else the host name and process id.
-pub fn identity() -> String {
+fn identity() -> String {
     std::env::var("POD_NAME").unwrap_or_else(|_| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "herald".into());
         format!("{host}-{}", std::process::id())

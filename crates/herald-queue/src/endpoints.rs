@@ -477,18 +477,14 @@ pub async fn keys(broker: &Broker) -> Result<Vec<String>, QueueError> {
 
 #[cfg(test)]
 mod tests {
-    use herald_core::endpoint::WebhookEndpointSpec;
-
     use super::*;
 
     fn owned_by(owner: Option<&str>) -> EndpointConfig {
-        let spec: WebhookEndpointSpec = serde_json::from_value(serde_json::json!({
-            "userId": "alice", "url": "https://example.com/hook",
+        serde_json::from_value(serde_json::json!({
+            "v": herald_core::payload::VERSION, "user": "alice", "id": "team-a_hook",
+            "url": "https://example.com/hook", "secrets": [], "owner": owner,
         }))
-        .unwrap();
-        let mut config = spec.to_config("team-a", "hook", vec![]).unwrap();
-        config.owner = owner.map(str::to_string);
-        config
+        .unwrap()
     }
 
     #[test]

@@ -1,15 +1,18 @@
 //! Endpoints from a YAML file, for `herald dev`: `WebhookEndpoint`
 //! documents, shaped exactly like the custom resource, and the `Secret`
-//! documents their `secretRef`s name.
+//! documents their `secretRef`s name. Each becomes an endpoint record the
+//! way the operator makes one ([`herald_crd`]), so a file and a cluster
+//! accept and refuse the same things.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
 
 use anyhow::{Context, bail};
-use herald_core::{
-    endpoint::{self, WebhookEndpointSpec},
-    payload::EndpointConfig,
-    signing::SigningSecret,
-};
+use herald_core::{payload::EndpointConfig, signing::SigningSecret};
+use herald_crd::{API_VERSION, KIND, WebhookEndpointSpec};
+use k8s_openapi::{ByteString, api::core::v1::Secret};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -71,13 +74,21 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<FileEndpoint>> {
                 .namespace
                 .clone()
                 .unwrap_or_else(|| "default".into());
-            let mut values = doc.string_data.clone();
+            let mut values: BTreeMap<String, ByteString> = doc
+                .string_data
+                .iter()
+                .map(|(key, text)| (key.clone(), ByteString(text.clone().into_bytes())))
+                .collect();
             for (key, encoded) in &doc.data {
                 let decoded = decode_base64(encoded)
                     .with_context(|| format!("document {index}: data.{key} is not base64"))?;
-                values.insert(key.clone(), decoded);
+                values.insert(key.clone(), ByteString(decoded.into_bytes()));
             }
-            secrets.insert((namespace, doc.metadata.name.clone()), values);
+            let secret = Secret {
+                data: Some(values),
+                ..Default::default()
+            };
+            secrets.insert((namespace, doc.metadata.name.clone()), secret);
         }
     }
 
@@ -85,17 +96,11 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<FileEndpoint>> {
     for (index, doc) in documents {
         match doc.kind.as_deref() {
             Some("Secret") => continue,
-            Some(endpoint::KIND) => {}
-            other => bail!(
-                "document {index}: kind {other:?} is neither {} nor Secret",
-                endpoint::KIND
-            ),
+            Some(KIND) => {}
+            other => bail!("document {index}: kind {other:?} is neither {KIND} nor Secret"),
         }
-        if doc.api_version.as_deref() != Some(endpoint::API_VERSION) {
-            bail!(
-                "document {index}: apiVersion must be {}",
-                endpoint::API_VERSION
-            );
+        if doc.api_version.as_deref() != Some(API_VERSION) {
+            bail!("document {index}: apiVersion must be {API_VERSION}");
         }
         let name = &doc.metadata.name;
         let namespace = doc
@@ -108,17 +113,10 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<FileEndpoint>> {
             .with_context(|| format!("document {index} ({name}): no spec"))?;
         let (secret, generated_secret) = match &spec.secret_ref {
             Some(reference) => {
-                let text = secrets
-                    .get(&(namespace.clone(), reference.name.clone()))
-                    .and_then(|values| values.get(&reference.key))
-                    .with_context(|| {
-                        format!(
-                            "document {index} ({name}): secretRef names {}/{} key {:?}, which the file does not define",
-                            namespace, reference.name, reference.key
-                        )
-                    })?;
-                let secret = SigningSecret::parse(text)
-                    .with_context(|| format!("document {index} ({name}): secret"))?;
+                let found = secrets.get(&(namespace.clone(), reference.name.clone()));
+                let secret = reference
+                    .signing_secret(&namespace, found)
+                    .with_context(|| format!("document {index} ({name}): secretRef"))?;
                 (secret, false)
             }
             None => (SigningSecret::generate(), true),
@@ -187,5 +185,11 @@ spec:
         let missing = "apiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\nmetadata: {name: x}\nspec: {userId: '1', url: 'http://x/', secretRef: {name: nope}}\n";
         let err = format!("{:#}", parse(missing).unwrap_err());
         assert!(err.contains("nope"), "{err}");
+        // The same words as the operator's status for the same Secret.
+        let no_key = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {other: x}\n---\n\
+            apiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\nmetadata: {name: x}\n\
+            spec: {userId: '1', url: 'http://x/', secretRef: {name: s}}\n";
+        let err = format!("{:#}", parse(no_key).unwrap_err());
+        assert!(err.contains("Secret s has no key secret"), "{err}");
     }
 }

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::{Context, FINALIZER, MANAGER};
 use crate::OperatorConfig;
-use herald_core::endpoint::WebhookEndpoint;
+use herald_crd::WebhookEndpoint;
 use herald_queue::endpoints::RecordWriter;
 
 /// The API server's side of the reconciler's client.
@@ -116,6 +116,17 @@ impl ApiServer {
         &mut self,
         answer: &WebhookEndpoint,
     ) -> (Value, Value) {
+        self.expect_event_then_status_answered(200, serde_json::to_value(answer).unwrap())
+            .await
+    }
+
+    /// [`Self::expect_event_then_status`] with the patch answered with
+    /// `status` and `answer` (a failure, say).
+    pub(super) async fn expect_event_then_status_answered(
+        &mut self,
+        status: u16,
+        answer: Value,
+    ) -> (Value, Value) {
         let event = self
             .expect(
                 Method::POST,
@@ -128,10 +139,18 @@ impl ApiServer {
             .expect(
                 Method::PATCH,
                 "/apis/herald.dev/v1alpha1/namespaces/default/webhookendpoints/orders/status",
-                200,
-                serde_json::to_value(answer).unwrap(),
+                status,
+                answer,
             )
             .await;
         (event, patch)
     }
+}
+
+/// The `Status` an API server answers a failed request with.
+pub(super) fn failure(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": reason, "code": code, "message": message,
+    })
 }

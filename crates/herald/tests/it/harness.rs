@@ -6,10 +6,8 @@ use herald::{
     config::Config,
     roles::{self, Roles},
 };
-use herald_core::{
-    endpoint::WebhookEndpointSpec, payload::EndpointConfig, schedule::RetrySchedule,
-    signing::SigningSecret,
-};
+use herald_core::{payload::EndpointConfig, schedule::RetrySchedule, signing::SigningSecret};
+use herald_crd::WebhookEndpointSpec;
 use herald_queue::Broker;
 use herald_testkit::{Mailpit, NatsServer, wait_until};
 use serde_json::{Value, json};

@@ -465,3 +465,65 @@ async fn two_operators_one_leads_and_the_other_takes_over_when_it_dies() {
     );
     wait_for_field(&cp, "two", READY, "True").await;
 }
+
+/// The value of `sample` (a metric name with its labels) in what the
+/// operator serves at `http://<probes>/metrics`; `None` until it is there.
+async fn metric(http: &reqwest::Client, probes: &str, sample: &str) -> Option<f64> {
+    let text = http
+        .get(format!("http://{probes}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(sample)?.strip_prefix(' ')?;
+        value.split(' ').next()?.parse().ok()
+    })
+}
+
+#[tokio::test]
+async fn a_failed_reconcile_is_counted_under_its_step_and_retried_until_it_succeeds() {
+    let cp = ControlPlane::start().await;
+    let mut nats = NatsServer::start().await;
+    install_crd(&cp);
+    // These tests are about one tenant: it may serve every user.
+    grant(&cp, "default", "*");
+    let probes = format!("127.0.0.1:{}", free_port());
+    let _operator = operator_process_with(
+        &cp,
+        &nats,
+        "operator-a",
+        &[("HERALD_HEALTH__LISTEN", &probes)],
+    );
+    let http = http_client();
+    apply_ok(
+        &cp,
+        &endpoint_yaml("steady", "f1", "https://example.com/a", ""),
+    );
+    wait_for_field(&cp, "steady", READY, "True").await;
+    assert_eq!(field(&cp, "steady", "{.status.observedGeneration}"), "1");
+    let reconciles = metric(&http, &probes, "herald_operator_reconciles_total").await;
+    assert!(reconciles >= Some(1.0), "{reconciles:?}");
+
+    // Without NATS the record cannot be written: the reconcile fails at
+    // that step, is counted under it, and the status is left alone.
+    nats.stop().await;
+    apply_ok(
+        &cp,
+        &endpoint_yaml("steady", "f1", "https://example.com/b", ""),
+    );
+    let failed_write = "herald_operator_reconcile_failures_total{error=\"record_write\"}";
+    wait_until("a failed record write to be counted", DEADLINE, || async {
+        (metric(&http, &probes, failed_write).await? >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(field(&cp, "steady", "{.status.observedGeneration}"), "1");
+    assert_eq!(field(&cp, "steady", READY), "True");
+
+    // NATS is back: the retry writes the new generation.
+    nats.start_again().await;
+    wait_for_field(&cp, "steady", "{.status.observedGeneration}", "2").await;
+    assert_eq!(field(&cp, "steady", READY), "True");
+}

@@ -7,11 +7,11 @@ use std::{path::Path, process::Stdio, sync::Arc, time::Duration};
 
 use herald::{cli::WorkerKind, roles::Roles};
 use herald_core::{
-    endpoint::WebhookEndpointSpec,
     keyring::{Keyring, new_key_text},
     names,
     signing::SigningSecret,
 };
+use herald_crd::WebhookEndpointSpec;
 use herald_queue::endpoints::{self, EndpointCache, RecordWriter};
 use herald_testkit::{
     NatsServer, ReceivedWebhook, ReceiverBehaviour, TestReceiver, verify_with_standardwebhooks,

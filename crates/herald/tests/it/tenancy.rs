@@ -7,12 +7,12 @@ use futures::StreamExt;
 use herald::roles::Roles;
 use herald_core::{
     EndpointId, UserId,
-    endpoint::WebhookEndpointSpec,
     endpoint_secrets::open_record,
     names,
     payload::{EndpointConfig, owner_of_resource},
     signing::SigningSecret,
 };
+use herald_crd::WebhookEndpointSpec;
 use herald_queue::endpoints::{self, RecordWriter};
 use herald_testkit::{ControlPlane, NatsServer, ReceiverBehaviour, TestReceiver, wait_until};
 use serde_json::json;
