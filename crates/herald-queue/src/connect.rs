@@ -139,7 +139,7 @@ pub async fn connect_with(config: &NatsConfig, name: &str) -> Result<Broker, Con
     // (if any) is dropped.
     let client = settings
         .options(true)
-        .connect(settings.url.as_str())
+        .connect(settings.servers.as_slice())
         .await
         .map_err(|e| ConnectError::Setting {
             setting: "nats.url",

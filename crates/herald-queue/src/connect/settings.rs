@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use async_nats::{Client, ConnectErrorKind, ConnectOptions};
+use async_nats::{Client, ConnectErrorKind, ConnectOptions, ServerAddr};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use super::{ConnectError, NatsConfig, NatsTlsConfig, REQUEST_TIMEOUT};
@@ -43,10 +43,36 @@ impl Credentials {
 
 /// Everything needed to open a connection, checked and read from files.
 pub(super) struct Settings {
+    /// `nats.url` as given, for logs.
     pub(super) url: String,
+    /// The servers it lists: the client tries them in turn and reconnects
+    /// to whichever answers (a cluster's seed list).
+    pub(super) servers: Vec<ServerAddr>,
     name: String,
     credentials: Credentials,
     tls: NatsTlsConfig,
+}
+
+/// `nats.url`: one server URL, or several separated by commas (spaces
+/// around them allowed), each `nats://`, `tls://` or a bare `host:port`.
+fn parse_servers(text: &str) -> Result<Vec<ServerAddr>, ConnectError> {
+    let servers = text
+        .split(',')
+        .map(str::trim)
+        .filter(|server| !server.is_empty())
+        .map(|server| {
+            server.parse::<ServerAddr>().map_err(|e| {
+                setting(
+                    "nats.url",
+                    format!("{server:?} is not a server address: {e}"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(setting("nats.url", "is empty"));
+    }
+    Ok(servers)
 }
 
 fn read_secret(name: &'static str, path: &str) -> Result<String, ConnectError> {
@@ -72,9 +98,7 @@ fn check_certificates(name: &'static str, path: &str) -> Result<(), ConnectError
 
 impl Settings {
     pub(super) fn read(config: &NatsConfig, name: &str) -> Result<Settings, ConnectError> {
-        if config.url.trim().is_empty() {
-            return Err(setting("nats.url", "is empty"));
-        }
+        let servers = parse_servers(&config.url)?;
         let given = [
             !config.credentials_file.is_empty(),
             !config.nkey_seed_file.is_empty(),
@@ -150,6 +174,7 @@ impl Settings {
         }
         Ok(Settings {
             url: config.url.clone(),
+            servers,
             name: name.to_string(),
             credentials,
             tls: tls.clone(),
@@ -279,7 +304,7 @@ impl Settings {
     /// One connection attempt: the server's answer, or `Ok(None)` when it
     /// could not be reached at all.
     pub(super) async fn try_once(&self) -> Result<Option<Client>, ConnectError> {
-        match self.options(false).connect(self.url.as_str()).await {
+        match self.options(false).connect(self.servers.as_slice()).await {
             Ok(client) => Ok(Some(client)),
             Err(e) => match self.refusal(&e) {
                 Some(refused) => Err(refused),
@@ -317,6 +342,26 @@ mod tests {
         match Settings::read(config, "test") {
             Ok(_) => panic!("accepted {config:?}"),
             Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_url_may_list_several_servers() {
+        let servers =
+            parse_servers("nats://10.0.0.1:4222, tls://nats-1.nats:4222,nats-2:4223").unwrap();
+        assert_eq!(servers.len(), 3);
+        assert!(servers[1].tls_required());
+        assert_eq!(servers[2].port(), 4223);
+        for (bad, named) in [
+            ("", "is empty"),
+            (" , ", "is empty"),
+            ("nats://a:4222,nats://b:port", "\"nats://b:port\""),
+        ] {
+            let error = parse_servers(bad).unwrap_err().to_string();
+            assert!(
+                error.contains("nats.url") && error.contains(named),
+                "{bad:?}: {error}"
+            );
         }
     }
 

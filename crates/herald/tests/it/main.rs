@@ -19,6 +19,7 @@ mod inputs;
 mod leaks;
 mod nats_auth;
 mod nats_refusals;
+mod nats_servers;
 mod openapi;
 mod operator;
 mod policies;
