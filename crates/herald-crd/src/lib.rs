@@ -36,7 +36,10 @@ mod tests {
 
     #[test]
     fn the_committed_crds_match_the_rust_type() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let root = Path::new(
+            &std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR for tests"),
+        )
+        .join("../..");
         for copy in [
             "crds/webhookendpoints.herald.dev.yaml",
             "deploy/helm/herald/crds/webhookendpoints.herald.dev.yaml",

@@ -21,6 +21,6 @@ pub use mailpit::{MailMessage, Mailpit};
 pub use nats::{NatsServer, include_path};
 pub use nats_tls::TestPki;
 pub use receiver::{ReceivedWebhook, ReceiverBehaviour, TestReceiver};
-pub use tools::{free_port, http_client, tool, tools_dir};
+pub use tools::{free_port, http_client, tool, tools_dir, workspace_root};
 pub use verify::verify_with_standardwebhooks;
 pub use wait::wait_until;

@@ -1,6 +1,9 @@
 //! Where the pinned external programs live.
 
-use std::{net::TcpListener, path::PathBuf};
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+};
 
 /// `$HERALD_TOOLS`, or `~/.cache/herald-tools`: the cache that
 /// `scripts/install-tools.sh` fills.
@@ -10,6 +13,21 @@ pub fn tools_dir() -> PathBuf {
     }
     let home = std::env::var_os("HOME").expect("HOME is not set and neither is HERALD_TOOLS");
     PathBuf::from(home).join(".cache/herald-tools")
+}
+
+/// The repository's root (where `Cargo.lock` is), found at run time from
+/// the `CARGO_MANIFEST_DIR` cargo gives every test it runs. A path baked
+/// in with `env!` at compile time goes stale when a cached build (CI's
+/// target directory) is reused by a checkout somewhere else.
+pub fn workspace_root() -> PathBuf {
+    let package = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .expect("CARGO_MANIFEST_DIR is not set: run the tests with cargo");
+    package
+        .ancestors()
+        .find(|dir| dir.join("Cargo.lock").is_file())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| panic!("no Cargo.lock above {}", package.display()))
 }
 
 /// The installed program `name`; panics with the way to install it when it

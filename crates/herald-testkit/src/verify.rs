@@ -2,7 +2,6 @@
 
 use std::{
     io::Write,
-    path::PathBuf,
     process::{Command, Stdio},
 };
 
@@ -19,8 +18,7 @@ pub fn verify_with_standardwebhooks(secret: &str, webhook: &ReceivedWebhook) -> 
         "the verifier's venv is missing at {}: run `make tools` (scripts/install-tools.sh)",
         python.display()
     );
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/verify_standard_webhook.py");
+    let script = crate::workspace_root().join("scripts/verify_standard_webhook.py");
     let headers: serde_json::Map<String, serde_json::Value> = webhook
         .headers
         .iter()

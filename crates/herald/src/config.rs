@@ -358,7 +358,10 @@ mod tests {
 
     #[test]
     fn the_example_file_is_valid_and_complete() {
-        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config.example.toml");
+        let file = Path::new(
+            &std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR for tests"),
+        )
+        .join("../../config.example.toml");
         let from_file = load(Some(&file), json!({})).unwrap();
         let defaults = serde_json::to_value(Config::default()).unwrap();
         assert_eq!(

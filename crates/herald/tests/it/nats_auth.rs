@@ -32,8 +32,8 @@ pub(crate) const ROLES: [(&str, &str); 5] = [
 const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 pub(crate) fn permissions_file() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../deploy/nats/permissions.conf")
+    herald_testkit::workspace_root()
+        .join("deploy/nats/permissions.conf")
         .canonicalize()
         .expect("deploy/nats/permissions.conf exists")
 }

@@ -3,7 +3,7 @@
 //! routes deliveries; changes, rotations, deletions, bad objects, missing
 //! Secrets, endpoint health and leader election, as a user sees them.
 
-use std::{path::Path, process::Stdio};
+use std::process::Stdio;
 
 use herald::roles::Roles;
 use herald_core::signing::SigningSecret;
@@ -48,8 +48,7 @@ pub(crate) fn apply_ok(cp: &ControlPlane, yaml: &str) {
 }
 
 pub(crate) fn install_crd(cp: &ControlPlane) {
-    let crd =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crds/webhookendpoints.herald.dev.yaml");
+    let crd = herald_testkit::workspace_root().join("crds/webhookendpoints.herald.dev.yaml");
     kubectl(cp, &["apply", "-f", &crd.display().to_string()]);
     kubectl(
         cp,

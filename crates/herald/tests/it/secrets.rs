@@ -299,7 +299,7 @@ async fn roles_that_read_or_write_endpoints_refuse_to_start_without_the_key() {
             .args(["--nats-url", "nats://127.0.0.1:9"])
             .env_remove("HERALD_SECRETS__KEY")
             .env_remove("HERALD_SECRETS__KEY_FILE")
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+            .current_dir(herald_testkit::workspace_root())
             .output()
             .await
             .unwrap();
