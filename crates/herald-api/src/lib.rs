@@ -10,6 +10,7 @@
 //! send, and 503 when NATS is unavailable. Bearer tokens guard every route
 //! under `/users/{user}/` ([`auth`]).
 
+mod access;
 pub mod auth;
 mod error;
 mod health;
@@ -158,8 +159,10 @@ fn app(access: &Access) -> OpenApiRouter<AppState> {
 pub fn router(state: AppState) -> Router {
     let (router, _) = app(state.access()).split_for_parts();
     router
+        .route_layer(axum::middleware::from_fn(access::remember_route))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn(access::log))
         .with_state(state)
 }
 
