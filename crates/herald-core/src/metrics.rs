@@ -10,6 +10,7 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -18,6 +19,13 @@ use prometheus_client::{
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
     pub outcome: &'static str,
+}
+
+/// A durable consumer of a stream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    pub stream: &'static str,
+    pub consumer: &'static str,
 }
 
 /// The step a failed operator reconcile failed at.
@@ -37,6 +45,11 @@ pub struct Metrics {
     pub webhook_duration: Histogram,
     /// Failure mails by `sent`, `retrying` or `failed`.
     pub mails: Family<Outcome, Counter>,
+    /// Messages of a consumer not yet delivered, as its last sample said
+    /// (every replica reports the same consumer: aggregate with `max`).
+    pub consumer_pending: Family<ConsumerLabels, Gauge>,
+    /// Messages delivered and not yet acknowledged.
+    pub consumer_ack_pending: Family<ConsumerLabels, Gauge>,
     /// `WebhookEndpoint` reconciles the operator ran.
     pub operator_reconciles: Counter,
     /// Reconciles that failed, by the step (`secret_read`, `record_write`...).
@@ -51,9 +64,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     // 1 ms to about 33 s.
     let webhook_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
     let mails = Family::default();
+    let consumer_pending = Family::default();
+    let consumer_ack_pending = Family::default();
     let operator_reconciles = Counter::default();
     let operator_reconcile_failures = Family::default();
     let mut registry = Registry::with_prefix("herald");
+    let build_info: Family<Vec<(&'static str, &'static str)>, Gauge> = Family::default();
+    build_info
+        .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
+        .set(1);
+    registry.register("build_info", "Herald's version, as a label", build_info);
     registry.register(
         "tasks_accepted",
         "Tasks stored by the API",
@@ -76,6 +96,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     registry.register("mails", "Failure mails, by outcome", mails.clone());
     registry.register(
+        "consumer_pending_messages",
+        "Messages a consumer has not delivered yet (its backlog), sampled by its workers",
+        consumer_pending.clone(),
+    );
+    registry.register(
+        "consumer_ack_pending_messages",
+        "Messages a consumer delivered that are not acknowledged yet, sampled by its workers",
+        consumer_ack_pending.clone(),
+    );
+    registry.register(
         "operator_reconciles",
         "WebhookEndpoint reconciles the operator ran",
         operator_reconciles.clone(),
@@ -91,6 +121,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         webhook_attempts,
         webhook_duration,
         mails,
+        consumer_pending,
+        consumer_ack_pending,
         operator_reconciles,
         operator_reconcile_failures,
         registry,

@@ -26,6 +26,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use herald_core::metrics::ConsumerLabels;
+
 use crate::{Broker, TopologyConfig, backoff::Backoff, topology};
 
 /// How long the server keeps an unfilled pull request. Short, because a
@@ -67,8 +69,73 @@ pub struct ConsumerSettings {
     pub manage_topology: bool,
 }
 
-/// Consumes until `shutdown` fires, then drains.
+/// How often a consuming process samples its consumer's backlog for the
+/// metrics: one JetStream API request per interval and process.
+const BACKLOG_SAMPLE: Duration = Duration::from_secs(10);
+
+/// Consumes until `shutdown` fires, then drains. Meanwhile samples the
+/// consumer's backlog into the metrics.
 pub async fn run<H: MessageHandler>(
+    broker: Broker,
+    topology_config: TopologyConfig,
+    settings: ConsumerSettings,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) {
+    let sampling = sample_backlog(
+        broker.clone(),
+        settings.stream,
+        settings.consumer,
+        shutdown.clone(),
+    );
+    tokio::join!(
+        consume(broker, topology_config, settings, handler, shutdown),
+        sampling
+    );
+}
+
+/// Sets `herald_consumer_pending_messages` and
+/// `herald_consumer_ack_pending_messages` of `consumer` every
+/// [`BACKLOG_SAMPLE`] until `shutdown`. A failed sample keeps the last
+/// values (NATS down: the backlog is not known to be empty).
+async fn sample_backlog(
+    broker: Broker,
+    stream: &'static str,
+    consumer: &'static str,
+    shutdown: CancellationToken,
+) {
+    let labels = ConsumerLabels { stream, consumer };
+    let metrics = herald_core::metrics::metrics();
+    let mut tick = tokio::time::interval(BACKLOG_SAMPLE);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let info = async {
+            broker
+                .stream(stream)
+                .await?
+                .consumer_info(consumer)
+                .await
+                .map_err(|e| crate::QueueError::request("consumer info", e))
+        };
+        match info.await {
+            Ok(info) => {
+                let pending = i64::try_from(info.num_pending).unwrap_or(i64::MAX);
+                let ack_pending = i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX);
+                metrics.consumer_pending.get_or_create(&labels).set(pending);
+                metrics
+                    .consumer_ack_pending
+                    .get_or_create(&labels)
+                    .set(ack_pending);
+            }
+            Err(e) => tracing::debug!(consumer, error = %e, "cannot sample the backlog"),
+        }
+    }
+}
+
+async fn consume<H: MessageHandler>(
     broker: Broker,
     topology_config: TopologyConfig,
     settings: ConsumerSettings,

@@ -9,6 +9,7 @@ mod harness;
 
 mod abandoned;
 mod auth;
+mod backlog;
 mod chart;
 mod counts;
 mod delivery;
