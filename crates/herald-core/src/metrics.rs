@@ -28,6 +28,13 @@ pub struct ConsumerLabels {
     pub consumer: &'static str,
 }
 
+/// The SSRF guard's range that refused an address (`loopback`,
+/// `private-use`...: a fixed list, so a bounded label).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedRange {
+    pub range: &'static str,
+}
+
 /// The step a failed operator reconcile failed at.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailedStep {
@@ -45,6 +52,8 @@ pub struct Metrics {
     pub webhook_duration: Histogram,
     /// Failure mails by `sent`, `retrying` or `failed`.
     pub mails: Family<Outcome, Counter>,
+    /// Webhook requests the SSRF guard refused, by the refusing range.
+    pub ssrf_refusals: Family<RefusedRange, Counter>,
     /// Messages of a consumer not yet delivered, as its last sample said
     /// (every replica reports the same consumer: aggregate with `max`).
     pub consumer_pending: Family<ConsumerLabels, Gauge>,
@@ -64,6 +73,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     // 1 ms to about 33 s.
     let webhook_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
     let mails = Family::default();
+    let ssrf_refusals = Family::default();
     let consumer_pending = Family::default();
     let consumer_ack_pending = Family::default();
     let operator_reconciles = Counter::default();
@@ -96,6 +106,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     registry.register("mails", "Failure mails, by outcome", mails.clone());
     registry.register(
+        "ssrf_refusals",
+        "Webhook requests the SSRF guard refused, by the refusing range",
+        ssrf_refusals.clone(),
+    );
+    registry.register(
         "consumer_pending_messages",
         "Messages a consumer has not delivered yet (its backlog), sampled by its workers",
         consumer_pending.clone(),
@@ -121,6 +136,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         webhook_attempts,
         webhook_duration,
         mails,
+        ssrf_refusals,
         consumer_pending,
         consumer_ack_pending,
         operator_reconciles,

@@ -7,6 +7,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use herald_core::{
+    metrics::RefusedRange,
     payload::{DeliveryJob, EndpointConfig, RESPONSE_BODY_LIMIT},
     signing::signature_header,
 };
@@ -136,7 +137,15 @@ pub(super) async fn send(
             retry_after: None,
             body: None,
             error: Some(match e {
-                SendError::Refused(refused) => refused.describe(config.ssrf.reveal_refused_address),
+                SendError::Refused(refused) => {
+                    herald_core::metrics::metrics()
+                        .ssrf_refusals
+                        .get_or_create(&RefusedRange {
+                            range: refused.range_name(),
+                        })
+                        .inc();
+                    refused.describe(config.ssrf.reveal_refused_address)
+                }
                 // Without the URL: its query or path may hold a secret.
                 SendError::Http(e) => describe_request_error(&e.without_url()),
             }),

@@ -61,6 +61,13 @@ async fn by_default_loopback_is_refused_on_the_normal_failure_path() {
         );
         assert!(attempt["status"].is_null(), "{task}");
     }
+    // Counted by range (the roles run in this process; other tests may
+    // have counted loopback refusals too).
+    let refusals = herald_core::metrics::render()
+        .lines()
+        .find_map(|line| line.strip_prefix(r#"herald_ssrf_refusals_total{range="loopback"} "#))
+        .and_then(|count| count.parse::<u64>().ok());
+    assert!(refusals.is_some_and(|n| n >= 4), "{refusals:?}");
     let mails = mail
         .wait_for_messages("owner30@example.com", 1, DEADLINE)
         .await;
