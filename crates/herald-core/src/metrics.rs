@@ -35,6 +35,13 @@ pub struct RefusedRange {
     pub range: &'static str,
 }
 
+/// A delivery state of an endpoint (`active`, `failing`, `disabled`,
+/// `paused`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointStateLabel {
+    pub state: &'static str,
+}
+
 /// The step a failed operator reconcile failed at.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailedStep {
@@ -59,6 +66,9 @@ pub struct Metrics {
     pub consumer_pending: Family<ConsumerLabels, Gauge>,
     /// Messages delivered and not yet acknowledged.
     pub consumer_ack_pending: Family<ConsumerLabels, Gauge>,
+    /// `WebhookEndpoint`s by the delivery state their status shows (the
+    /// operator's leader keeps it).
+    pub endpoints: Family<EndpointStateLabel, Gauge>,
     /// `WebhookEndpoint` reconciles the operator ran.
     pub operator_reconciles: Counter,
     /// Reconciles that failed, by the step (`secret_read`, `record_write`...).
@@ -76,6 +86,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let ssrf_refusals = Family::default();
     let consumer_pending = Family::default();
     let consumer_ack_pending = Family::default();
+    let endpoints = Family::default();
     let operator_reconciles = Counter::default();
     let operator_reconcile_failures = Family::default();
     let mut registry = Registry::with_prefix("herald");
@@ -121,6 +132,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         consumer_ack_pending.clone(),
     );
     registry.register(
+        "endpoints",
+        "WebhookEndpoints by the delivery state their status shows, as the operator's leader wrote it",
+        endpoints.clone(),
+    );
+    registry.register(
         "operator_reconciles",
         "WebhookEndpoint reconciles the operator ran",
         operator_reconciles.clone(),
@@ -139,6 +155,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ssrf_refusals,
         consumer_pending,
         consumer_ack_pending,
+        endpoints,
         operator_reconciles,
         operator_reconcile_failures,
         registry,

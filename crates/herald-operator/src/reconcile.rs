@@ -29,6 +29,7 @@
 mod error;
 mod record;
 mod secret;
+mod states;
 mod status;
 
 use std::sync::Arc;
@@ -154,6 +155,7 @@ async fn apply(
         Err(_) => {}
     }
     status.conditions = status::conditions(&old_status, &status, written.as_ref().err());
+    states::record(&namespace, &name, status.state);
 
     status::publish_transitions(endpoint, &old_status, &status, written.as_ref().err(), ctx).await;
     if status != old_status {
@@ -176,6 +178,7 @@ async fn apply(
 async fn cleanup(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Action, Error> {
     let namespace = endpoint.namespace().ok_or(Error::NoNamespace)?;
     record::remove_own(endpoint, &namespace, ctx, None).await?;
+    states::forget(&namespace, &endpoint.name_any());
     tracing::info!(%namespace, name = %endpoint.name_any(), "endpoint removed from herald-endpoints");
     Ok(Action::await_change())
 }
