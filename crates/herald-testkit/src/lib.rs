@@ -6,6 +6,7 @@
 //! `~/.cache/herald-tools`). A missing program fails the test with a message
 //! that says how to install it; nothing here skips.
 
+mod cluster;
 mod control_plane;
 mod mailpit;
 mod nats;
@@ -16,6 +17,7 @@ mod tools;
 mod verify;
 mod wait;
 
+pub use cluster::{Cluster, NODE_NAME, TEST_POD_IMAGE};
 pub use control_plane::ControlPlane;
 pub use mailpit::{MailMessage, Mailpit};
 pub use nats::{NatsServer, include_path};
