@@ -6,6 +6,8 @@
 //! `~/.cache/herald-tools`). A missing program fails the test with a message
 //! that says how to install it; nothing here skips.
 
+mod cluster_nats;
+mod cluster_sinks;
 mod control_plane;
 mod image_runner;
 mod images;
@@ -19,6 +21,10 @@ mod tools;
 mod verify;
 mod wait;
 
+pub use cluster_nats::{
+    IMAGE_USER, LOCAL_STORAGE_CLASS, local_volumes, nats_chart, nats_chart_values,
+};
+pub use cluster_sinks::{MAILPIT_SERVICE, RECEIVER_SERVICE, sinks_manifest};
 pub use control_plane::ControlPlane;
 pub use image_runner::{ImageRunner, RunOptions};
 pub use images::{Image, Images, dockerfile, images_dir};
