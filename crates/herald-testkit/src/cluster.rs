@@ -99,6 +99,10 @@ impl Cluster {
         let lock = tokio::task::spawn_blocking(ClusterLock::acquire)
             .await
             .expect("taking the cluster lock panicked");
+        let waited = started.elapsed();
+        if waited > Duration::from_secs(1) {
+            eprintln!("cluster: waited {waited:.1?} for another test's cluster to finish");
+        }
         let dir = tempfile::Builder::new()
             .prefix("herald-cluster-")
             .tempdir()
@@ -150,8 +154,8 @@ impl Cluster {
         )
         .await;
         eprintln!(
-            "cluster: node {NODE_NAME} Ready with DNS and kube-proxy in {:.1?}",
-            started.elapsed()
+            "cluster: node {NODE_NAME} Ready with DNS and kube-proxy in {:.1?} after the lock",
+            started.elapsed() - waited
         );
         Cluster {
             _kube_proxy: kube_proxy,

@@ -3,7 +3,11 @@
 //! with its probes passing and no restarts, `kubectl apply` of a
 //! WebhookEndpoint for a receiver pod going Active, and a task posted with
 //! HTTP through the API's NodePort delivered to that pod, signed with the
-//! secret of the Secret the endpoint references.
+//! secret of the Secret the endpoint references; a failing receiver turns
+//! its endpoint's status `Failing` and the owner's email lands in the mail
+//! sink pod. Then: the leading operator pod killed, another takes over;
+//! `helm upgrade` of a config value rolls the pods; `helm uninstall` leaves
+//! only the CRD.
 //!
 //! Everything runs in the cluster (herald_testkit::Cluster): NATS
 //! JetStream (deploy/nats/test-cluster), the receiver and the mail sink
@@ -14,8 +18,8 @@ use std::time::Duration;
 
 use herald_core::signing::SigningSecret;
 use herald_testkit::{
-    Cluster, Images, NODE_NAME, RECEIVER_SERVICE, RemoteReceiver, http_client,
-    verify_with_standardwebhooks, wait_until,
+    Cluster, Images, MAILPIT_SERVICE, NODE_NAME, RECEIVER_SERVICE, ReceiverBehaviour,
+    RemoteReceiver, http_client, verify_with_standardwebhooks, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -99,6 +103,9 @@ async fn install(cluster: &Cluster, images: &Images) {
             &format!("secrets.encryptionKey.value={TEST_KEY}"),
             "--set",
             SSRF_ALLOW,
+            // Endpoint health shows in the status within seconds.
+            "--set",
+            "config.operator.health_resync=2s",
         ]),
     );
 }
@@ -176,19 +183,7 @@ async fn the_chart_runs_on_a_node_and_delivers_a_task_posted_through_its_service
          metadata: {{name: orders, namespace: {NAMESPACE}}}\n\
          spec:\n  userId: 'k1'\n  url: '{url}'\n  email: ops@herald.test\n  secretRef: {{name: hook-secret}}\n"
     ));
-    wait_until("the WebhookEndpoint to be Active", DELIVERY, || {
-        let state = cluster.kubectl([
-            "get",
-            "whe",
-            "orders",
-            "-n",
-            NAMESPACE,
-            "-o",
-            "jsonpath={.status.state}",
-        ]);
-        async move { (String::from_utf8_lossy(&state.stdout) == "Active").then_some(()) }
-    })
-    .await;
+    wait_for_endpoint_state(&cluster, "orders", "Active").await;
     let table = kubectl(&cluster, &["get", "whe", "-n", NAMESPACE]);
     assert!(table.contains("k1") && table.contains(&url), "{table}");
 
@@ -209,19 +204,7 @@ async fn the_chart_runs_on_a_node_and_delivers_a_task_posted_through_its_service
     let task: Value = response.json().await.expect("a JSON task");
     let id = task["id"].as_str().expect("the task has an id").to_string();
 
-    let receiver_ip = kubectl(
-        &cluster,
-        &[
-            "get",
-            "pods",
-            "-n",
-            NAMESPACE,
-            "-l",
-            &format!("app={RECEIVER_SERVICE}"),
-            "-o",
-            "jsonpath={.items[0].status.podIP}",
-        ],
-    );
+    let receiver_ip = pod_ip(&cluster, RECEIVER_SERVICE);
     let receiver = RemoteReceiver::new(&format!("http://{receiver_ip}:8080"));
     let webhook = wait_until("the task's webhook at the receiver pod", DELIVERY, || {
         let receiver = receiver.clone();
@@ -237,4 +220,261 @@ async fn the_chart_runs_on_a_node_and_delivers_a_task_posted_through_its_service
     .await;
     verify_with_standardwebhooks(&secret.expose(), &webhook)
         .expect("signed with the secret of the referenced Secret");
+
+    // The receiver fails from now on: an endpoint with one retry second
+    // turns Failing, and its owner is mailed once the retries run out.
+    receiver
+        .set_behaviour(&ReceiverBehaviour::Status(500))
+        .await;
+    let broken = format!("http://{RECEIVER_SERVICE}.{NAMESPACE}.svc.cluster.local/broken");
+    cluster.apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\n\
+         metadata: {{name: broken, namespace: {NAMESPACE}}}\n\
+         spec:\n  userId: 'k2'\n  url: '{broken}'\n  email: owner@herald.test\n  retry: {{schedule: [1s]}}\n"
+    ));
+    wait_for_endpoint_state(&cluster, "broken", "Active").await;
+    let response = http
+        .post(format!("{api}/users/k2/tasks/echo"))
+        .json(&json!({ "hello": "failure" }))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {api}: {e}"));
+    assert_eq!(response.status().as_u16(), 201, "the task is accepted");
+    wait_for_endpoint_state(&cluster, "broken", "Failing").await;
+    let mailpit_ip = pod_ip(&cluster, MAILPIT_SERVICE);
+    let messages = format!("http://{mailpit_ip}:8025/api/v1/messages");
+    let mail = wait_until("the failure mail in the mail sink pod", DELIVERY, || {
+        let request = http.get(&messages).send();
+        async move {
+            let listing: Value = request.await.ok()?.json().await.ok()?;
+            listing["messages"]
+                .as_array()?
+                .iter()
+                .find(|message| message["To"][0]["Address"] == "owner@herald.test")
+                .cloned()
+        }
+    })
+    .await;
+    eprintln!("failure mail: {}", mail["Subject"]);
+}
+
+/// Waits until WebhookEndpoint `name` shows `state` in its status.
+async fn wait_for_endpoint_state(cluster: &Cluster, name: &str, state: &str) {
+    wait_until(
+        &format!("WebhookEndpoint {name} to be {state}"),
+        DELIVERY,
+        || {
+            let shown = cluster.kubectl([
+                "get",
+                "whe",
+                name,
+                "-n",
+                NAMESPACE,
+                "-o",
+                "jsonpath={.status.state}",
+            ]);
+            async move { (String::from_utf8_lossy(&shown.stdout) == state).then_some(()) }
+        },
+    )
+    .await;
+}
+
+/// The address of the pod of Deployment `app` (label `app=<app>`).
+fn pod_ip(cluster: &Cluster, app: &str) -> String {
+    kubectl(
+        cluster,
+        &[
+            "get",
+            "pods",
+            "-n",
+            NAMESPACE,
+            "-l",
+            &format!("app={app}"),
+            "-o",
+            "jsonpath={.items[0].status.podIP}",
+        ],
+    )
+}
+
+/// The holder of the operator's leader-election Lease.
+fn lease_holder(cluster: &Cluster) -> String {
+    kubectl(
+        cluster,
+        &[
+            "get",
+            "lease",
+            "herald-operator",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+    )
+}
+
+/// The names of the pods of the chart's component `component`.
+fn component_pods(cluster: &Cluster, component: &str) -> Vec<String> {
+    let pods = kubectl_json(
+        cluster,
+        &[
+            "get",
+            "pods",
+            "-n",
+            NAMESPACE,
+            "-l",
+            &format!("app.kubernetes.io/component={component}"),
+        ],
+    );
+    pods["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|pod| pod["metadata"]["deletionTimestamp"].is_null())
+        .filter_map(|pod| pod["metadata"]["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_operator_takes_over_from_a_killed_leader_and_helm_upgrade_and_uninstall_do_what_they_say()
+ {
+    let images = Images::load();
+    let cluster = Cluster::start().await;
+    install(&cluster, &images).await;
+    wait_for_rollout(&cluster).await;
+
+    // The operator pod killed while it leads: another operator takes the
+    // Lease and keeps endpoint status up to date. Which one is a race: the
+    // standby, already running, or the pod the ReplicaSet starts in the
+    // leader's place (both retry every renew_interval); both were seen.
+    let leader = wait_until("an operator to lead", DELIVERY, || {
+        let holder = lease_holder(&cluster);
+        async move { (!holder.is_empty()).then_some(holder) }
+    })
+    .await;
+    let standby: Vec<String> = component_pods(&cluster, "operator")
+        .into_iter()
+        .filter(|pod| *pod != leader)
+        .collect();
+    assert_eq!(standby.len(), 1, "one standby beside {leader}: {standby:?}");
+    kubectl(
+        &cluster,
+        &[
+            "delete",
+            "pod",
+            &leader,
+            "-n",
+            NAMESPACE,
+            "--grace-period=0",
+            "--force",
+        ],
+    );
+    // The Lease lasts 15 s without renewal; the standby retries every 5 s,
+    // and so does the pod the ReplicaSet starts in the leader's place.
+    let give_up = std::time::Instant::now() + Duration::from_secs(90);
+    let new_leader = loop {
+        let holder = lease_holder(&cluster);
+        if !holder.is_empty() && holder != leader {
+            break holder;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "no operator took over from {leader} (standby {standby:?}); the Lease says {holder:?}; operator pods: {:?}",
+            component_pods(&cluster, "operator")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        component_pods(&cluster, "operator").contains(&new_leader),
+        "the new leader {new_leader} is a running operator pod"
+    );
+    eprintln!(
+        "operator {leader} killed: {new_leader} leads ({})",
+        if new_leader == standby[0] {
+            "the standby"
+        } else {
+            "its replacement"
+        }
+    );
+    let url = format!("http://{RECEIVER_SERVICE}.{NAMESPACE}.svc.cluster.local/after");
+    cluster.apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\n\
+         metadata: {{name: after-failover, namespace: {NAMESPACE}}}\n\
+         spec:\n  userId: 'f1'\n  url: '{url}'\n  email: ops@herald.test\n"
+    ));
+    wait_for_endpoint_state(&cluster, "after-failover", "Active").await;
+
+    // helm upgrade changing a config value rolls every Deployment: a new
+    // config checksum in the pod template, new pods, all Ready.
+    let checksum = |cluster: &Cluster| {
+        kubectl(
+            cluster,
+            &[
+                "get",
+                "deployment",
+                "herald-api",
+                "-n",
+                NAMESPACE,
+                "-o",
+                "jsonpath={.spec.template.metadata.annotations.checksum/config}",
+            ],
+        )
+    };
+    let checksum_before = checksum(&cluster);
+    let api_pods_before = component_pods(&cluster, "api");
+    let chart = cluster.dir().join("herald");
+    succeeded(
+        "helm upgrade with another log filter",
+        &cluster.control_plane().helm([
+            "upgrade",
+            "herald",
+            &chart.display().to_string(),
+            "--namespace",
+            NAMESPACE,
+            "--reuse-values",
+            "--set",
+            "config.log.filter=debug",
+        ]),
+    );
+    let checksum_after = checksum(&cluster);
+    assert_ne!(
+        checksum_before, checksum_after,
+        "the config checksum changed"
+    );
+    wait_until("the API pods to be replaced", ROLLOUT, || {
+        let pods = component_pods(&cluster, "api");
+        let replaced = pods.iter().all(|pod| !api_pods_before.contains(pod));
+        async move { replaced.then_some(()) }
+    })
+    .await;
+    wait_for_rollout(&cluster).await;
+
+    // helm uninstall removes everything the release made; what stays is
+    // what helm and the docs say: the CRD (helm never deletes CRDs) and the
+    // Lease the operator made at run time.
+    succeeded(
+        "helm uninstall",
+        &cluster
+            .control_plane()
+            .helm(["uninstall", "herald", "--namespace", NAMESPACE, "--wait"]),
+    );
+    // Its pods go once they have shut down (grace period 40 s).
+    wait_until("the release's objects to be gone", ROLLOUT, || {
+        let left = cluster.kubectl([
+            "get",
+            "all,configmaps,secrets,serviceaccounts,roles,rolebindings,poddisruptionbudgets",
+            "-n",
+            NAMESPACE,
+            "-l",
+            "app.kubernetes.io/instance=herald",
+            "-o",
+            "name",
+        ]);
+        async move {
+            (left.status.success() && String::from_utf8_lossy(&left.stdout).trim().is_empty())
+                .then_some(())
+        }
+    })
+    .await;
+    let crd = cluster.kubectl(["get", "crd", "webhookendpoints.herald.dev"]);
+    assert!(crd.status.success(), "the CRD stays");
 }
