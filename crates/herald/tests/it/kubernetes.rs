@@ -478,3 +478,191 @@ async fn another_operator_takes_over_from_a_killed_leader_and_helm_upgrade_and_u
     let crd = cluster.kubectl(["get", "crd", "webhookendpoints.herald.dev"]);
     assert!(crd.status.success(), "the CRD stays");
 }
+
+/// What a steady load got from the API: the ids of the accepted tasks and
+/// every status that was not 201.
+#[derive(Default)]
+struct LoadOutcome {
+    accepted: Vec<String>,
+    refused: Vec<String>,
+}
+
+/// Posts `rate` tasks a second for user `user` to `api` until `stop` is
+/// set; each request on its own, so a slow one does not slow the rate.
+async fn steady_load(
+    api: String,
+    user: &'static str,
+    rate: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> LoadOutcome {
+    let http = http_client();
+    let mut ticks = tokio::time::interval(Duration::from_secs(1) / rate);
+    let mut requests = tokio::task::JoinSet::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        ticks.tick().await;
+        let request = http
+            .post(format!("{api}/users/{user}/tasks/echo"))
+            .json(&json!({ "load": true }))
+            .timeout(Duration::from_secs(10))
+            .send();
+        requests.spawn(async move {
+            match request.await {
+                Ok(response) if response.status().as_u16() == 201 => {
+                    let task: Value = response.json().await.unwrap_or(Value::Null);
+                    Ok(task["id"].as_str().unwrap_or_default().to_string())
+                }
+                Ok(response) => Err(format!("status {}", response.status())),
+                Err(e) => Err(format!("error {e}")),
+            }
+        });
+    }
+    let mut outcome = LoadOutcome::default();
+    while let Some(result) = requests.join_next().await {
+        match result.expect("a request task panicked") {
+            Ok(id) => outcome.accepted.push(id),
+            Err(refused) => outcome.refused.push(refused),
+        }
+    }
+    outcome
+}
+
+/// `herald_webhook_attempts_total{outcome="delivered"}` of the pod at `ip`.
+async fn delivered_by(ip: &str) -> u64 {
+    let url = format!("http://{ip}:8081/metrics");
+    let text = http_client()
+        .get(&url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix("herald_webhook_attempts_total{outcome=\"delivered\"} ")
+                .and_then(|value| value.trim().parse::<f64>().ok())
+        })
+        .map_or(0, |value| value as u64)
+}
+
+/// The addresses of the ready pods of component `component`.
+fn ready_pod_ips(cluster: &Cluster, component: &str) -> Vec<String> {
+    let pods = kubectl_json(
+        cluster,
+        &[
+            "get",
+            "pods",
+            "-n",
+            NAMESPACE,
+            "-l",
+            &format!("app.kubernetes.io/component={component}"),
+        ],
+    );
+    pods["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|pod| {
+            pod["metadata"]["deletionTimestamp"].is_null()
+                && pod["status"]["containerStatuses"][0]["ready"] == true
+        })
+        .filter_map(|pod| pod["status"]["podIP"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_workers_scaled_to_three_under_load_all_deliver_and_nothing_is_lost() {
+    const RATE: u32 = 250;
+    let images = Images::load();
+    let cluster = Cluster::start().await;
+    install(&cluster, &images).await;
+    wait_for_rollout(&cluster).await;
+    let url = format!("http://{RECEIVER_SERVICE}.{NAMESPACE}.svc.cluster.local/load");
+    cluster.apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\n\
+         metadata: {{name: load, namespace: {NAMESPACE}}}\n\
+         spec:\n  userId: 'l1'\n  url: '{url}'\n  email: ops@herald.test\n"
+    ));
+    wait_for_endpoint_state(&cluster, "load", "Active").await;
+    let service = kubectl_json(&cluster, &["get", "service", "herald-api", "-n", NAMESPACE]);
+    let node_port = service["spec"]["ports"][0]["nodePort"]
+        .as_u64()
+        .expect("the API Service has a NodePort");
+    let api = format!("http://{}:{node_port}", cluster.node_address());
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn(steady_load(api, "l1", RATE, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await; // load before the scale
+    kubectl(
+        &cluster,
+        &[
+            "scale",
+            "deployment/herald-worker-webhooks",
+            "-n",
+            NAMESPACE,
+            "--replicas=3",
+        ],
+    );
+    let workers = wait_until("three ready webhook workers", ROLLOUT, || {
+        let ips = ready_pod_ips(&cluster, "worker-webhooks");
+        async move { (ips.len() == 3).then_some(ips) }
+    })
+    .await;
+    // The load goes on with three workers before it stops.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let outcome = load.await.expect("the load ran");
+    eprintln!(
+        "load: {} accepted, {} refused at {RATE}/s",
+        outcome.accepted.len(),
+        outcome.refused.len()
+    );
+    assert!(
+        outcome.refused.is_empty(),
+        "no task refused, no 5xx: {:?}",
+        &outcome.refused[..outcome.refused.len().min(10)]
+    );
+
+    let receiver = RemoteReceiver::new(&format!(
+        "http://{}:8080",
+        pod_ip(&cluster, RECEIVER_SERVICE)
+    ));
+    let accepted: std::collections::HashSet<String> = outcome.accepted.iter().cloned().collect();
+    let received = wait_until("every accepted task delivered", ROLLOUT, || {
+        let receiver = receiver.clone();
+        let accepted = accepted.clone();
+        async move {
+            let received = receiver.received().await;
+            let delivered = received
+                .iter()
+                .filter(|w| w.path == "/load")
+                .filter(|w| accepted.iter().any(|id| w.body.contains(id.as_str())))
+                .count();
+            (delivered >= accepted.len()).then_some(received)
+        }
+    })
+    .await;
+    // Duplicates only as redeliveries: one webhook-id per task.
+    let mut ids_per_task: std::collections::HashMap<&str, std::collections::HashSet<&str>> =
+        std::collections::HashMap::new();
+    for webhook in received.iter().filter(|w| w.path == "/load") {
+        let task = accepted
+            .iter()
+            .find(|id| webhook.body.contains(id.as_str()))
+            .map(String::as_str)
+            .unwrap_or("?");
+        ids_per_task
+            .entry(task)
+            .or_default()
+            .insert(webhook.headers.get("webhook-id").map_or("", String::as_str));
+    }
+    for task in &accepted {
+        let ids = &ids_per_task[task.as_str()];
+        assert_eq!(ids.len(), 1, "task {task} has one webhook-id: {ids:?}");
+    }
+    for ip in &workers {
+        let delivered = delivered_by(ip).await;
+        eprintln!("webhook worker {ip}: {delivered} delivered");
+        assert!(delivered > 0, "the worker at {ip} delivered");
+    }
+}
