@@ -14,12 +14,15 @@
 //! are pods reached by their Service names; the test only talks to the
 //! NodePort and reads the receiver's control API at its pod address.
 
-use std::time::Duration;
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use herald_core::signing::SigningSecret;
 use herald_testkit::{
-    Cluster, Images, MAILPIT_SERVICE, NODE_NAME, RECEIVER_SERVICE, ReceiverBehaviour,
-    RemoteReceiver, http_client, verify_with_standardwebhooks, wait_until,
+    Cluster, Images, MAILPIT_SERVICE, NODE_NAME, RECEIVER_SERVICE, ReceivedWebhook,
+    ReceiverBehaviour, RemoteReceiver, http_client, verify_with_standardwebhooks, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -577,18 +580,7 @@ async fn webhook_workers_scaled_to_three_under_load_all_deliver_and_nothing_is_l
     let cluster = Cluster::start().await;
     install(&cluster, &images).await;
     wait_for_rollout(&cluster).await;
-    let url = format!("http://{RECEIVER_SERVICE}.{NAMESPACE}.svc.cluster.local/load");
-    cluster.apply(&format!(
-        "apiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\n\
-         metadata: {{name: load, namespace: {NAMESPACE}}}\n\
-         spec:\n  userId: 'l1'\n  url: '{url}'\n  email: ops@herald.test\n"
-    ));
-    wait_for_endpoint_state(&cluster, "load", "Active").await;
-    let service = kubectl_json(&cluster, &["get", "service", "herald-api", "-n", NAMESPACE]);
-    let node_port = service["spec"]["ports"][0]["nodePort"]
-        .as_u64()
-        .expect("the API Service has a NodePort");
-    let api = format!("http://{}:{node_port}", cluster.node_address());
+    let api = load_endpoint(&cluster, "load", "l1").await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = tokio::spawn(steady_load(api, "l1", RATE, stop.clone()));
@@ -623,46 +615,146 @@ async fn webhook_workers_scaled_to_three_under_load_all_deliver_and_nothing_is_l
         &outcome.refused[..outcome.refused.len().min(10)]
     );
 
-    let receiver = RemoteReceiver::new(&format!(
-        "http://{}:8080",
-        pod_ip(&cluster, RECEIVER_SERVICE)
-    ));
-    let accepted: std::collections::HashSet<String> = outcome.accepted.iter().cloned().collect();
-    let received = wait_until("every accepted task delivered", ROLLOUT, || {
-        let receiver = receiver.clone();
-        let accepted = accepted.clone();
-        async move {
-            let received = receiver.received().await;
-            let delivered = received
-                .iter()
-                .filter(|w| w.path == "/load")
-                .filter(|w| accepted.iter().any(|id| w.body.contains(id.as_str())))
-                .count();
-            (delivered >= accepted.len()).then_some(received)
-        }
-    })
-    .await;
-    // Duplicates only as redeliveries: one webhook-id per task.
-    let mut ids_per_task: std::collections::HashMap<&str, std::collections::HashSet<&str>> =
-        std::collections::HashMap::new();
-    for webhook in received.iter().filter(|w| w.path == "/load") {
-        let task = accepted
-            .iter()
-            .find(|id| webhook.body.contains(id.as_str()))
-            .map(String::as_str)
-            .unwrap_or("?");
-        ids_per_task
-            .entry(task)
-            .or_default()
-            .insert(webhook.headers.get("webhook-id").map_or("", String::as_str));
-    }
-    for task in &accepted {
-        let ids = &ids_per_task[task.as_str()];
-        assert_eq!(ids.len(), 1, "task {task} has one webhook-id: {ids:?}");
-    }
+    wait_for_every_delivery(&cluster, "/load", &outcome.accepted).await;
     for ip in &workers {
         let delivered = delivered_by(ip).await;
         eprintln!("webhook worker {ip}: {delivered} delivered");
         assert!(delivered > 0, "the worker at {ip} delivered");
     }
+}
+
+/// Waits until the receiver pod has a webhook at `path` for every task in
+/// `accepted`, and checks that each task came with one `webhook-id` only
+/// (a duplicate is a redelivery, never a second delivery).
+async fn wait_for_every_delivery(cluster: &Cluster, path: &str, accepted: &[String]) {
+    let receiver = RemoteReceiver::new(&format!(
+        "http://{}:8080",
+        pod_ip(cluster, RECEIVER_SERVICE)
+    ));
+    let accepted: HashSet<String> = accepted.iter().cloned().collect();
+    let received = wait_until("every accepted task delivered", ROLLOUT, || {
+        let receiver = receiver.clone();
+        let accepted = accepted.clone();
+        async move {
+            let received = receiver.received().await;
+            let delivered: HashSet<&str> = received
+                .iter()
+                .filter(|w| w.path == path)
+                .filter_map(|w| task_of(w, &accepted))
+                .collect();
+            (delivered.len() == accepted.len()).then_some(received)
+        }
+    })
+    .await;
+    let mut ids_per_task: HashMap<&str, HashSet<&str>> = HashMap::new();
+    for webhook in received.iter().filter(|w| w.path == path) {
+        if let Some(task) = task_of(webhook, &accepted) {
+            ids_per_task
+                .entry(task)
+                .or_default()
+                .insert(webhook.headers.get("webhook-id").map_or("", String::as_str));
+        }
+    }
+    for (task, ids) in &ids_per_task {
+        assert_eq!(ids.len(), 1, "task {task} has one webhook-id: {ids:?}");
+    }
+}
+
+/// The accepted task whose id `webhook`'s body carries.
+fn task_of<'a>(webhook: &ReceivedWebhook, accepted: &'a HashSet<String>) -> Option<&'a str> {
+    let body: Value = serde_json::from_str(&webhook.body).ok()?;
+    accepted
+        .get(body["data"]["task_id"].as_str()?)
+        .map(String::as_str)
+}
+
+/// A WebhookEndpoint `name` for user `user` at the receiver's `/<name>`,
+/// Active; returns the API's URL at its NodePort.
+async fn load_endpoint(cluster: &Cluster, name: &str, user: &str) -> String {
+    let url = format!("http://{RECEIVER_SERVICE}.{NAMESPACE}.svc.cluster.local/{name}");
+    cluster.apply(&format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\n\
+         metadata: {{name: {name}, namespace: {NAMESPACE}}}\n\
+         spec:\n  userId: '{user}'\n  url: '{url}'\n  email: ops@herald.test\n"
+    ));
+    wait_for_endpoint_state(cluster, name, "Active").await;
+    let service = kubectl_json(cluster, &["get", "service", "herald-api", "-n", NAMESPACE]);
+    let node_port = service["spec"]["ports"][0]["nodePort"]
+        .as_u64()
+        .expect("the API Service has a NodePort");
+    format!("http://{}:{node_port}", cluster.node_address())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_deleted_and_every_deployment_restarted_under_load_lose_no_accepted_task() {
+    const RATE: u32 = 100;
+    let images = Images::load();
+    let cluster = Cluster::start().await;
+    install(&cluster, &images).await;
+    wait_for_rollout(&cluster).await;
+    let api = load_endpoint(&cluster, "steady", "s1").await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn(steady_load(api, "s1", RATE, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for component in ["worker-webhooks", "api"] {
+        let pod = component_pods(&cluster, component)
+            .into_iter()
+            .next()
+            .expect("a pod of the component");
+        kubectl(
+            &cluster,
+            &["delete", "pod", &pod, "-n", NAMESPACE, "--wait=false"],
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let deployments = [
+        "herald-api",
+        "herald-worker-tasks",
+        "herald-worker-webhooks",
+        "herald-worker-mail",
+        "herald-operator",
+    ];
+    for deployment in deployments {
+        kubectl(
+            &cluster,
+            &[
+                "rollout",
+                "restart",
+                &format!("deployment/{deployment}"),
+                "-n",
+                NAMESPACE,
+            ],
+        );
+    }
+    for deployment in deployments {
+        kubectl(
+            &cluster,
+            &[
+                "rollout",
+                "status",
+                &format!("deployment/{deployment}"),
+                "-n",
+                NAMESPACE,
+                "--timeout=300s",
+            ],
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let outcome = load.await.expect("the load ran");
+    let server_errors: Vec<&String> = outcome
+        .refused
+        .iter()
+        .filter(|refused| refused.starts_with("status 5"))
+        .collect();
+    eprintln!(
+        "load through deletions and restarts: {} accepted, {} not ({} of them 5xx): {:?}",
+        outcome.accepted.len(),
+        outcome.refused.len(),
+        server_errors.len(),
+        &outcome.refused[..outcome.refused.len().min(5)]
+    );
+    assert!(server_errors.is_empty(), "no 5xx: {server_errors:?}");
+    wait_for_every_delivery(&cluster, "/steady", &outcome.accepted).await;
 }
