@@ -189,6 +189,10 @@ async fn the_chart_runs_on_a_node_and_delivers_a_task_posted_through_its_service
     wait_for_endpoint_state(&cluster, "orders", "Active").await;
     let table = kubectl(&cluster, &["get", "whe", "-n", NAMESPACE]);
     assert!(table.contains("k1") && table.contains(&url), "{table}");
+    eprintln!(
+        "$ kubectl get pods -n {NAMESPACE}\n{}$ kubectl get whe -n {NAMESPACE}\n{table}",
+        kubectl(&cluster, &["get", "pods", "-n", NAMESPACE])
+    );
 
     // A task posted to the API's NodePort, from the host.
     let service = kubectl_json(&cluster, &["get", "service", "herald-api", "-n", NAMESPACE]);
