@@ -29,6 +29,10 @@ LABEL org.opencontainers.image.title="herald" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /out/herald /usr/local/bin/herald
 USER 65532:65532
+# The base image's own working directory, stated so that the test image
+# (scripts/build-images.sh takes USER, WORKDIR, EXPOSE, ENTRYPOINT and LABEL
+# from this stage) matches it; docs/images.md says how the two differ.
+WORKDIR /home/nonroot
 # API (herald api --listen 0.0.0.0:9000) and the health/metrics port of the
 # workers and the operator (HERALD_HEALTH__LISTEN=0.0.0.0:8081).
 EXPOSE 9000 8081

@@ -3,17 +3,26 @@
 SHELL := /bin/bash
 export HERALD_TOOLS ?= $(HOME)/.cache/herald-tools
 
-.PHONY: tools control-plane dev test lint bench soak
+.PHONY: tools control-plane images dev test lint bench soak
 
 ## tools: pinned nats-server, mailpit, the Standard Webhooks verifier, schemathesis
 ## and cargo-deny, into $(HERALD_TOOLS)
 tools:
 	scripts/install-tools.sh
 
-## control-plane: etcd, kube-apiserver, kubectl and helm built from pinned Go
-## modules, for the Kubernetes tests (about 12 minutes the first time)
+## control-plane: etcd, kube-apiserver, kubectl, helm and a node (controller-manager,
+## scheduler, kubelet, kube-proxy, CoreDNS; containerd from Debian) built from
+## pinned Go modules, for the Kubernetes tests (about 30 minutes the first time;
+## docs/kubernetes-node.md)
 control-plane:
 	scripts/install-control-plane.sh
+
+## images: containerd and runc (apt), then the OCI archives of the Herald,
+## nats-server, mailpit and test receiver images, into ~/.cache/herald-images
+## (scripts/build-images.sh; no container engine, cached by content)
+images: tools
+	scripts/install-containerd.sh
+	scripts/build-images.sh
 
 ## dev: mailpit, the demo receiver and `herald dev` on 127.0.0.1 (Ctrl-C stops them)
 dev: tools
@@ -21,7 +30,7 @@ dev: tools
 
 ## test: formatting, clippy, the Helm chart's checks, then every test against
 ## real servers (NATS, SMTP, receivers, a Kubernetes API server)
-test: tools control-plane lint
+test: tools control-plane images lint
 	cargo test --workspace --locked
 
 ## lint: formatting, clippy, the Helm chart's checks, and cargo-deny on the

@@ -96,8 +96,8 @@ expect_count() { # <file> <what> <expected> <regex>
 }
 
 # Checks every rendering must pass.
-check_common() { # <name> <deployments>
-    local f=$WORK/$1.yaml deployments=$2
+check_common() { # <name> <deployments> [image]
+    local f=$WORK/$1.yaml deployments=$2 image=${3:-ghcr.io/herald-dev/herald:0.1.0}
     expect_count "$f" "Deployments" "$deployments" '^kind: Deployment$'
     expect_count "$f" "checksum/config annotations (one per pod template)" "$deployments" '^ +checksum/config: [0-9a-f]{64}$'
     expect_count "$f" "checksum/secrets annotations" "$deployments" '^ +checksum/secrets: [0-9a-f]{64}$'
@@ -122,7 +122,7 @@ check_common() { # <name> <deployments>
     expect_count "$f" "operator lease name matching the RBAC" 1 '^ +value: "herald-operator"$'
     grep -q -- '- name: POD_NAMESPACE' "$f" || die "$1: the operator does not get POD_NAMESPACE (its lease namespace)"
     grep -q '^    grace = "25s"$' "$f" || die "$1: config.toml does not set shutdown.grace = \"25s\""
-    grep -q 'image: "\{0,1\}ghcr.io/herald-dev/herald:0.1.0' "$f" || die "$1: image tag is not the appVersion"
+    expect_count "$f" "images $image" "$deployments" "^ +image: \"?$image\"?\$"
     # No wildcard in any RBAC rule.
     ! grep -Eq '^ +(verbs|resources|apiGroups): \[[^]]*"\*"' "$f" || die "$1: wildcard in an RBAC rule"
     # The operator's rules, exactly.
@@ -192,6 +192,24 @@ grep -A14 '^kind: ClusterRole$' "$WORK/default.yaml" | grep -q 'resourceNames: \
 expect_count "$WORK/default.yaml" "chart-created Secrets" 0 '^kind: Secret$'
 grep -q '^    ssrf = { "allow" = \[\], "allowed_response_body_bytes" = 0, "reveal_refused_address" = false }$' "$WORK/default.yaml" || die "default: config.toml does not keep the SSRF allow-list empty, internal answers unstored and refused addresses hidden"
 expect_count "$WORK/default.yaml" "PodDisruptionBudgets" 5 '^kind: PodDisruptionBudget$'
+
+# Every Deployment's pods roll when the configuration changes (helm upgrade).
+render config-changed --set config.log.filter=debug
+[ "$(grep -Eo 'checksum/config: [0-9a-f]{64}' "$WORK/default.yaml" | sort -u)" != "$(grep -Eo 'checksum/config: [0-9a-f]{64}' "$WORK/config-changed.yaml" | sort -u)" ] \
+    || die "a changed config value leaves checksum/config as it was: helm upgrade would not roll the pods"
+operator_replicas=$(awk '/^---/{d=0; o=0} /^kind: Deployment$/{d=1} d && /^  name: herald-operator$/{o=1} o && /^  replicas:/{print $2; exit}' "$WORK/default.yaml")
+[ "$operator_replicas" = 2 ] || die "default: the operator runs $operator_replicas replicas, not 2 (a leader and a standby)"
+render node-port --set api.service.type=NodePort --set api.service.nodePort=30900
+grep -q '^      nodePort: 30900$' "$WORK/node-port.yaml" || die "api.service.nodePort: not in the Service"
+expect_count "$WORK/default.yaml" "nodePort with ClusterIP" 0 'nodePort:'
+
+# The Kubernetes tests' values: the image imported into the node, never pulled.
+TEST_CLUSTER=$CHART/ci/test-cluster-values.yaml
+lint test-cluster -f "$TEST_CLUSTER" --set image.tag=0123456789ab
+render test-cluster -f "$TEST_CLUSTER" --set image.tag=0123456789ab
+check_common test-cluster 5 localhost/herald:0123456789ab
+expect_count "$WORK/test-cluster.yaml" "imagePullPolicy: Never" 5 '^ +imagePullPolicy: Never$'
+expect_count "$WORK/test-cluster.yaml" "NodePort API Service" 1 '^  type: NodePort$'
 
 render all-features -f "$ALL"
 check_common all-features 5
@@ -265,5 +283,26 @@ expect_refused "NATS password auth without its Secret (schema)" 'natsClient/comp
 expect_refused "an unknown NATS auth method (schema: enum)" 'schema' --set natsClient.components.api.auth=kerberos
 expect_refused "no component creates the topology" 'manageTopology' --set natsClient.components.operator.manageTopology=false
 expect_refused "KEDA without a NATS monitoring endpoint" 'nats.monitoringEndpoint' --set workers.webhooks.keda.enabled=true
+
+# The test NATS (deploy/nats/test-cluster): 1 or 3 servers, the local image.
+NATS_CHART=deploy/nats/test-cluster
+for replicas in 1 3; do
+    helm_clean "nats-lint-$replicas" lint --strict "$NATS_CHART" --namespace "$NAMESPACE" --set image.tag=t --set replicas=$replicas
+    helm_clean "nats-$replicas" template nats "$NATS_CHART" --namespace "$NAMESPACE" --set image.tag=t --set replicas=$replicas
+    f=$WORK/nats-$replicas.out
+    expect_count "$f" "NATS StatefulSet replicas" 1 "^  replicas: $replicas\$"
+    expect_count "$f" "cluster routes" "$((replicas == 3 ? 3 : 0))" '^ +nats://nats-[0-2]\.nats-headless\.herald\.svc:6222$'
+    expect_count "$f" "local image, never pulled" 1 '^ +imagePullPolicy: Never$'
+    expect_count "$f" "volumeClaimTemplates" 1 '^  volumeClaimTemplates:$'
+done
+log "test NATS chart: 1 and 3 servers render"
+if "$HELM" template nats "$NATS_CHART" --set image.tag=t --set replicas=2 >/dev/null 2>"$WORK/nats-2.err"; then
+    die "test NATS with 2 servers: accepted, but must be refused"
+fi
+grep -q 'replicas must be 1 or 3' "$WORK/nats-2.err" || { cat "$WORK/nats-2.err" >&2; die "test NATS with 2 servers: refused for another reason"; }
+if "$HELM" template nats "$NATS_CHART" >/dev/null 2>"$WORK/nats-notag.err"; then
+    die "test NATS without image.tag: accepted, but must be refused"
+fi
+log "refused as expected: test NATS with 2 servers, and without an image tag"
 
 log "OK"

@@ -14,12 +14,16 @@ use axum::{
     http::{HeaderMap, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use crate::wait_until;
 
-/// How the receiver answers.
-#[derive(Debug, Clone)]
+/// How the receiver answers. In JSON (the control API of
+/// `herald-test-receiver`): `"ok"`, `{"status": 500}`,
+/// `{"fail_first": {"times": 2, "status": 503}}`, ...
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ReceiverBehaviour {
     /// 200 to everything.
     Ok,
@@ -49,7 +53,7 @@ pub enum ReceiverBehaviour {
 }
 
 /// One request as it arrived.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReceivedWebhook {
     pub path: String,
     /// Header names in lowercase.
@@ -64,7 +68,7 @@ pub struct TestReceiver {
     server: JoinHandle<()>,
 }
 
-struct ReceiverState {
+pub(crate) struct ReceiverState {
     behaviour: Mutex<ReceiverBehaviour>,
     /// Set by [`TestReceiver::release`]; held requests wait for it.
     released: tokio::sync::watch::Sender<bool>,
@@ -84,6 +88,16 @@ impl TestReceiver {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .unwrap_or_else(|e| panic!("cannot bind {address}: {e}"));
+        Self::serve(listener, behaviour, Router::new())
+    }
+
+    /// Serves on `listener`: `routes` first (their own state already
+    /// attached), every other request recorded and answered by `behaviour`.
+    pub(crate) fn serve(
+        listener: tokio::net::TcpListener,
+        behaviour: ReceiverBehaviour,
+        routes: Router<Arc<ReceiverState>>,
+    ) -> TestReceiver {
         let base = format!("http://{}", listener.local_addr().expect("bound address"));
         let state = Arc::new(ReceiverState {
             behaviour: Mutex::new(behaviour),
@@ -91,7 +105,7 @@ impl TestReceiver {
             received: Mutex::default(),
             seen_per_webhook_id: Mutex::default(),
         });
-        let app = Router::new().fallback(record).with_state(state.clone());
+        let app = routes.fallback(record).with_state(state.clone());
         let server = tokio::spawn(async move {
             axum::serve(listener, app)
                 .await
@@ -112,18 +126,18 @@ impl TestReceiver {
     /// Answers from now on as `behaviour` says: an endpoint that is fixed,
     /// or breaks.
     pub fn set_behaviour(&self, behaviour: ReceiverBehaviour) {
-        *lock(&self.state.behaviour) = behaviour;
+        self.state.set_behaviour(behaviour);
     }
 
     /// Answers the requests [`ReceiverBehaviour::Held`] holds, and any
     /// later ones, with 200.
     pub fn release(&self) {
-        self.state.released.send_replace(true);
+        self.state.release();
     }
 
     /// Every request so far, in arrival order.
     pub fn received(&self) -> Vec<ReceivedWebhook> {
-        lock(&self.state.received).clone()
+        self.state.received()
     }
 
     /// Waits until at least `count` requests have arrived; returns them all.
@@ -134,6 +148,20 @@ impl TestReceiver {
             (received.len() >= count).then_some(received)
         })
         .await
+    }
+}
+
+impl ReceiverState {
+    pub(crate) fn set_behaviour(&self, behaviour: ReceiverBehaviour) {
+        *lock(&self.behaviour) = behaviour;
+    }
+
+    pub(crate) fn release(&self) {
+        self.released.send_replace(true);
+    }
+
+    pub(crate) fn received(&self) -> Vec<ReceivedWebhook> {
+        lock(&self.received).clone()
     }
 }
 

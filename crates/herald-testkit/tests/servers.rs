@@ -81,3 +81,41 @@ async fn wait_until_gives_up_at_the_deadline() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_receivers_control_api_reads_what_it_recorded_and_changes_its_answers() {
+    let receiver = TestReceiver::start_with_control("127.0.0.1:0", ReceiverBehaviour::Ok).await;
+    let remote = herald_testkit::RemoteReceiver::new(&receiver.url(""));
+    assert!(remote.is_up().await);
+    let http = herald_testkit::http_client();
+    // The wire format docs/images.md promises.
+    let told = http
+        .put(receiver.url("/_receiver/behaviour"))
+        .header("content-type", "application/json")
+        .body(r#"{"fail_first": {"times": 1, "status": 500}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(told.status(), 204);
+    let post = |id: &'static str| {
+        http.post(receiver.url("/in"))
+            .header("webhook-id", id)
+            .body("{}")
+            .send()
+    };
+    assert_eq!(post("msg_1").await.unwrap().status(), 500);
+    assert_eq!(post("msg_1").await.unwrap().status(), 200);
+    remote.set_behaviour(&ReceiverBehaviour::Gone).await;
+    assert_eq!(post("msg_2").await.unwrap().status(), 410);
+    let received = remote.wait_for(3, DEADLINE).await;
+    assert_eq!(received.len(), 3, "control requests are not recorded");
+    assert_eq!(received[2].headers["webhook-id"], "msg_2");
+    let refused = http
+        .put(receiver.url("/_receiver/behaviour"))
+        .header("content-type", "application/json")
+        .body(r#"{"sometimes": 1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422, "an unknown behaviour is refused");
+}
