@@ -10,8 +10,10 @@ export HERALD_TOOLS ?= $(HOME)/.cache/herald-tools
 tools:
 	scripts/install-tools.sh
 
-## control-plane: etcd, kube-apiserver, kubectl and helm built from pinned Go
-## modules, for the Kubernetes tests (about 12 minutes the first time)
+## control-plane: etcd, kube-apiserver, kubectl, helm and a node (controller-manager,
+## scheduler, kubelet, kube-proxy, CoreDNS; containerd from Debian) built from
+## pinned Go modules, for the Kubernetes tests (about 30 minutes the first time;
+## docs/kubernetes-node.md)
 control-plane:
 	scripts/install-control-plane.sh
 

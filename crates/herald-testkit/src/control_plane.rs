@@ -6,7 +6,8 @@
 //! objects are stored, validated, admitted and authorized for real, but
 //! nothing acts on them: Deployments never become ready, namespaces stay
 //! `Terminating`, ownerReferences are never garbage-collected and no default
-//! ServiceAccounts appear.
+//! ServiceAccounts appear. [`Cluster`](crate::Cluster) starts one of these
+//! on its node's address and adds the rest.
 
 //!
 //! One file per part: [`etcd`], [`certificates`], [`apiserver`] and the
@@ -15,6 +16,7 @@
 
 use std::{
     ffi::OsStr,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Output},
     sync::atomic::{AtomicU64, Ordering},
@@ -59,6 +61,8 @@ pub struct ControlPlane {
     // Stopped in Drop, before `dir` (their data and logs) is removed.
     apiserver: Option<ChildProcess>,
     etcd: Option<ChildProcess>,
+    /// 127.0.0.1, or a cluster node's address.
+    host: Ipv4Addr,
     port: u16,
     etcd_url: String,
     serving_ca_pem: String,
@@ -73,10 +77,21 @@ impl ControlPlane {
     /// before the server bound it) makes it start again on new ports, up to
     /// 5 times; any other failure panics with the server's log.
     pub async fn start() -> ControlPlane {
+        ControlPlane::start_on(None).await
+    }
+
+    /// The control plane of a [`Cluster`](crate::Cluster): the API server on
+    /// `node`'s address and service range, ready for a kubelet, a
+    /// controller-manager and in-cluster clients (see `apiserver::flags`).
+    pub(crate) async fn start_for_node(node: &NodeNetwork) -> ControlPlane {
+        ControlPlane::start_on(Some(node)).await
+    }
+
+    async fn start_on(node: Option<&NodeNetwork>) -> ControlPlane {
         let binaries = Binaries::find();
         let mut failures = Vec::new();
         for attempt in 1..=ATTEMPTS {
-            match try_start(&binaries).await {
+            match try_start(&binaries, node).await {
                 Ok(plane) => return plane,
                 Err(port_taken) => {
                     eprintln!(
@@ -92,9 +107,17 @@ impl ControlPlane {
         );
     }
 
-    /// `https://127.0.0.1:<port>`: the API server.
+    /// `https://127.0.0.1:<port>`: the API server (a cluster's is on its
+    /// node's address instead).
     pub fn server_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.host, self.port)
+    }
+
+    /// The directory of the API server's certificates, named as
+    /// `certificates::write_pki` says: the cluster's components read the
+    /// service-account signer and the CAs there.
+    pub(crate) fn certs_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
     }
 
     /// `http://127.0.0.1:<port>`: etcd's client URL.
@@ -254,19 +277,50 @@ fn control_plane_tool(name: &str) -> PathBuf {
     )
 }
 
+/// Where a cluster's API server lives: on the node's `address` (which
+/// pods reach), with Services in `service_cidr`, the first of which,
+/// `kubernetes_service`, is its own.
+pub(crate) struct NodeNetwork {
+    pub(crate) address: Ipv4Addr,
+    pub(crate) service_cidr: String,
+    pub(crate) kubernetes_service: Ipv4Addr,
+}
+
 /// One attempt. `Err` only for a lost port race (worth another attempt);
 /// every other failure panics.
-async fn try_start(binaries: &Binaries) -> Result<ControlPlane, String> {
+async fn try_start(
+    binaries: &Binaries,
+    node: Option<&NodeNetwork>,
+) -> Result<ControlPlane, String> {
     let dir = tempfile::tempdir().expect("cannot create a temporary directory");
     let mut etcd = etcd::start(&binaries.etcd, dir.path()).await?;
     let certs = dir.path().join("certs");
-    let pki = certificates::write_pki(&certs);
-    let apiserver =
-        apiserver::start(&binaries.apiserver, dir.path(), &certs, &mut etcd, &pki).await?;
+    // In-cluster clients dial the `kubernetes` Service by address or name.
+    let extra_names: Vec<String> = node.map_or_else(Vec::new, |node| {
+        vec![
+            node.address.to_string(),
+            node.kubernetes_service.to_string(),
+            "kubernetes".to_string(),
+            "kubernetes.default".to_string(),
+            "kubernetes.default.svc".to_string(),
+            "kubernetes.default.svc.cluster.local".to_string(),
+        ]
+    });
+    let pki = certificates::write_pki(&certs, &extra_names);
+    let apiserver = apiserver::start(
+        &binaries.apiserver,
+        dir.path(),
+        &certs,
+        &mut etcd,
+        &pki,
+        node,
+    )
+    .await?;
+    let host = node.map_or(Ipv4Addr::LOCALHOST, |node| node.address);
     let kubeconfig = dir.path().join("kubeconfig");
     write_kubeconfig(
         &kubeconfig,
-        &format!("https://127.0.0.1:{}", apiserver.port),
+        &format!("https://{host}:{}", apiserver.port),
         &pki.serving_ca.certificate_pem,
         "admin",
         &apiserver.admin,
@@ -274,6 +328,7 @@ async fn try_start(binaries: &Binaries) -> Result<ControlPlane, String> {
     Ok(ControlPlane {
         apiserver: Some(apiserver.process),
         etcd: Some(etcd.process),
+        host,
         port: apiserver.port,
         etcd_url: etcd.url,
         serving_ca_pem: pki.serving_ca.certificate_pem,

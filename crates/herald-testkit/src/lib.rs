@@ -6,6 +6,7 @@
 //! `~/.cache/herald-tools`). A missing program fails the test with a message
 //! that says how to install it; nothing here skips.
 
+mod cluster;
 mod cluster_nats;
 mod cluster_sinks;
 mod control_plane;
@@ -21,6 +22,7 @@ mod tools;
 mod verify;
 mod wait;
 
+pub use cluster::{Cluster, NODE_NAME, TEST_POD_IMAGE};
 pub use cluster_nats::{
     IMAGE_USER, LOCAL_STORAGE_CLASS, local_volumes, nats_chart, nats_chart_values,
 };

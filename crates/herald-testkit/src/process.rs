@@ -94,6 +94,27 @@ impl ChildProcess {
     }
 }
 
+impl ChildProcess {
+    /// Like [`stop`](Self::stop), for `Drop` implementations: blocks the
+    /// thread instead of awaiting.
+    pub fn stop_blocking(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = Pid::from_raw(child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let give_up = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < give_up {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 impl Drop for ChildProcess {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

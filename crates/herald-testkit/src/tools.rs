@@ -43,7 +43,12 @@ pub fn free_port() -> u16 {
 /// crypto provider, so the first client installs ring as the process's
 /// provider (what `herald_worker::webhooks::http_client` does in Herald).
 pub fn http_client() -> reqwest::Client {
+    install_crypto_provider();
+    reqwest::Client::new()
+}
+
+/// Installs ring as the process's rustls provider, once.
+pub(crate) fn install_crypto_provider() {
     // Err means a provider is already installed: fine either way.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::new()
 }

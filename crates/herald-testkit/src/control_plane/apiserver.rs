@@ -1,10 +1,10 @@
 //! kube-apiserver for the control plane, with envtest's flags, RBAC
 //! authorization and client-certificate users.
 
-use std::{path::Path, time::Instant};
+use std::{net::Ipv4Addr, path::Path, time::Instant};
 
 use super::{
-    DEFAULT_NAMESPACE, SLACK, STARTUP, assert_in_time,
+    DEFAULT_NAMESPACE, NodeNetwork, SLACK, STARTUP, assert_in_time,
     certificates::{CertifiedKey, Pki},
     etcd::Etcd,
     port_taken,
@@ -24,19 +24,22 @@ pub(super) struct ApiServer {
 /// 127.0.0.1:`port`. Its serving pair is found in `--cert-dir` by name
 /// (apiserver.crt/.key). There is no `--advertise-address`: loopback is
 /// refused, so it derives one from the default route.
-fn flags(etcd_url: &str, certs: &Path, port: u16) -> Vec<String> {
-    vec![
+///
+/// For a [`Cluster`](crate::Cluster) (`node` is `Some`) it is a real
+/// cluster's API server instead: on the node's address, which pods reach
+/// through the `kubernetes` Service; the Node authorizer beside RBAC, so
+/// kubelets may register; the ServiceAccount admission plugin, since the
+/// controller-manager makes the accounts and their tokens; and a client
+/// certificate for calling kubelets (logs, exec).
+fn flags(etcd_url: &str, certs: &Path, port: u16, node: Option<&NodeNetwork>) -> Vec<String> {
+    let host = node.map_or(Ipv4Addr::LOCALHOST, |node| node.address);
+    let mut flags = vec![
         format!("--etcd-servers={etcd_url}"),
         format!("--cert-dir={}", certs.display()),
         format!("--secure-port={port}"),
-        "--bind-address=127.0.0.1".to_string(),
-        "--service-cluster-ip-range=10.0.0.0/24".to_string(),
+        format!("--bind-address={host}"),
         "--allow-privileged=true".to_string(),
-        // No controller-manager creates default ServiceAccounts, so this
-        // plugin would refuse every pod.
-        "--disable-admission-plugins=ServiceAccount".to_string(),
-        "--authorization-mode=RBAC".to_string(),
-        format!("--service-account-issuer=https://127.0.0.1:{port}/"),
+        format!("--service-account-issuer=https://{host}:{port}/"),
         format!(
             "--service-account-key-file={}",
             certs.join("sa-signer.crt").display()
@@ -49,7 +52,32 @@ fn flags(etcd_url: &str, certs: &Path, port: u16) -> Vec<String> {
             "--client-ca-file={}",
             certs.join("client-cert-auth-ca.crt").display()
         ),
-    ]
+    ];
+    match node {
+        None => flags.extend([
+            "--service-cluster-ip-range=10.0.0.0/24".to_string(),
+            // No controller-manager creates default ServiceAccounts, so this
+            // plugin would refuse every pod.
+            "--disable-admission-plugins=ServiceAccount".to_string(),
+            "--authorization-mode=RBAC".to_string(),
+        ]),
+        Some(node) => flags.extend([
+            format!("--advertise-address={}", node.address),
+            format!("--service-cluster-ip-range={}", node.service_cidr),
+            "--enable-admission-plugins=NodeRestriction".to_string(),
+            "--authorization-mode=Node,RBAC".to_string(),
+            format!(
+                "--kubelet-client-certificate={}",
+                certs.join("kubelet-client.crt").display()
+            ),
+            format!(
+                "--kubelet-client-key={}",
+                certs.join("kubelet-client.key").display()
+            ),
+            "--kubelet-preferred-address-types=InternalIP".to_string(),
+        ]),
+    }
+    flags
 }
 
 /// Starts kube-apiserver from `binary` against `etcd`, its log in `dir`
@@ -63,9 +91,10 @@ pub(super) async fn start(
     certs: &Path,
     etcd: &mut Etcd,
     pki: &Pki,
+    node: Option<&NodeNetwork>,
 ) -> Result<ApiServer, String> {
     let port = free_port();
-    let apiserver_args = flags(&etcd.url, certs, port);
+    let apiserver_args = flags(&etcd.url, certs, port, node);
     let apiserver_log = dir.join("kube-apiserver.log");
     let mut apiserver = ChildProcess::spawn(
         "kube-apiserver",
@@ -73,7 +102,8 @@ pub(super) async fn start(
         &apiserver_args,
         apiserver_log.clone(),
     );
-    let server_url = format!("https://127.0.0.1:{port}");
+    let host = node.map_or(Ipv4Addr::LOCALHOST, |node| node.address);
+    let server_url = format!("https://{host}:{port}");
 
     // Only a server presenting our serving certificate counts: that is how a
     // port race with another test's API server shows.

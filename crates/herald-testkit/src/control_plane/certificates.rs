@@ -31,12 +31,20 @@ pub(super) struct Pki {
 /// serving pair `apiserver.crt`/`.key` (found in `--cert-dir` by name),
 /// the service-account signer `sa-signer.crt`/`.key` and the client CA
 /// `client-cert-auth-ca.crt`.
-pub(super) fn write_pki(certs: &Path) -> Pki {
+///
+/// Also the serving CA's certificate `serving-ca.crt` (what in-cluster
+/// clients trust) and, signed by the client CA, `kubelet-client.crt`/`.key`
+/// for the API server's calls to kubelets (user
+/// `kube-apiserver-kubelet-client`, group `system:masters`). `extra_names`
+/// (DNS names or IP addresses) go into the serving certificate beside
+/// `localhost` and 127.0.0.1.
+pub(super) fn write_pki(certs: &Path, extra_names: &[String]) -> Pki {
     std::fs::create_dir(certs).expect("cannot create the certificate directory");
     let serving_ca = CertificateAuthority::new();
-    let serving = serving_ca.serving_certificate();
+    let serving = serving_ca.serving_certificate(extra_names);
     write_file(&certs.join("apiserver.crt"), &serving.certificate_pem);
     write_file(&certs.join("apiserver.key"), &serving.key_pem);
+    write_file(&certs.join("serving-ca.crt"), &serving_ca.certificate_pem);
     let sa_signer = CertificateAuthority::new();
     write_file(&certs.join("sa-signer.crt"), &sa_signer.certificate_pem);
     write_file(&certs.join("sa-signer.key"), &sa_signer.key.serialize_pem());
@@ -45,6 +53,13 @@ pub(super) fn write_pki(certs: &Path) -> Pki {
         &certs.join("client-cert-auth-ca.crt"),
         &client_ca.certificate_pem,
     );
+    let kubelet_client =
+        client_ca.client_certificate("kube-apiserver-kubelet-client", &["system:masters"]);
+    write_file(
+        &certs.join("kubelet-client.crt"),
+        &kubelet_client.certificate_pem,
+    );
+    write_file(&certs.join("kubelet-client.key"), &kubelet_client.key_pem);
     Pki {
         serving_ca,
         client_ca,
@@ -100,12 +115,12 @@ impl CertificateAuthority {
     }
 
     /// The API server's serving certificate: CN and DNS name `localhost`,
-    /// IP 127.0.0.1.
-    pub(super) fn serving_certificate(&self) -> CertifiedKey {
+    /// IP 127.0.0.1, and `extra_names`.
+    pub(super) fn serving_certificate(&self, extra_names: &[String]) -> CertifiedKey {
         let key = KeyPair::generate().expect("cannot generate an ECDSA key");
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .expect("valid subject alternative names");
+        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        names.extend_from_slice(extra_names);
+        let mut params = CertificateParams::new(names).expect("valid subject alternative names");
         params
             .distinguished_name
             .push(DnType::CommonName, "localhost");
