@@ -14,7 +14,7 @@ const OPERATOR: &str = "system:serviceaccount:herald:herald-operator";
 
 /// A copy of the chart without the optional NATS dependency, which would
 /// have to be downloaded (`helm dependency build`) before helm renders it.
-fn chart_without_nats_dependency(into: &Path) -> PathBuf {
+pub(crate) fn chart_without_nats_dependency(into: &Path) -> PathBuf {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/helm/herald");
     let chart = into.join("herald");
     copy_dir(&source, &chart);

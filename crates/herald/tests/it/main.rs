@@ -16,6 +16,7 @@ mod dev;
 mod door;
 mod failures;
 mod inputs;
+mod kubernetes;
 mod leaks;
 mod nats_auth;
 mod nats_refusals;
