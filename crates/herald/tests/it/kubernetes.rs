@@ -3,7 +3,10 @@
 //! (three JetStream servers on local volumes), mailpit and the receiver as
 //! pods, and the chart installed with helm, used the way its users do:
 //! `kubectl apply` of a WebhookEndpoint, a task posted through the API's
-//! NodePort, the webhook delivered to the receiver pod, signed.
+//! NodePort, the webhook delivered to the receiver pod, signed; a failing
+//! receiver turning the endpoint Failing and its owner mailed through the
+//! mailpit pod; the operator's leader deleted and another pod leading;
+//! `helm upgrade` of a config value replacing every Deployment's pods.
 
 use std::time::Duration;
 
@@ -54,7 +57,7 @@ fn wait_for_deployments(cluster: &Cluster) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_chart_runs_on_a_node_and_delivers_a_task_posted_through_its_service_signed() {
+async fn the_chart_on_a_node_delivers_signed_turns_failing_fails_over_and_rolls_on_config_change() {
     let images = Images::load();
     let cluster = Cluster::start().await;
     for image in [
@@ -65,7 +68,10 @@ async fn the_chart_runs_on_a_node_and_delivers_a_task_posted_through_its_service
     ] {
         cluster.import_image(&image.archive, &image.reference);
     }
-    ok("kubectl create namespace", cluster.kubectl(["create", "namespace", NAMESPACE]));
+    ok(
+        "kubectl create namespace",
+        cluster.kubectl(["create", "namespace", NAMESPACE]),
+    );
 
     // NATS: three JetStream servers on local volumes.
     cluster.apply(&local_volumes(
@@ -151,30 +157,228 @@ spec:
         (endpoint["status"]["state"] == "Active").then_some(())
     })
     .await;
-    let columns = ok("kubectl get whe", cluster.kubectl(["get", "whe", "-n", NAMESPACE]));
-    assert!(columns.contains("STATE") && columns.contains("Active"), "{columns}");
+    let columns = ok(
+        "kubectl get whe",
+        cluster.kubectl(["get", "whe", "-n", NAMESPACE]),
+    );
+    assert!(
+        columns.contains("STATE") && columns.contains("Active"),
+        "{columns}"
+    );
 
     // A task through the API's NodePort, from the host.
     let service = json_of(&cluster, &["get", "service", "herald-api", "-n", NAMESPACE]);
     let node_port = service["spec"]["ports"][0]["nodePort"].as_u64().unwrap();
     let api = format!("http://{}:{node_port}", cluster.node_address());
+    post_task(&api, "1").await;
+
+    // Delivered to the receiver pod, signed with the Secret's key.
+    let receiver =
+        RemoteReceiver::new(&format!("http://{}:8080", pod_ip(&cluster, "app=receiver")));
+    let received = receiver.wait_for(1, DELIVERY).await;
+    assert_eq!(received[0].path, "/hooks/user-1");
+    verify_with_standardwebhooks(SIGNING_SECRET, &received[0])
+        .unwrap_or_else(|e| panic!("the webhook's signature: {e}"));
+
+    // A failing receiver: an endpoint with a short retry schedule turns
+    // Failing, and once its attempts are exhausted its owner's mail is in
+    // the mailpit pod.
+    receiver
+        .set_behaviour(&herald_testkit::ReceiverBehaviour::Status(500))
+        .await;
+    cluster.apply(&format!(
+        "apiVersion: herald.dev/v1alpha1
+kind: WebhookEndpoint
+metadata: {{name: user-2, namespace: {NAMESPACE}}}
+spec:
+  userId: \"2\"
+  url: http://receiver.{NAMESPACE}.svc/hooks/user-2
+  email: user2@example.com
+  secretRef: {{name: signing, key: secret}}
+  retry: {{schedule: [1s, 1s]}}
+"
+    ));
+    wait_until("WebhookEndpoint user-2 Active", READY, || async {
+        let endpoint = json_of(&cluster, &["get", "whe", "user-2", "-n", NAMESPACE]);
+        (endpoint["status"]["state"] == "Active").then_some(())
+    })
+    .await;
+    post_task(&api, "2").await;
+    wait_until("WebhookEndpoint user-2 Failing", READY, || async {
+        let endpoint = json_of(&cluster, &["get", "whe", "user-2", "-n", NAMESPACE]);
+        (endpoint["status"]["state"] == "Failing").then_some(())
+    })
+    .await;
+    let mailpit = format!(
+        "http://{}:8025/api/v1/messages",
+        pod_ip(&cluster, "app=mailpit")
+    );
+    wait_until(
+        "the failure mail to user2@example.com",
+        DELIVERY,
+        || async {
+            let messages: Value = http_client()
+                .get(&mailpit)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            messages["messages"]
+                .as_array()?
+                .iter()
+                .any(|m| {
+                    m["To"]
+                        .as_array()
+                        .is_some_and(|to| to.iter().any(|a| a["Address"] == "user2@example.com"))
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    receiver
+        .set_behaviour(&herald_testkit::ReceiverBehaviour::Ok)
+        .await;
+
+    // The operator's leader killed: the standby takes the Lease, and
+    // status keeps updating (a new endpoint becomes Active).
+    let holder = |cluster: &Cluster| {
+        json_of(
+            cluster,
+            &["get", "lease", "herald-operator", "-n", NAMESPACE],
+        )["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let leader = holder(&cluster);
+    assert!(
+        leader.starts_with("herald-operator-"),
+        "the Lease's holder: {leader:?}"
+    );
+    let standby = pod_names(&cluster)
+        .into_iter()
+        .find(|pod| pod.starts_with("herald-operator-") && *pod != leader)
+        .expect("a standby operator pod");
+    let killed = std::time::Instant::now();
+    ok(
+        "kubectl delete pod of the leader",
+        cluster.kubectl(["delete", "pod", &leader, "-n", NAMESPACE, "--wait=false"]),
+    );
+    let new_leader = wait_until("another operator pod to lead", READY, || async {
+        let now = holder(&cluster);
+        (!now.is_empty() && now != leader).then_some(now)
+    })
+    .await;
+    eprintln!(
+        "operator: leader {leader} deleted; {new_leader} ({}) leads after {:.1?}",
+        if new_leader == standby {
+            "the standby"
+        } else {
+            "its replacement"
+        },
+        killed.elapsed()
+    );
+    cluster.apply(&format!(
+        "apiVersion: herald.dev/v1alpha1
+kind: WebhookEndpoint
+metadata: {{name: user-3, namespace: {NAMESPACE}}}
+spec:
+  userId: \"3\"
+  url: http://receiver.{NAMESPACE}.svc/hooks/user-3
+  email: user3@example.com
+  secretRef: {{name: signing, key: secret}}
+"
+    ));
+    wait_until(
+        "WebhookEndpoint user-3 Active under the new leader",
+        READY,
+        || async {
+            let endpoint = json_of(&cluster, &["get", "whe", "user-3", "-n", NAMESPACE]);
+            (endpoint["status"]["state"] == "Active").then_some(())
+        },
+    )
+    .await;
+    wait_for_deployments(&cluster);
+
+    // helm upgrade changing a config value rolls every Deployment's pods.
+    let before = pod_names(&cluster);
+    ok(
+        "helm upgrade with a changed config value",
+        cluster.control_plane().helm([
+            "upgrade",
+            "herald",
+            &chart.display().to_string(),
+            "--namespace",
+            NAMESPACE,
+            "--reuse-values",
+            "--set",
+            "config.log.filter=herald=debug\\,info",
+        ]),
+    );
+    for deployment in DEPLOYMENTS {
+        ok(
+            &format!("rollout of {deployment}"),
+            cluster.kubectl([
+                "rollout",
+                "status",
+                &format!("deployment/{deployment}"),
+                "-n",
+                NAMESPACE,
+                &format!("--timeout={}s", READY.as_secs()),
+            ]),
+        );
+    }
+    let after = pod_names(&cluster);
+    for deployment in DEPLOYMENTS {
+        let old: Vec<&String> = before
+            .iter()
+            .filter(|p| p.starts_with(deployment))
+            .collect();
+        assert!(
+            !old.is_empty() && old.iter().all(|pod| !after.contains(pod)),
+            "{deployment}: every pod replaced after the config change; before {before:?}, after {after:?}"
+        );
+    }
+}
+
+const DEPLOYMENTS: [&str; 5] = [
+    "herald-api",
+    "herald-worker-tasks",
+    "herald-worker-webhooks",
+    "herald-worker-mail",
+    "herald-operator",
+];
+
+async fn post_task(api: &str, user: &str) {
     let accepted = http_client()
-        .post(format!("{api}/users/1/tasks/transcode"))
+        .post(format!("{api}/users/{user}/tasks/transcode"))
         .json(&serde_json::json!({"file": "movie.mp4"}))
         .send()
         .await
         .unwrap();
     assert!(accepted.status().is_success(), "{}", accepted.status());
+}
 
-    // Delivered to the receiver pod, signed with the Secret's key.
-    let receiver_pods = json_of(&cluster, &["get", "pods", "-n", NAMESPACE, "-l", "app=receiver"]);
-    let receiver_ip = receiver_pods["items"][0]["status"]["podIP"]
+fn pod_ip(cluster: &Cluster, selector: &str) -> String {
+    let pods = json_of(cluster, &["get", "pods", "-n", NAMESPACE, "-l", selector]);
+    pods["items"][0]["status"]["podIP"]
         .as_str()
+        .unwrap_or_else(|| panic!("no pod IP for {selector}: {pods}"))
+        .to_string()
+}
+
+/// The names of the Herald pods that are not being deleted.
+fn pod_names(cluster: &Cluster) -> Vec<String> {
+    let pods = json_of(cluster, &["get", "pods", "-n", NAMESPACE]);
+    pods["items"]
+        .as_array()
         .unwrap()
-        .to_string();
-    let receiver = RemoteReceiver::new(&format!("http://{receiver_ip}:8080"));
-    let received = receiver.wait_for(1, DELIVERY).await;
-    assert_eq!(received[0].path, "/hooks/user-1");
-    verify_with_standardwebhooks(SIGNING_SECRET, &received[0])
-        .unwrap_or_else(|e| panic!("the webhook's signature: {e}"));
+        .iter()
+        .filter(|pod| pod["metadata"]["deletionTimestamp"].is_null())
+        .filter_map(|pod| pod["metadata"]["name"].as_str())
+        .filter(|name| name.starts_with("herald-"))
+        .map(str::to_string)
+        .collect()
 }
