@@ -161,6 +161,13 @@ spec:
         "kubectl get whe",
         cluster.kubectl(["get", "whe", "-n", NAMESPACE]),
     );
+    eprintln!(
+        "$ kubectl get deploy,pods -n {NAMESPACE}\n{}\n$ kubectl get whe -n {NAMESPACE}\n{columns}",
+        ok(
+            "kubectl get deploy,pods",
+            cluster.kubectl(["get", "deploy,pods", "-n", NAMESPACE])
+        )
+    );
     assert!(
         columns.contains("STATE") && columns.contains("Active"),
         "{columns}"
@@ -257,9 +264,18 @@ spec:
         leader.starts_with("herald-operator-"),
         "the Lease's holder: {leader:?}"
     );
-    let standby = pod_names(&cluster)
+    let operators: Vec<String> = pod_names(&cluster)
         .into_iter()
-        .find(|pod| pod.starts_with("herald-operator-") && *pod != leader)
+        .filter(|pod| pod.starts_with("herald-operator-"))
+        .collect();
+    assert_eq!(operators.len(), 2, "a leader and a standby: {operators:?}");
+    assert!(
+        operators.contains(&leader),
+        "{leader} is one of {operators:?}"
+    );
+    let standby = operators
+        .into_iter()
+        .find(|pod| *pod != leader)
         .expect("a standby operator pod");
     let killed = std::time::Instant::now();
     ok(
