@@ -6,7 +6,8 @@
 //! NodePort, the webhook delivered to the receiver pod, signed; a failing
 //! receiver turning the endpoint Failing and its owner mailed through the
 //! mailpit pod; the operator's leader deleted and another pod leading;
-//! `helm upgrade` of a config value replacing every Deployment's pods.
+//! `helm upgrade` of a config value replacing every Deployment's pods;
+//! `helm uninstall` leaving only the CRD and the users' WebhookEndpoints.
 
 use std::time::Duration;
 
@@ -357,6 +358,61 @@ spec:
             "{deployment}: every pod replaced after the config change; before {before:?}, after {after:?}"
         );
     }
+
+    // helm uninstall: nothing the chart made is left but the CRD (helm
+    // never deletes crds/) and the WebhookEndpoints users made.
+    ok(
+        "helm uninstall",
+        cluster
+            .control_plane()
+            .helm(["uninstall", "herald", "--namespace", NAMESPACE, "--wait"]),
+    );
+    let selector = "app.kubernetes.io/instance=herald";
+    let left = ok(
+        "kubectl get of what the chart made",
+        cluster.kubectl([
+            "get",
+            "deploy,rs,svc,cm,secret,sa,role,rolebinding,pdb",
+            "-n",
+            NAMESPACE,
+            "-l",
+            selector,
+            "-o",
+            "name",
+        ]),
+    );
+    let cluster_left = ok(
+        "kubectl get of the chart's cluster objects",
+        cluster.kubectl([
+            "get",
+            "clusterrole,clusterrolebinding",
+            "-l",
+            selector,
+            "-o",
+            "name",
+        ]),
+    );
+    assert!(
+        left.trim().is_empty() && cluster_left.trim().is_empty(),
+        "left after helm uninstall:\n{left}{cluster_left}"
+    );
+    ok(
+        "the CRD stays",
+        cluster.kubectl(["get", "crd", "webhookendpoints.herald.dev"]),
+    );
+    let endpoints = json_of(&cluster, &["get", "whe", "-n", NAMESPACE]);
+    eprintln!(
+        "after helm uninstall: CRD webhookendpoints.herald.dev and WebhookEndpoints {:?} remain",
+        endpoints["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| format!(
+                "{} (finalizers {})",
+                e["metadata"]["name"], e["metadata"]["finalizers"]
+            ))
+            .collect::<Vec<_>>()
+    );
 }
 
 const DEPLOYMENTS: [&str; 5] = [
