@@ -3,7 +3,9 @@
 //! (three JetStream servers on local volumes), mailpit and the receiver as
 //! pods, and the chart installed with helm, used the way its users do:
 //! `kubectl apply` of a WebhookEndpoint, a task posted through the API's
-//! NodePort, the webhook delivered to the receiver pod, signed; a failing
+//! NodePort, the webhook delivered to the receiver pod, signed; the webhook
+//! workers scaled to three under load, each delivering and nothing lost or
+//! delivered twice under two webhook-ids; a failing
 //! receiver turning the endpoint Failing and its owner mailed through the
 //! mailpit pod; the operator's leader deleted and another pod leading;
 //! `helm upgrade` of a config value replacing every Deployment's pods;
@@ -117,6 +119,10 @@ async fn the_chart_on_a_node_delivers_signed_turns_failing_fails_over_and_rolls_
             &format!("image.tag={}", herald.tag()),
             "--set",
             &format!("secrets.encryptionKey.value={TEST_KEY}"),
+            // The demo handler's pretend work, short: the load below is
+            // a few hundred tasks a second.
+            "--set",
+            "config.tasks.transcode_duration=10ms",
             // The receiver pod and its Service are in the cluster's ranges.
             "--set-json",
             &format!(
@@ -187,6 +193,125 @@ spec:
     assert_eq!(received[0].path, "/hooks/user-1");
     verify_with_standardwebhooks(SIGNING_SECRET, &received[0])
         .unwrap_or_else(|e| panic!("the webhook's signature: {e}"));
+
+    // The webhook workers scaled to three under a steady load: every
+    // replica delivers, nothing is lost, no task is delivered under two
+    // webhook-ids.
+    ok(
+        "kubectl scale of the webhook workers",
+        cluster.kubectl([
+            "scale",
+            "deploy/herald-worker-webhooks",
+            "--replicas=3",
+            "-n",
+            NAMESPACE,
+        ]),
+    );
+    ok(
+        "three webhook workers",
+        cluster.kubectl([
+            "rollout",
+            "status",
+            "deploy/herald-worker-webhooks",
+            "-n",
+            NAMESPACE,
+            &format!("--timeout={}s", READY.as_secs()),
+        ]),
+    );
+    const LOAD: usize = 1500;
+    let started = std::time::Instant::now();
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let mut posts = tokio::task::JoinSet::new();
+    for _ in 0..LOAD {
+        let permit = limit.clone().acquire_owned().await.unwrap();
+        let url = format!("{api}/users/1/tasks/transcode");
+        posts.spawn(async move {
+            let status = http_client()
+                .post(url)
+                .json(&serde_json::json!({"file": "movie.mp4"}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16());
+            drop(permit);
+            status
+        });
+    }
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    while let Some(status) = posts.join_next().await {
+        let status = match status.unwrap() {
+            Ok(code) => code.to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        *statuses.entry(status).or_default() += 1;
+    }
+    let posting = started.elapsed();
+    assert_eq!(
+        statuses.get("202").copied().unwrap_or_default()
+            + statuses.get("201").copied().unwrap_or_default()
+            + statuses.get("200").copied().unwrap_or_default(),
+        LOAD,
+        "every task accepted: {statuses:?}"
+    );
+    let received = wait_until("every task of the load delivered", DELIVERY, || async {
+        let received = receiver.received().await;
+        let ids: std::collections::HashSet<String> = received
+            .iter()
+            .filter(|w| w.path == "/hooks/user-1")
+            .map(|w| w.headers["webhook-id"].clone())
+            .collect();
+        (ids.len() > LOAD).then_some(received)
+    })
+    .await;
+    let delivering = started.elapsed();
+    let ids: std::collections::HashSet<&str> = received
+        .iter()
+        .filter(|w| w.path == "/hooks/user-1")
+        .map(|w| w.headers["webhook-id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), LOAD + 1, "one webhook-id per task");
+    let mut per_pod = Vec::new();
+    let webhook_pods = json_of(
+        &cluster,
+        &[
+            "get",
+            "pods",
+            "-n",
+            NAMESPACE,
+            "-l",
+            "app.kubernetes.io/component=worker-webhooks",
+        ],
+    );
+    for pod in webhook_pods["items"].as_array().unwrap() {
+        let ip = pod["status"]["podIP"].as_str().unwrap();
+        let metrics = http_client()
+            .get(format!("http://{ip}:8081/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let delivered: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("herald_webhook_attempts_total{outcome=\"delivered\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        per_pod.push((
+            pod["metadata"]["name"].as_str().unwrap().to_string(),
+            delivered,
+        ));
+    }
+    eprintln!(
+        "load: {LOAD} tasks posted in {posting:.1?} ({:.0}/s), all delivered after {delivering:.1?}; {} requests for {} webhook-ids; delivered per webhook pod: {per_pod:?}",
+        LOAD as f64 / posting.as_secs_f64(),
+        received.len(),
+        ids.len()
+    );
+    assert_eq!(per_pod.len(), 3, "{per_pod:?}");
+    assert!(
+        per_pod.iter().all(|(_, delivered)| *delivered > 0.0),
+        "every replica delivers: {per_pod:?}"
+    );
 
     // A failing receiver: an endpoint with a short retry schedule turns
     // Failing, and once its attempts are exhausted its owner's mail is in
@@ -330,6 +455,11 @@ spec:
             "--namespace",
             NAMESPACE,
             "--reuse-values",
+            // Helm 4 applies server-side: the replicas `kubectl scale` set
+            // above belong to kubectl now, and a different value from the
+            // chart would be refused as a conflict. The values say 3 too.
+            "--set",
+            "workers.webhooks.replicas=3",
             "--set",
             "config.log.filter=herald=debug\\,info",
         ]),
