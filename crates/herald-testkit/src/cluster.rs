@@ -193,6 +193,12 @@ impl Cluster {
         NODE_ADDRESS
     }
 
+    /// The pods' and the Services' address ranges: what an SSRF guard
+    /// must open for a receiver running in the cluster.
+    pub fn cluster_ranges(&self) -> [&'static str; 2] {
+        [network::POD_CIDR, network::SERVICE_CIDR]
+    }
+
     /// A directory of the cluster's own, removed with it: for the files a
     /// test writes (manifests, values).
     pub fn dir(&self) -> &Path {

@@ -228,7 +228,8 @@ impl ImageRunner {
         std::fs::read_to_string(self.log_path(id)).unwrap_or_default()
     }
 
-    /// The host pid of task `id`'s process, once it runs.
+    /// The host pid of task `id`'s process, once it runs; panics with its
+    /// log if it has exited instead.
     pub async fn pid(&self, id: &str) -> u32 {
         wait_until(&format!("task {id} running"), STARTUP, || async {
             let tasks = self.ctr_ok("tasks ls", ["tasks", "ls"]);
@@ -236,6 +237,9 @@ impl ImageRunner {
                 let fields: Vec<&str> = line.split_whitespace().collect();
                 match fields.as_slice() {
                     [task, pid, "RUNNING"] if *task == id => pid.parse().ok(),
+                    [task, _, "STOPPED"] if *task == id => {
+                        panic!("task {id} exited; its log:\n{}", self.log(id))
+                    }
                     _ => None,
                 }
             })

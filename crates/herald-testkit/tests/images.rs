@@ -228,8 +228,13 @@ fn the_herald_image_follows_the_dockerfile_and_holds_only_what_herald_needs() {
     );
 }
 
-fn uid_of(pid: u32) -> u32 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+fn uid_of(runner: &ImageRunner, id: &str, pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_else(|e| {
+        panic!(
+            "{id} (pid {pid}) is gone ({e}); its log:\n{}",
+            runner.log(id)
+        )
+    });
     let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     // Real, effective, saved, filesystem: all must be the user.
     let uids: Vec<u32> = line
@@ -251,6 +256,19 @@ async fn http_status(url: &str) -> Option<u16> {
         .map(|r| r.status().as_u16())
 }
 
+/// Waits until `url` answers 200; panics with task `id`'s log otherwise.
+async fn wait_for_200(runner: &ImageRunner, id: &str, url: &str) {
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    while http_status(url).await != Some(200) {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "{url} did not answer 200 within {DEADLINE:?}; {id}'s log:\n{}",
+            runner.log(id)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Starts task `id`, waits for its process, and checks it runs as the
 /// non-root user on a read-only root filesystem.
 async fn start_checked(
@@ -262,7 +280,7 @@ async fn start_checked(
 ) {
     runner.start_task(reference, id, argv, options);
     let pid = runner.pid(id).await;
-    assert_eq!(uid_of(pid), NONROOT, "{id} runs as {NONROOT}");
+    assert_eq!(uid_of(runner, id, pid), NONROOT, "{id} runs as {NONROOT}");
     let spec = runner.spec(id);
     assert_eq!(spec["root"]["readonly"], true, "{id}: {spec}");
     assert_eq!(spec["process"]["user"]["uid"], NONROOT, "{id}");
@@ -455,11 +473,7 @@ async fn every_image_runs_as_its_non_root_user_on_a_read_only_root() {
         },
     )
     .await;
-    let ready = format!("http://{listen}/readyz");
-    wait_until("herald api ready", DEADLINE, || async {
-        (http_status(&ready).await == Some(200)).then_some(())
-    })
-    .await;
+    wait_for_200(&runner, "herald-api", &format!("http://{listen}/readyz")).await;
     let accepted = http_client()
         .post(format!("http://{listen}/users/1/tasks/transcode"))
         .json(&serde_json::json!({"file": "movie.mp4"}))
@@ -473,4 +487,150 @@ async fn every_image_runs_as_its_non_root_user_on_a_read_only_root() {
         accepted.text().await.unwrap_or_default(),
         runner.log("herald-api")
     );
+}
+
+/// What the test cluster's NATS is (three servers, Herald's topology with
+/// three replicas), from the images, on loopback: `herald api` creates its
+/// streams replicated on all three and accepts a task.
+#[tokio::test]
+async fn herald_in_its_image_creates_r3_streams_on_a_three_server_jetstream_cluster() {
+    let images = Images::load();
+    let runner = ImageRunner::start().await;
+    runner.import(&images.herald().archive, &images.herald().reference);
+    runner.import(
+        &images.nats_server().archive,
+        &images.nats_server().reference,
+    );
+    let options = RunOptions {
+        host_network: true,
+        tmp: true,
+        ..RunOptions::default()
+    };
+    let servers: Vec<(u16, u16, u16)> = (0..3)
+        .map(|_| (free_port(), free_port(), free_port()))
+        .collect();
+    let routes = servers
+        .iter()
+        .map(|(_, cluster, _)| format!("nats://127.0.0.1:{cluster}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (i, (client, cluster, monitor)) in servers.iter().enumerate() {
+        let args = [
+            "/usr/local/bin/nats-server".to_string(),
+            "--jetstream".to_string(),
+            "--store_dir".to_string(),
+            "/tmp/jetstream".to_string(),
+            "--server_name".to_string(),
+            format!("nats-{i}"),
+            "--addr".to_string(),
+            "127.0.0.1".to_string(),
+            "--port".to_string(),
+            client.to_string(),
+            "--http_port".to_string(),
+            monitor.to_string(),
+            "--cluster_name".to_string(),
+            "herald".to_string(),
+            "--cluster".to_string(),
+            format!("nats://127.0.0.1:{cluster}"),
+            "--routes".to_string(),
+            routes.clone(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        start_checked(
+            &runner,
+            &images.nats_server().reference,
+            &format!("nats-{i}"),
+            &args,
+            &options,
+        )
+        .await;
+    }
+    for (_, _, monitor) in &servers {
+        let healthy = format!("http://127.0.0.1:{monitor}/healthz");
+        wait_until("a clustered nats-server healthy", DEADLINE, || async {
+            (http_status(&healthy).await == Some(200)).then_some(())
+        })
+        .await;
+    }
+
+    let listen = format!("127.0.0.1:{}", free_port());
+    // One server's URL, as the cluster's Service gives one address: the
+    // client learns the others from the servers. (A comma-separated list,
+    // which config.example.toml promises, is refused: "invalid port number".)
+    let nats_url = format!("--nats-url=nats://127.0.0.1:{}", servers[0].0);
+    let entrypoint = final_stage(dockerfile()).entrypoint;
+    let entrypoint: Vec<&str> = entrypoint.iter().map(String::as_str).collect();
+    start_checked(
+        &runner,
+        &images.herald().reference,
+        "herald-api",
+        &[entrypoint, vec!["api", "--listen", &listen, &nats_url]].concat(),
+        &RunOptions {
+            env: vec![
+                "HERALD_NATS__MANAGE_TOPOLOGY=true".to_string(),
+                "HERALD_TOPOLOGY__REPLICAS=3".to_string(),
+            ],
+            ..options
+        },
+    )
+    .await;
+    wait_for_200(&runner, "herald-api", &format!("http://{listen}/readyz")).await;
+    let accepted = http_client()
+        .post(format!("http://{listen}/users/1/tasks/transcode"))
+        .json(&serde_json::json!({"file": "movie.mp4"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        accepted.status().is_success(),
+        "a task on R3 streams: {}\nherald's log:\n{}",
+        accepted.status(),
+        runner.log("herald-api")
+    );
+
+    // Every stream Herald made (its KV buckets are streams too) has three
+    // replicas: in its leader's own view (only the leader knows whether its
+    // followers are current), two followers, both current.
+    let streams = wait_until(
+        "every stream with two current followers",
+        DEADLINE,
+        || async {
+            let mut led = Vec::new();
+            for (i, (_, _, monitor)) in servers.iter().enumerate() {
+                let jsz = format!(
+                    "http://127.0.0.1:{monitor}/jsz?accounts=true&streams=true&config=true"
+                );
+                let jsz: Value = http_client()
+                    .get(&jsz)
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                for account in jsz["account_details"].as_array()? {
+                    for stream in account["stream_detail"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                    {
+                        if stream["cluster"]["leader"] == format!("nats-{i}").as_str() {
+                            led.push(stream);
+                        }
+                    }
+                }
+            }
+            let all_r3 = led.len() >= 5
+                && led.iter().all(|s| {
+                    s["config"]["num_replicas"] == 3
+                        && s["cluster"]["replicas"]
+                            .as_array()
+                            .is_some_and(|r| r.len() == 2 && r.iter().all(|p| p["current"] == true))
+                });
+            all_r3.then_some(led)
+        },
+    )
+    .await;
+    let names: Vec<&str> = streams.iter().filter_map(|s| s["name"].as_str()).collect();
+    assert!(names.contains(&"HERALD_TASKS"), "{names:?}");
 }
