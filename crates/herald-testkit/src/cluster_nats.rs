@@ -9,7 +9,10 @@
 //! node owned by the image's user (65532): a kubelet applies `fsGroup` to
 //! few volume types, and this way the server can write whatever it does.
 
-use std::{os::unix::fs::PermissionsExt, path::Path};
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
 
 use crate::Image;
 
@@ -20,11 +23,8 @@ pub const IMAGE_USER: u32 = 65532;
 pub const LOCAL_STORAGE_CLASS: &str = "herald-test-local";
 
 /// The test NATS chart's directory.
-pub fn nats_chart() -> &'static Path {
-    Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../deploy/nats/test-cluster"
-    ))
+pub fn nats_chart() -> PathBuf {
+    crate::workspace_root().join("deploy/nats/test-cluster")
 }
 
 /// `helm install` arguments after the release name and chart: the image

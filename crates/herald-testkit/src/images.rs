@@ -2,10 +2,7 @@
 //! archives in `$HERALD_IMAGES` (default `~/.cache/herald-images`), named
 //! in its `images.json`.
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-};
+use std::{collections::HashMap, path::PathBuf};
 
 use serde::Deserialize;
 
@@ -96,6 +93,6 @@ impl Images {
 }
 
 /// The repository's Dockerfile, which the Herald image follows.
-pub fn dockerfile() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../Dockerfile"))
+pub fn dockerfile() -> PathBuf {
+    crate::workspace_root().join("Dockerfile")
 }

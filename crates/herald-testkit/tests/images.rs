@@ -131,7 +131,7 @@ fn final_stage(dockerfile: &Path) -> FinalStage {
 #[test]
 fn the_herald_image_follows_the_dockerfile_and_holds_only_what_herald_needs() {
     let images = Images::load();
-    let stage = final_stage(dockerfile());
+    let stage = final_stage(&dockerfile());
     assert_eq!(stage.user, format!("{NONROOT}:{NONROOT}"), "{stage:?}");
     // The chart runs the pods as that user too (runAsUser/runAsGroup/fsGroup).
     let values = std::fs::read_to_string(
@@ -306,7 +306,7 @@ async fn every_image_runs_as_its_non_root_user_on_a_read_only_root() {
     let herald = &images.herald().reference;
 
     // Herald's entrypoint, as the Dockerfile names it.
-    let entrypoint = final_stage(dockerfile()).entrypoint;
+    let entrypoint = final_stage(&dockerfile()).entrypoint;
     let entrypoint: Vec<&str> = entrypoint.iter().map(String::as_str).collect();
     let version = succeeded(
         "herald --version",
@@ -558,7 +558,7 @@ async fn herald_in_its_image_creates_r3_streams_on_a_three_server_jetstream_clus
     // client learns the others from the servers. (A comma-separated list,
     // which config.example.toml promises, is refused: "invalid port number".)
     let nats_url = format!("--nats-url=nats://127.0.0.1:{}", servers[0].0);
-    let entrypoint = final_stage(dockerfile()).entrypoint;
+    let entrypoint = final_stage(&dockerfile()).entrypoint;
     let entrypoint: Vec<&str> = entrypoint.iter().map(String::as_str).collect();
     start_checked(
         &runner,
