@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::MicroTime,
@@ -52,8 +53,17 @@ impl LeaderElector {
     }
 
     /// Waits until this process holds the lease (or `shutdown` fires:
-    /// false).
+    /// false). Between tries it watches the lease, so a lease given up on a
+    /// clean shutdown is taken at once by a candidate that was waiting
+    /// (the standby), not by whichever process polls next (often the
+    /// leader's own replacement pod, just started).
     pub async fn acquire(&mut self, shutdown: &CancellationToken) -> bool {
+        // Armed again at each timer tick, so a lease that stays free while
+        // tries fail costs one extra try per interval, not a busy loop.
+        let mut released = Some(Box::pin(released(
+            self.leases.clone(),
+            self.settings.name.clone(),
+        )));
         loop {
             match self.try_acquire_or_renew().await {
                 Ok(true) => {
@@ -65,7 +75,20 @@ impl LeaderElector {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
-                _ = sleep(self.settings.renew_interval) => {}
+                _ = sleep(self.settings.renew_interval) => {
+                    if released.is_none() {
+                        released = Some(Box::pin(self::released(
+                            self.leases.clone(),
+                            self.settings.name.clone(),
+                        )));
+                    }
+                }
+                _ = async {
+                    match released.as_mut() {
+                        Some(watch) => watch.await,
+                        None => std::future::pending().await,
+                    }
+                } => released = None,
             }
         }
     }
@@ -195,5 +218,90 @@ impl LeaderElector {
             Ok(_) => tracing::info!(lease = %self.settings.name, "released the leader lease"),
             Err(e) => tracing::warn!(error = %e, "could not release the leader lease"),
         }
+    }
+}
+
+/// Resolves when the lease `name` shows no holder (given up, or new);
+/// never when its watch fails (the caller's timer still retries).
+async fn released(leases: Api<Lease>, name: String) {
+    let changes = kube::runtime::watcher::watch_object(leases, &name);
+    let mut changes = std::pin::pin!(changes);
+    while let Some(change) = changes.next().await {
+        let Ok(lease) = change else { continue };
+        let holder = lease
+            .as_ref()
+            .and_then(|lease| lease.spec.as_ref())
+            .and_then(|spec| spec.holder_identity.as_deref());
+        if holder.is_none_or(str::is_empty) {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use herald_testkit::{ControlPlane, wait_until};
+
+    use super::*;
+
+    fn settings(identity: &str) -> LeaseSettings {
+        LeaseSettings {
+            namespace: "default".into(),
+            name: "herald-operator-test".into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_secs(60),
+            // Far longer than the test waits: only the watch can wake the
+            // standby in time.
+            renew_interval: Duration::from_secs(120),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiting_standby_takes_a_released_lease_at_once() {
+        let control_plane = ControlPlane::start().await;
+        let client = control_plane.client().await;
+        let mut leader = LeaderElector::new(client.clone(), settings("leader"));
+        let shutdown = CancellationToken::new();
+        assert!(leader.acquire(&shutdown).await);
+        let holding = tokio::spawn(leader.hold(shutdown.clone()));
+
+        let standby_stop = CancellationToken::new();
+        let mut standby = LeaderElector::new(client.clone(), settings("standby"));
+        let waiting = {
+            let stop = standby_stop.clone();
+            tokio::spawn(async move { standby.acquire(&stop).await })
+        };
+        // The standby is waiting: the lease is still the leader's.
+        let leases: Api<Lease> = Api::namespaced(client, "default");
+        let holder = || async {
+            leases
+                .get("herald-operator-test")
+                .await
+                .ok()
+                .and_then(|l| l.spec)
+                .and_then(|s| s.holder_identity)
+        };
+        assert_eq!(holder().await.as_deref(), Some("leader"));
+        assert!(!waiting.is_finished());
+
+        // A clean shutdown gives the lease up; the standby takes it long
+        // before its next timed try (two minutes away).
+        shutdown.cancel();
+        holding.await.unwrap().unwrap();
+        let took = tokio::time::timeout(Duration::from_secs(30), waiting).await;
+        assert!(
+            matches!(took, Ok(Ok(true))),
+            "the standby did not take the released lease: {took:?}"
+        );
+        wait_until(
+            "the standby to hold the lease",
+            Duration::from_secs(10),
+            || async { (holder().await.as_deref() == Some("standby")).then_some(()) },
+        )
+        .await;
+        standby_stop.cancel();
     }
 }

@@ -367,7 +367,7 @@ async fn wait_until_node_ready(client: &Client, kubelet: &mut ChildProcess) {
 }
 
 /// A kube client from the kubeconfig at `path`.
-async fn client_for(path: &Path) -> Client {
+pub(crate) async fn client_for(path: &Path) -> Client {
     crate::tools::install_crypto_provider();
     let kubeconfig = Kubeconfig::read_from(path)
         .unwrap_or_else(|e| panic!("cannot read the kubeconfig {}: {e}", path.display()));

@@ -72,6 +72,11 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// A client of this API server as its admin.
+    pub async fn client(&self) -> kube::Client {
+        crate::cluster::client_for(self.kubeconfig_path()).await
+    }
+
     /// Starts etcd and kube-apiserver; returns once `/healthz` answers and
     /// namespace `default` exists. A port race (a port picked free was taken
     /// before the server bound it) makes it start again on new ports, up to
