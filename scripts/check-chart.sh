@@ -160,7 +160,7 @@ check_common() { # <name> <deployments> [image]
   - apiGroups: ["coordination.k8s.io"]
     resources: ["leases"]
     resourceNames: ["herald-operator"]
-    verbs: ["get", "update"]
+    verbs: ["get", "list", "watch", "update"]
 EOF
 )" ] || { printf '%s\n' "$rules" >&2; die "$1: operator RBAC rules differ from the reviewed list"; }
 }

@@ -130,6 +130,13 @@ async fn the_chart_installs_and_the_operator_may_do_what_it_needs_and_no_more() 
         &["create", "secrets", "-n", NAMESPACE],
         &["create", "events.events.k8s.io", "-n", NAMESPACE],
         &["create", "leases.coordination.k8s.io", "-n", NAMESPACE],
+        // Its own Lease, watched by name while it waits to lead.
+        &[
+            "watch",
+            "leases.coordination.k8s.io/herald-operator",
+            "-n",
+            NAMESPACE,
+        ],
         // Tenancy grants: the herald.dev/users annotation of its Namespace.
         &["get", &own_namespace],
         &["watch", &own_namespace],
@@ -146,6 +153,7 @@ async fn the_chart_installs_and_the_operator_may_do_what_it_needs_and_no_more() 
         &["create", "deployments.apps", "-n", NAMESPACE],
         &["create", "clusterrolebindings.rbac.authorization.k8s.io"],
         &["update", "leases.coordination.k8s.io", "-n", "kube-system"],
+        &["watch", "leases.coordination.k8s.io", "-n", NAMESPACE],
         &["*", "*", "--all-namespaces"],
         // Grants are the admin's: read only, and only the watched namespace.
         &["patch", &own_namespace],
