@@ -120,8 +120,37 @@ async fn a_single_node_cluster_runs_pods_serves_services_by_name_and_keeps_traff
         "the pod is on the pod network, not the host's: {web_ip}"
     );
 
+    // The host reaches the NodePort on the node's address, once kube-proxy
+    // has programmed the web pod as the Service's endpoint (it follows the
+    // pod's readiness a moment later; until then the Service refuses).
+    let service = Api::<Service>::namespaced(client.clone(), "default")
+        .get("web")
+        .await
+        .expect("the Service exists");
+    let node_port = service
+        .spec
+        .and_then(|spec| spec.ports)
+        .and_then(|ports| ports.first().and_then(|port| port.node_port))
+        .expect("the Service has a NodePort");
+    let url = format!("http://{}:{node_port}/", cluster.node_address());
+    let body = herald_testkit::wait_until(
+        "the NodePort to answer from the host",
+        POD_DEADLINE,
+        || async {
+            let response = http_client()
+                .get(&url)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .ok()?;
+            response.text().await.ok()
+        },
+    )
+    .await;
+    assert_eq!(body, "hello from web", "the NodePort answers from the host");
+
     // Another pod finds it by name (CoreDNS) and reaches it through its
-    // ClusterIP (kube-proxy).
+    // ClusterIP (the same kube-proxy rules, now programmed).
     cluster.apply(
         &pod(
             "client",
@@ -139,28 +168,6 @@ async fn a_single_node_cluster_runs_pods_serves_services_by_name_and_keeps_traff
         (0, "hello from web"),
         "the client pod reached the Service by its DNS name"
     );
-
-    // The host reaches the NodePort on the node's address.
-    let service = Api::<Service>::namespaced(client.clone(), "default")
-        .get("web")
-        .await
-        .expect("the Service exists");
-    let node_port = service
-        .spec
-        .and_then(|spec| spec.ports)
-        .and_then(|ports| ports.first().and_then(|port| port.node_port))
-        .expect("the Service has a NodePort");
-    let url = format!("http://{}:{node_port}/", cluster.node_address());
-    let body = http_client()
-        .get(&url)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
-        .text()
-        .await
-        .expect("the NodePort answers with a body");
-    assert_eq!(body, "hello from web", "the NodePort answers from the host");
 
     // A pod trying an address outside the machine is stopped on the host,
     // at once, by the isolation rule (its counter moves), not by a timeout.
