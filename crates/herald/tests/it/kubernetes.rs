@@ -319,8 +319,9 @@ fn lease_holder(cluster: &Cluster) -> String {
     )
 }
 
-/// The names of the pods of the chart's component `component`.
-fn component_pods(cluster: &Cluster, component: &str) -> Vec<String> {
+/// The pods of the chart's component `component` that are not being
+/// deleted.
+fn live_component_pods(cluster: &Cluster, component: &str) -> Vec<Value> {
     let pods = kubectl_json(
         cluster,
         &[
@@ -337,6 +338,14 @@ fn component_pods(cluster: &Cluster, component: &str) -> Vec<String> {
         .into_iter()
         .flatten()
         .filter(|pod| pod["metadata"]["deletionTimestamp"].is_null())
+        .cloned()
+        .collect()
+}
+
+/// The names of the pods of the chart's component `component`.
+fn component_pods(cluster: &Cluster, component: &str) -> Vec<String> {
+    live_component_pods(cluster, component)
+        .iter()
         .filter_map(|pod| pod["metadata"]["name"].as_str().map(str::to_string))
         .collect()
 }
@@ -538,25 +547,9 @@ async fn delivered_by(ip: &str) -> u64 {
 
 /// The addresses of the ready pods of component `component`.
 fn ready_pod_ips(cluster: &Cluster, component: &str) -> Vec<String> {
-    let pods = kubectl_json(
-        cluster,
-        &[
-            "get",
-            "pods",
-            "-n",
-            NAMESPACE,
-            "-l",
-            &format!("app.kubernetes.io/component={component}"),
-        ],
-    );
-    pods["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|pod| {
-            pod["metadata"]["deletionTimestamp"].is_null()
-                && pod["status"]["containerStatuses"][0]["ready"] == true
-        })
+    live_component_pods(cluster, component)
+        .iter()
+        .filter(|pod| pod["status"]["containerStatuses"][0]["ready"] == true)
         .filter_map(|pod| pod["status"]["podIP"].as_str().map(str::to_string))
         .collect()
 }
