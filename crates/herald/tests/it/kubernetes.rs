@@ -557,15 +557,7 @@ fn ready_pod_ips(cluster: &Cluster, component: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_workers_scaled_to_three_under_load_all_deliver_and_nothing_is_lost() {
     const RATE: u32 = 250;
-    let images = Images::load();
-    let cluster = Cluster::start().await;
-    install(&cluster, &images).await;
-    wait_for_rollout(&cluster).await;
-    let api = load_endpoint(&cluster, "load", "l1").await;
-
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = tokio::spawn(steady_load(api, "l1", RATE, stop.clone()));
-    tokio::time::sleep(Duration::from_secs(3)).await; // load before the scale
+    let (cluster, load) = under_load("load", "l1", RATE).await;
     kubectl(
         &cluster,
         &[
@@ -583,8 +575,7 @@ async fn webhook_workers_scaled_to_three_under_load_all_deliver_and_nothing_is_l
     .await;
     // The load goes on with three workers before it stops.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let outcome = load.await.expect("the load ran");
+    let outcome = load.stop().await;
     eprintln!(
         "load: {} accepted, {} refused at {RATE}/s",
         outcome.accepted.len(),
@@ -649,6 +640,35 @@ fn task_of<'a>(webhook: &ReceivedWebhook, accepted: &'a HashSet<String>) -> Opti
         .map(String::as_str)
 }
 
+/// A steady load running against the chart: what the load tests disrupt.
+struct RunningLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<LoadOutcome>,
+}
+
+impl RunningLoad {
+    /// Stops posting and returns what the API answered.
+    async fn stop(self) -> LoadOutcome {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("the load ran")
+    }
+}
+
+/// The chart installed on a fresh node, an endpoint `name` of user `user`
+/// Active, and `rate` tasks/s posted to the API's NodePort, running for a
+/// few seconds already so a disruption hits a loaded system.
+async fn under_load(name: &str, user: &'static str, rate: u32) -> (Cluster, RunningLoad) {
+    let images = Images::load();
+    let cluster = Cluster::start().await;
+    install(&cluster, &images).await;
+    wait_for_rollout(&cluster).await;
+    let api = load_endpoint(&cluster, name, user).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let task = tokio::spawn(steady_load(api, user, rate, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    (cluster, RunningLoad { stop, task })
+}
+
 /// A WebhookEndpoint `name` for user `user` at the receiver's `/<name>`,
 /// Active; returns the API's URL at its NodePort.
 async fn load_endpoint(cluster: &Cluster, name: &str, user: &str) -> String {
@@ -669,15 +689,7 @@ async fn load_endpoint(cluster: &Cluster, name: &str, user: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_deleted_and_every_deployment_restarted_under_load_lose_no_accepted_task() {
     const RATE: u32 = 100;
-    let images = Images::load();
-    let cluster = Cluster::start().await;
-    install(&cluster, &images).await;
-    wait_for_rollout(&cluster).await;
-    let api = load_endpoint(&cluster, "steady", "s1").await;
-
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = tokio::spawn(steady_load(api, "s1", RATE, stop.clone()));
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (cluster, load) = under_load("steady", "s1", RATE).await;
     for component in ["worker-webhooks", "api"] {
         let pod = component_pods(&cluster, component)
             .into_iter()
@@ -722,8 +734,7 @@ async fn pods_deleted_and_every_deployment_restarted_under_load_lose_no_accepted
         );
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let outcome = load.await.expect("the load ran");
+    let outcome = load.stop().await;
     let server_errors: Vec<&String> = outcome
         .refused
         .iter()
