@@ -18,6 +18,7 @@ use axum::{
     response::Response,
 };
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -33,6 +34,16 @@ struct Route(MatchedPath);
 /// response.
 pub(crate) async fn remember_route(request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().cloned();
+    if let Some(route) = &route {
+        // Named now, before anything starts the span's trace (a span's
+        // name is fixed once its trace context is first used).
+        let span = tracing::Span::current();
+        span.record(
+            "otel.name",
+            format!("{} {}", request.method(), route.as_str()),
+        );
+        span.record("http.route", route.as_str());
+    }
     let mut response = next.run(request).await;
     if let Some(route) = route {
         response.extensions_mut().insert(Route(route));
@@ -54,24 +65,63 @@ pub(crate) async fn log(mut request: Request, next: Next) -> Response {
     // A usable id is a valid header value, and so is a new one.
     let header = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"));
     request.headers_mut().insert(REQUEST_ID, header.clone());
-    let span = tracing::info_span!("request", request_id = %id);
+    let span = if is_probe(request.uri().path()) {
+        // Probes and scrapes are logged but never traced: a trace every
+        // few seconds per kubelet and Prometheus says nothing.
+        tracing::info_span!(PROBE_SPAN, request_id = %id)
+    } else {
+        tracing::info_span!(
+            "request",
+            otel.name = %method,
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %method,
+            http.route = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+            request_id = %id,
+        )
+    };
+    continue_client_trace(&span, request.headers());
     let mut response = next.run(request).instrument(span.clone()).await;
     let route = response
         .extensions()
         .get::<Route>()
         .map_or("unmatched", |route| route.0.as_str());
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
     span.in_scope(|| {
         tracing::info!(
             target: "herald::access",
             method = %method,
             route,
-            status = response.status().as_u16(),
+            status = status.as_u16(),
             latency_ms = started.elapsed().as_secs_f64() * 1000.0,
             "request"
         );
     });
     response.headers_mut().insert(REQUEST_ID, header);
     response
+}
+
+/// Makes the trace the client's `traceparent` names (if it sent a valid one)
+/// the parent of the request's span, so Herald's spans join the client's
+/// trace. Only the trace and span ids and the sampled flag are taken.
+fn continue_client_trace(span: &tracing::Span, headers: &axum::http::HeaderMap) {
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
+    });
+    // Fails only when tracing is off: nothing to continue then.
+    let _ = span.set_parent(parent);
+}
+
+/// The name of the span of a probe or scrape request, which is not traced.
+pub const PROBE_SPAN: &str = "probe";
+
+fn is_probe(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
 }
 
 fn usable(id: &str) -> bool {

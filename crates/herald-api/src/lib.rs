@@ -10,7 +10,7 @@
 //! send, and 503 when NATS is unavailable. Bearer tokens guard every route
 //! under `/users/{user}/` ([`auth`]).
 
-mod access;
+pub mod access;
 pub mod auth;
 mod error;
 mod health;

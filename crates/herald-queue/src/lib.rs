@@ -25,6 +25,7 @@ pub mod publish;
 pub mod rate_limit;
 pub mod stored;
 pub mod topology;
+pub mod trace_context;
 
 pub use connect::{Broker, ConnectError, NatsConfig, connect, connect_with};
 pub use error::QueueError;

@@ -57,6 +57,7 @@ impl Broker {
             headers.insert("Nats-Schedule", at.as_str());
             headers.insert("Nats-Schedule-Target", schedule.target.as_str());
         }
+        crate::trace_context::inject_current(&mut headers);
         let subject = message.subject;
         self.jetstream
             .publish_with_headers(subject.clone(), headers, message.payload.into())

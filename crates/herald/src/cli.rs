@@ -8,7 +8,7 @@ use serde_json::json;
 
 // Where `herald worker <kinds>` parses its kinds, and tests name them.
 pub use crate::roles::WorkerKind;
-use crate::{child, dev, flags::CommonFlags, logging::init_logging, receiver, roles, shutdown};
+use crate::{child, dev, flags::CommonFlags, receiver, roles, shutdown, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -122,23 +122,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Api { common, listen } => {
             let extra = listen.map_or(json!({}), |l| json!({ "api": { "listen": l } }));
             let config = common.load(extra)?;
-            init_logging(&config.log);
+            let telemetry = telemetry::init(&config.log, &config.tracing)?;
             let shutdown = shutdown::on_signal().context("cannot install signal handlers")?;
-            roles::run(config, roles::Roles::api_only(), shutdown).await
+            let ran = roles::run(config, roles::Roles::api_only(), shutdown).await;
+            telemetry.shutdown().await;
+            ran
         }
         Command::Worker { common, kinds } => {
             let config = common.load(json!({}))?;
-            init_logging(&config.log);
+            let telemetry = telemetry::init(&config.log, &config.tracing)?;
             let shutdown = shutdown::on_signal().context("cannot install signal handlers")?;
             let kinds: BTreeSet<_> = kinds.into_iter().collect();
-            roles::run(config, roles::Roles::workers(kinds), shutdown).await
+            let ran = roles::run(config, roles::Roles::workers(kinds), shutdown).await;
+            telemetry.shutdown().await;
+            ran
         }
         Command::Dev(args) => dev::run(args).await,
         Command::Operator { common } => {
             let config = common.load(json!({}))?;
-            init_logging(&config.log);
+            let telemetry = telemetry::init(&config.log, &config.tracing)?;
             let shutdown = shutdown::on_signal().context("cannot install signal handlers")?;
-            crate::operator::run(config, shutdown).await
+            let ran = crate::operator::run(config, shutdown).await;
+            telemetry.shutdown().await;
+            ran
         }
         Command::Crd => {
             print!("{}", herald_crd::crd_yaml());
@@ -161,7 +167,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Endpoints { common, file } => {
             let config = common.load(json!({}))?;
-            init_logging(&config.log);
+            telemetry::init_logs(&config.log);
             let records = config.secrets.record_writer("herald endpoints")?;
             let endpoints = crate::endpoints_file::load(&file)?;
             let broker = herald_queue::connect_with(&config.nats, "herald-endpoints").await?;

@@ -30,6 +30,7 @@ pub struct Config {
     pub mail: MailConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub tracing: TracingConfig,
     pub health: HealthConfig,
     pub operator: OperatorConfig,
     pub secrets: SecretsConfig,
@@ -172,10 +173,31 @@ impl Default for LogConfig {
     }
 }
 
+/// Where traces go (OpenTelemetry over OTLP). Every key left empty falls
+/// back to the standard `OTEL_*` variable; with no endpoint in either,
+/// nothing is traced and nothing is exported.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's base URL, such as `http://otel-collector:4318`
+    /// (`/v1/traces` is added for HTTP). Empty: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+    /// or `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub otlp_endpoint: String,
+    /// `grpc` or `http/protobuf`. Empty: `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`,
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`, else `http/protobuf`.
+    pub protocol: String,
+    /// The `service.name` of the spans. Empty: `OTEL_SERVICE_NAME`, else `herald`.
+    pub service_name: String,
+    /// The share of new traces kept, 0 to 1, honouring a caller's decision
+    /// for traces it started. Unset: `OTEL_TRACES_SAMPLER`, else all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_ratio: Option<f64>,
+}
+
 /// Top-level sections; other `HERALD_*` variables (`HERALD_CONFIG`,
 /// `HERALD_TOOLS`...) are not configuration keys.
-const SECTIONS: [&str; 11] = [
-    "nats", "topology", "api", "tasks", "webhooks", "mail", "shutdown", "log", "health",
+const SECTIONS: [&str; 12] = [
+    "nats", "topology", "api", "tasks", "webhooks", "mail", "shutdown", "log", "tracing", "health",
     "operator", "secrets",
 ];
 

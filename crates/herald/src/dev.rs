@@ -17,9 +17,8 @@ use tokio::process::Child;
 use crate::{
     endpoints_file,
     flags::CommonFlags,
-    logging::init_logging,
     roles::{self, Roles},
-    shutdown,
+    shutdown, telemetry,
 };
 
 #[derive(Args)]
@@ -65,7 +64,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             config.webhooks.ssrf.allow.push(cidr);
         }
     }
-    init_logging(&config.log);
+    let telemetry = telemetry::init(&config.log, &config.tracing)?;
     if config.secrets.keyring()?.is_none() {
         // Nothing outlives a dev run unless --store-dir keeps it; endpoint
         // records a later run cannot read are rewritten from the file.
@@ -142,6 +141,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     .await;
 
     stop_nats(&mut nats).await;
+    telemetry.shutdown().await;
     result
 }
 

@@ -1,0 +1,54 @@
+//! W3C trace context (`traceparent`, `tracestate`) in the headers of the
+//! JetStream messages Herald publishes and consumes, so one trace follows a
+//! task from the API's request through every queue to its last attempt.
+//!
+//! Publishing injects the context of the current `tracing` span
+//! ([`inject_current`], called by every publish); a consumer makes its
+//! span's parent what the message carries ([`continue_from`]). With no
+//! propagator installed (tracing off) both do nothing: no header is
+//! written, none is read.
+
+use async_nats::HeaderMap;
+use opentelemetry::propagation::{Extractor, Injector};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// A message's headers, read by the propagator.
+struct HeadersOf<'a>(&'a HeaderMap);
+
+impl Extractor for HeadersOf<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|value| value.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(name, _)| name.as_ref()).collect()
+    }
+}
+
+/// A message's headers, written by the propagator.
+struct HeadersFor<'a>(&'a mut HeaderMap);
+
+impl Injector for HeadersFor<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+/// Writes the current span's trace context into `headers`.
+pub fn inject_current(headers: &mut HeaderMap) {
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut HeadersFor(headers));
+    });
+}
+
+/// Makes the trace context in `headers` (if any) the parent of `span`,
+/// which must not have been entered yet.
+pub fn continue_from(span: &tracing::Span, headers: Option<&HeaderMap>) {
+    let Some(headers) = headers else { return };
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeadersOf(headers))
+    });
+    // Fails only when tracing is off (no OpenTelemetry layer): nothing to do.
+    let _ = span.set_parent(parent);
+}

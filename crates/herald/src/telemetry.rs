@@ -1,0 +1,366 @@
+//! Logs to stderr, as `log.filter` and `log.format` say (`RUST_LOG` wins
+//! over the filter), and traces over OTLP when `[tracing]` or the standard
+//! `OTEL_*` variables name a collector.
+//!
+//! Traces come from the same `tracing` spans the logs are written in: the
+//! API's request span, each consumed message's span (task, attempt, mail),
+//! continued across NATS by the `traceparent` header
+//! ([`herald_queue::trace_context`]). Without a collector no OpenTelemetry
+//! layer and no propagator is installed, so spans cost what they cost for
+//! the logs and no header is written.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use opentelemetry::trace::TracerProvider;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    runtime::Tokio,
+    trace::{Sampler, SdkTracerProvider, span_processor_with_async_runtime::BatchSpanProcessor},
+};
+use tracing::{Level, Metadata, Subscriber};
+use tracing_subscriber::{
+    EnvFilter, Layer,
+    filter::filter_fn,
+    fmt::{self, FmtContext, FormatEvent, FormatFields, format::Writer},
+    layer::SubscriberExt,
+    registry::LookupSpan,
+    util::SubscriberInitExt,
+};
+
+use crate::config::{self, LogConfig, TracingConfig};
+
+/// How long a shutting-down process waits for its last spans to be sent.
+const EXPORT_GRACE: Duration = Duration::from_secs(5);
+
+/// What outlives start-up: the trace pipeline, flushed by [`Self::shutdown`].
+#[must_use = "call shutdown() at the end, or the last spans are lost"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Sends the spans still buffered (for at most [`EXPORT_GRACE`]).
+    pub async fn shutdown(self) {
+        let Some(provider) = self.provider else {
+            return;
+        };
+        // The provider blocks until its export task answers: off the
+        // runtime's workers, so that task can run.
+        let flushed =
+            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(EXPORT_GRACE)).await;
+        if let Ok(Err(e)) = flushed {
+            eprintln!("herald: the last traces were not all exported: {e}");
+        }
+    }
+}
+
+/// Starts logging, and tracing if a collector is configured. Must run
+/// inside the tokio runtime (the exporter's task lives there). An invalid
+/// tracing configuration is an error: traces an operator asked for must
+/// not silently go missing.
+pub fn init(log: &LogConfig, tracing: &TracingConfig) -> anyhow::Result<Telemetry> {
+    let provider = match Exporting::from_config(tracing)? {
+        Some(exporting) => Some(exporting.provider()?),
+        None => None,
+    };
+    install(log, provider.as_ref());
+    if provider.is_some() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    }
+    Ok(Telemetry { provider })
+}
+
+/// Starts logging only, for commands whose work is no trace's business.
+pub fn init_logs(log: &LogConfig) {
+    install(log, None);
+}
+
+fn install(log: &LogConfig, provider: Option<&SdkTracerProvider>) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.filter));
+    let logs = match log.format {
+        config::LogFormat::Json => fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .map_event_format(WithTraceIds)
+            .with_filter(filter)
+            .boxed(),
+        config::LogFormat::Text => fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let traces = provider.map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("herald"))
+            .with_filter(filter_fn(is_traced))
+    });
+    // A second init in one process (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
+        .try_init();
+}
+
+/// Herald's own spans at info or above, and its warnings and errors as span
+/// events; the log filter does not apply, so quiet logs keep full traces.
+fn is_traced(metadata: &Metadata<'_>) -> bool {
+    let herald = metadata.target().starts_with("herald");
+    if metadata.is_span() {
+        herald
+            && *metadata.level() <= Level::INFO
+            && metadata.name() != herald_api::access::PROBE_SPAN
+    } else {
+        herald && *metadata.level() <= Level::WARN
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// Where and how spans are exported, from `[tracing]` and the `OTEL_*`
+/// variables it falls back to.
+#[derive(Debug)]
+struct Exporting {
+    /// `None`: the exporter reads `OTEL_EXPORTER_OTLP_*` itself.
+    endpoint: Option<String>,
+    protocol: Protocol,
+    service_name: Option<String>,
+    sample_ratio: Option<f64>,
+}
+
+impl Exporting {
+    fn from_config(config: &TracingConfig) -> anyhow::Result<Option<Self>> {
+        Self::from(config, |name| std::env::var(name).ok())
+    }
+
+    /// `None` when nothing is to be exported. `env` reads a variable.
+    fn from(
+        config: &TracingConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Option<Self>> {
+        let set = |name: &str| env(name).filter(|value| !value.trim().is_empty());
+        if set("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+            || set("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim() == "none")
+        {
+            return Ok(None);
+        }
+        let endpoint = (!config.otlp_endpoint.is_empty()).then(|| config.otlp_endpoint.clone());
+        if endpoint.is_none()
+            && set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none()
+            && set("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
+        {
+            return Ok(None);
+        }
+        let protocol = Some(config.protocol.clone())
+            .filter(|p| !p.is_empty())
+            .or_else(|| set("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"))
+            .or_else(|| set("OTEL_EXPORTER_OTLP_PROTOCOL"));
+        let protocol = match protocol.as_deref().map(str::trim) {
+            None | Some("http/protobuf") => Protocol::HttpProtobuf,
+            Some("grpc") => Protocol::Grpc,
+            Some(other) => {
+                bail!("tracing protocol {other:?} is not supported: use grpc or http/protobuf")
+            }
+        };
+        if let Some(ratio) = config.sample_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            bail!("tracing.sample_ratio must be between 0 and 1, not {ratio}");
+        }
+        Ok(Some(Exporting {
+            endpoint,
+            protocol,
+            service_name: Some(config.service_name.clone())
+                .filter(|name| !name.is_empty())
+                .or_else(|| set("OTEL_SERVICE_NAME").is_none().then(|| "herald".into())),
+            sample_ratio: config.sample_ratio,
+        }))
+    }
+
+    /// The endpoint the exporter is given: a base URL, as
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is, with the traces path for HTTP.
+    fn exporter_endpoint(&self) -> Option<String> {
+        let base = self.endpoint.as_deref()?;
+        Some(match self.protocol {
+            Protocol::Grpc => base.to_string(),
+            Protocol::HttpProtobuf => format!("{}/v1/traces", base.trim_end_matches('/')),
+        })
+    }
+
+    fn provider(&self) -> anyhow::Result<SdkTracerProvider> {
+        // The HTTP exporter's reqwest client and the gRPC client's TLS use
+        // rustls, built without a default crypto provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let endpoint = self.exporter_endpoint();
+        let exporter = match self.protocol {
+            Protocol::Grpc => {
+                let builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+                match endpoint {
+                    Some(endpoint) => builder.with_endpoint(endpoint).build(),
+                    None => builder.build(),
+                }
+            }
+            Protocol::HttpProtobuf => {
+                let builder = opentelemetry_otlp::SpanExporter::builder().with_http();
+                match endpoint {
+                    Some(endpoint) => builder.with_endpoint(endpoint).build(),
+                    None => builder.build(),
+                }
+            }
+        }
+        .context("cannot set up the OTLP trace exporter")?;
+        let mut resource = Resource::builder();
+        if let Some(name) = &self.service_name {
+            resource = resource.with_service_name(name.clone());
+        }
+        let mut provider = SdkTracerProvider::builder()
+            .with_span_processor(BatchSpanProcessor::builder(exporter, Tokio).build())
+            .with_resource(resource.build());
+        if let Some(ratio) = self.sample_ratio {
+            provider = provider.with_sampler(Sampler::ParentBased(Box::new(
+                Sampler::TraceIdRatioBased(ratio),
+            )));
+        }
+        Ok(provider.build())
+    }
+}
+
+/// The JSON log line with the `trace_id` and `span_id` of the span it was
+/// logged in, when that span is traced, so a log search finds the trace.
+struct WithTraceIds<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let Some((trace_id, span_id)) = ctx.lookup_current().and_then(|span| trace_ids(&span.id()))
+        else {
+            return self.0.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        match line.strip_prefix('{') {
+            Some(rest) => write!(
+                writer,
+                "{{\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\",{rest}"
+            ),
+            None => writer.write_str(&line),
+        }
+    }
+}
+
+/// The OpenTelemetry trace and span id of the span `id`, if it is traced.
+fn trace_ids(id: &tracing::span::Id) -> Option<(String, String)> {
+    use opentelemetry::trace::TraceContextExt;
+    let context = tracing::dispatcher::get_default(|dispatch| {
+        tracing_opentelemetry::get_otel_context(id, dispatch)
+    })?;
+    let span = context.span();
+    let span_context = span.span_context();
+    span_context.is_valid().then(|| {
+        (
+            span_context.trace_id().to_string(),
+            span_context.span_id().to_string(),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn exporting(
+        config: &TracingConfig,
+        vars: &[(&str, &str)],
+    ) -> anyhow::Result<Option<Exporting>> {
+        Exporting::from(config, |name| {
+            vars.iter()
+                .find(|(var, _)| *var == name)
+                .map(|(_, value)| value.to_string())
+        })
+    }
+
+    #[test]
+    fn nothing_is_exported_without_an_endpoint() {
+        assert!(exporting(&TracingConfig::default(), &[]).unwrap().is_none());
+        let configured = TracingConfig {
+            otlp_endpoint: "http://collector:4318".into(),
+            ..Default::default()
+        };
+        for off in [
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ] {
+            assert!(exporting(&configured, &[off]).unwrap().is_none(), "{off:?}");
+        }
+    }
+
+    #[test]
+    fn the_standard_variables_fill_what_the_config_leaves_empty() {
+        let from_env = exporting(
+            &TracingConfig::default(),
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_SERVICE_NAME", "billing-herald"),
+            ],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(from_env.protocol, Protocol::Grpc);
+        // The exporter reads the endpoint itself; the SDK reads the name.
+        assert_eq!(from_env.exporter_endpoint(), None);
+        assert_eq!(from_env.service_name, None);
+
+        let config = TracingConfig {
+            otlp_endpoint: "http://collector:4318/".into(),
+            protocol: "http/protobuf".into(),
+            ..Default::default()
+        };
+        let from_config = exporting(&config, &[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(from_config.protocol, Protocol::HttpProtobuf);
+        assert_eq!(
+            from_config.exporter_endpoint().as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        assert_eq!(from_config.service_name.as_deref(), Some("herald"));
+    }
+
+    #[test]
+    fn a_bad_protocol_or_ratio_is_refused() {
+        let endpoint = [(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://c:4318/v1/traces",
+        )];
+        let protocol = TracingConfig {
+            protocol: "http/json".into(),
+            ..Default::default()
+        };
+        let error = exporting(&protocol, &endpoint).unwrap_err().to_string();
+        assert!(error.contains("http/json"), "{error}");
+        let ratio = TracingConfig {
+            sample_ratio: Some(1.5),
+            ..Default::default()
+        };
+        let error = exporting(&ratio, &endpoint).unwrap_err().to_string();
+        assert!(error.contains("sample_ratio"), "{error}");
+    }
+}
