@@ -21,6 +21,13 @@ pub struct Outcome {
     pub outcome: &'static str,
 }
 
+/// What an attempt got back: the status class (`2xx`...), or `timeout`,
+/// `connection` or `refused` (the SSRF guard) when there was no response.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseClassLabel {
+    pub class: &'static str,
+}
+
 /// A durable consumer of a stream.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConsumerLabels {
@@ -55,6 +62,12 @@ pub struct Metrics {
     pub tasks_handled: Family<Outcome, Counter>,
     /// Webhook attempts by outcome (`delivered`, `retrying`, `exhausted`...).
     pub webhook_attempts: Family<Outcome, Counter>,
+    /// Webhook attempts by what came back (`2xx`... `timeout`).
+    pub webhook_responses: Family<ResponseClassLabel, Counter>,
+    /// Deliveries that ended (or were held), by the attempt outcome that
+    /// ended them: `delivered`, `exhausted`, `gone`, `abandoned`,
+    /// `endpoint_removed`, `held`.
+    pub deliveries: Family<Outcome, Counter>,
     /// Time from sending a webhook to its response (or failure), seconds.
     pub webhook_duration: Histogram,
     /// Failure mails by `sent`, `retrying` or `failed`.
@@ -80,8 +93,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let tasks_accepted = Counter::default();
     let tasks_handled = Family::default();
     let webhook_attempts = Family::default();
-    // 1 ms to about 33 s.
-    let webhook_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+    let webhook_responses = Family::default();
+    let deliveries = Family::default();
+    // 1 ms to about 131 s: past the longest endpoint timeout (120 s).
+    let webhook_duration = Histogram::new(exponential_buckets(0.001, 2.0, 18));
     let mails = Family::default();
     let ssrf_refusals = Family::default();
     let consumer_pending = Family::default();
@@ -109,6 +124,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "webhook_attempts",
         "Webhook delivery attempts, by outcome",
         webhook_attempts.clone(),
+    );
+    registry.register(
+        "webhook_responses",
+        "Webhook delivery attempts, by response class (2xx..., timeout, connection, refused)",
+        webhook_responses.clone(),
+    );
+    registry.register(
+        "deliveries",
+        "Deliveries ended or held, by the outcome of their last attempt",
+        deliveries.clone(),
     );
     registry.register(
         "webhook_duration_seconds",
@@ -150,6 +175,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         tasks_accepted,
         tasks_handled,
         webhook_attempts,
+        webhook_responses,
+        deliveries,
         webhook_duration,
         mails,
         ssrf_refusals,

@@ -260,6 +260,16 @@ pub enum AttemptOutcome {
 }
 
 impl MailReason {
+    /// The name used on the wire (snake case), for spans and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MailReason::AttemptsExhausted => "attempts_exhausted",
+            MailReason::EndpointGone => "endpoint_gone",
+            MailReason::EndpointDisabled => "endpoint_disabled",
+            MailReason::EndpointRecovered => "endpoint_recovered",
+        }
+    }
+
     /// Whether the mail ends a delivery (rather than telling about the
     /// endpoint as a whole).
     pub fn ends_delivery(self) -> bool {
@@ -530,6 +540,10 @@ pub struct EndpointConfig {
     /// Deliveries per second across every webhook worker, if limited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_per_second: Option<u32>,
+    /// Whether requests carry the delivery's W3C `traceparent` (when
+    /// Herald traces), for receivers in the same tracing system.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub send_trace_context: bool,
     /// Who wrote the record and alone may replace or remove it: the
     /// operator names the resource ([`owner_of_resource`]), an endpoints
     /// file (`herald dev`, `herald endpoints`) is `herald-file`. `None`:

@@ -116,6 +116,7 @@ impl WebhookEndpointSpec {
             headers: self.headers.clone(),
             paused: self.paused,
             rate_limit_per_second: self.rate_limit.as_ref().map(|r| r.per_second),
+            send_trace_context: self.send_trace_context,
             owner: None,
         })
     }

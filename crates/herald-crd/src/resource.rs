@@ -79,6 +79,12 @@ pub struct WebhookEndpointSpec {
     /// Hold deliveries (they are kept, not dropped) until unpaused.
     #[serde(default)]
     pub paused: bool,
+    /// Send the delivery's W3C `traceparent` and `tracestate` with each
+    /// request, so a receiver that traces too joins Herald's trace. Off by
+    /// default: the header tells the receiver trace and span ids of the
+    /// sender's tracing system.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub send_trace_context: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -17,6 +17,7 @@ use herald_queue::{
     Broker,
     consume::{MessageHandler, delivery_count},
     publish::Outgoing,
+    trace_context::continue_from,
 };
 use lettre::{
     AsyncSmtpTransport, AsyncTransport, Message as Email, Tokio1Executor,
@@ -24,6 +25,7 @@ use lettre::{
     transport::smtp::{PoolConfig, authentication::Credentials},
 };
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 /// How the SMTP connection is secured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -293,6 +295,25 @@ fn body(job: &MailJob) -> String {
 #[async_trait::async_trait]
 impl MessageHandler for MailWorker {
     async fn handle(&self, message: Message) {
+        let span = tracing::info_span!(
+            "mail",
+            otel.name = "mail",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            herald.task = tracing::field::Empty,
+            herald.endpoint = tracing::field::Empty,
+            herald.mail_reason = tracing::field::Empty,
+            herald.attempt = delivery_count(&message),
+            herald.outcome = tracing::field::Empty,
+        );
+        continue_from(&span, message.headers.as_ref());
+        self.send_mail(message).instrument(span).await
+    }
+}
+
+impl MailWorker {
+    /// [`MessageHandler::handle`], in the mail's span.
+    async fn send_mail(&self, message: Message) {
         let job: MailJob = match decode(&message.payload) {
             Ok(job) => job,
             Err(e) => {
@@ -303,7 +324,24 @@ impl MessageHandler for MailWorker {
             }
         };
         let attempt = delivery_count(&message);
-        match self.send(&job).await {
+        let span = tracing::Span::current();
+        span.record("otel.name", format!("mail {}", job.reason.as_str()));
+        span.record("herald.task", job.task.as_str());
+        span.record("herald.endpoint", job.endpoint.as_str());
+        span.record("herald.mail_reason", job.reason.as_str());
+        let sent = self.send(&job).await;
+        let outcome = match &sent {
+            Ok(()) => "sent",
+            Err(SendFailure::Transient(_)) if self.schedule.delay_after(attempt).is_some() => {
+                "retrying"
+            }
+            Err(_) => "failed",
+        };
+        span.record("herald.outcome", outcome);
+        if outcome != "sent" {
+            span.record("otel.status_code", "error");
+        }
+        match sent {
             Ok(()) => {
                 Metrics::count(&metrics().mails, "sent");
                 tracing::info!(task = %job.task, to = %job.to, "failure mail sent");

@@ -25,12 +25,14 @@ use herald_core::{
 };
 use herald_queue::{
     Broker,
-    consume::{MessageHandler, with_progress},
+    consume::{MessageHandler, delivery_count, with_progress},
     endpoints::EndpointCache,
     publish::Outgoing,
+    trace_context::continue_from,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use tracing::Instrument;
 
 use crate::handlers::{HandlerRegistry, TaskInput};
 
@@ -170,8 +172,30 @@ impl TaskWorker {
 impl MessageHandler for TaskWorker {
     async fn handle(&self, message: Message) {
         if names::is_replay_subject(&message.subject) {
-            return crate::replays::handle(&self.broker, &self.endpoints, message).await;
+            let span = tracing::info_span!("replay", otel.kind = "consumer");
+            continue_from(&span, message.headers.as_ref());
+            return crate::replays::handle(&self.broker, &self.endpoints, message)
+                .instrument(span)
+                .await;
         }
+        let span = tracing::info_span!(
+            "task",
+            otel.name = tracing::field::Empty,
+            otel.kind = "consumer",
+            herald.task = tracing::field::Empty,
+            herald.task_type = tracing::field::Empty,
+            herald.user = tracing::field::Empty,
+            herald.outcome = tracing::field::Empty,
+            herald.delivery_count = delivery_count(&message),
+        );
+        continue_from(&span, message.headers.as_ref());
+        self.run_task(message).instrument(span).await
+    }
+}
+
+impl TaskWorker {
+    /// [`MessageHandler::handle`] for a task, in the task's span.
+    async fn run_task(&self, message: Message) {
         let task: TaskMessage = match decode(&message.payload) {
             Ok(task) => task,
             Err(e) => {
@@ -191,6 +215,11 @@ impl MessageHandler for TaskWorker {
                 .await;
             return;
         }
+        let span = tracing::Span::current();
+        span.record("otel.name", format!("task {}", task.task_type));
+        span.record("herald.task", task.id.as_str());
+        span.record("herald.task_type", task.task_type.as_str());
+        span.record("herald.user", task.user.as_str());
         let outcome =
             with_progress(&message, self.progress_interval, self.run_handler(&task)).await;
         if let Err(error) = &outcome {
@@ -213,6 +242,7 @@ impl MessageHandler for TaskWorker {
         match published {
             // Ack: the jobs and the record are stored.
             Ok(_) => {
+                span.record("herald.outcome", outputs.outcome.event_suffix());
                 Metrics::count(
                     &herald_core::metrics::metrics().tasks_handled,
                     outputs.outcome.event_suffix(),

@@ -99,6 +99,7 @@ mod tests {
     fn a_response_is_classed_by_its_status_only() {
         let response = |status: Option<u16>| Response {
             status: status.map(|s| StatusCode::from_u16(s).unwrap()),
+            no_response: None,
             retry_after: Some(Duration::from_secs(30)),
             body: Some("slow down".to_string()),
             error: Some("HTTP 500".to_string()),

@@ -50,7 +50,31 @@ pub(super) enum Verdict {
     /// Not sent: this one message (the job handed back as a schedule, or
     /// its attempt recorded as `held` or `endpoint_removed`) is stored and
     /// the job acked.
-    Settle(Outgoing),
+    Settle(Outgoing, NotSent),
+}
+
+/// Why the gate did not send a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum NotSent {
+    /// Handed back to come again later (paused, busy, rate-limited, its
+    /// record missing or unreadable for now).
+    HandedBack,
+    /// Recorded `held`: the endpoint is disabled.
+    Held,
+    /// Recorded `endpoint_removed`: the delivery ends.
+    EndpointRemoved,
+}
+
+impl NotSent {
+    /// The outcome on the attempt's span and, for a recorded one, in
+    /// `herald_deliveries_total`.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            NotSent::HandedBack => "handed_back",
+            NotSent::Held => AttemptOutcome::Held.as_str(),
+            NotSent::EndpointRemoved => AttemptOutcome::EndpointRemoved.as_str(),
+        }
+    }
 }
 
 /// A delivery cleared to send.
@@ -68,21 +92,25 @@ impl WebhookWorker {
     /// gate.
     pub(super) async fn gate(&self, job: DeliveryJob, attempt: u32) -> Verdict {
         let Some(endpoint) = self.endpoints.get(&job.user, &job.endpoint) else {
-            return Verdict::Settle(self.missing(&job, attempt));
+            let (record, not_sent) = self.missing(&job, attempt);
+            return Verdict::Settle(record, not_sent);
         };
         let job = DeliveryJob {
             endpoint_missing_since_ms: None,
             ..job
         };
         let hand_back = |at_ms, rate_slot_ms| {
-            Verdict::Settle(store_again(
-                &job,
-                at_ms,
-                Again::HandBack {
-                    attempt,
-                    rate_slot_ms,
-                },
-            ))
+            Verdict::Settle(
+                store_again(
+                    &job,
+                    at_ms,
+                    Again::HandBack {
+                        attempt,
+                        rate_slot_ms,
+                    },
+                ),
+                NotSent::HandedBack,
+            )
         };
         if self.is_disabled(&job).await {
             // Kept in the task's history, not sent: the recover call (or
@@ -95,6 +123,7 @@ impl WebhookWorker {
                     at_ms: herald_core::now_ms(),
                 }
                 .event(AttemptOutcome::Held, None, None),
+                NotSent::Held,
             );
         }
         if endpoint.paused {
@@ -145,7 +174,7 @@ impl WebhookWorker {
 
     /// What is stored for a delivery whose endpoint has no record this
     /// worker can read ([`Missing`]).
-    fn missing(&self, job: &DeliveryJob, attempt: u32) -> Outgoing {
+    fn missing(&self, job: &DeliveryJob, attempt: u32) -> (Outgoing, NotSent) {
         let key = names::endpoint_key(&job.user, &job.endpoint);
         let unreadable = self.endpoints.unreadable().remove(&key);
         let now = herald_core::now_ms();
@@ -164,7 +193,7 @@ impl WebhookWorker {
             Missing::Unreadable { look_again_ms } => {
                 let why = unreadable.unwrap_or_default();
                 tracing::error!(task = %job.task, endpoint = %job.endpoint, reason = %why, "endpoint record unreadable; keeping its delivery");
-                hold(job, look_again_ms)
+                (hold(job, look_again_ms), NotSent::HandedBack)
             }
             Missing::Vanished {
                 since_ms,
@@ -175,17 +204,18 @@ impl WebhookWorker {
                     endpoint_missing_since_ms: Some(since_ms),
                     ..job.clone()
                 };
-                hold(&holding, look_again_ms)
+                (hold(&holding, look_again_ms), NotSent::HandedBack)
             }
             Missing::Removed => {
                 tracing::info!(task = %job.task, endpoint = %job.endpoint, "endpoint removed; dropping its delivery");
-                Attempt {
+                let record = Attempt {
                     job,
                     url: "",
                     number: attempt,
                     at_ms: now,
                 }
-                .event(AttemptOutcome::EndpointRemoved, None, None)
+                .event(AttemptOutcome::EndpointRemoved, None, None);
+                (record, NotSent::EndpointRemoved)
             }
         }
     }

@@ -31,7 +31,9 @@ use std::time::Duration;
 use async_nats::jetstream::{AckKind, Message};
 use health::HealthTracker;
 use herald_core::{
-    payload::{DeliveryJob, RESPONSE_BODY_LIMIT, decode},
+    metrics::Metrics,
+    payload::{AttemptOutcome, DeliveryJob, RESPONSE_BODY_LIMIT, decode},
+    redact::RedactedUrl,
     schedule::RetrySchedule,
 };
 use herald_queue::{
@@ -39,14 +41,17 @@ use herald_queue::{
     consume::{MessageHandler, delivery_count, with_progress},
     endpoints::EndpointCache,
     rate_limit::RateLimiter,
+    trace_context::continue_from,
 };
 pub use request::{http_client, http_client_with};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use self::{
     classify::ResponseClass,
     decide::{Decision, RetryPolicy},
-    gate::{InFlight, Open, Verdict},
+    gate::{InFlight, NotSent, Open, Verdict},
+    request::{NoResponse, Response},
     settle::{Again, Attempt, settle, store_again},
 };
 use crate::ssrf::{GuardedClient, SsrfConfig};
@@ -146,6 +151,14 @@ impl WebhookWorker {
     /// record and settle.
     async fn deliver(&self, message: &Message, job: DeliveryJob) {
         let attempt = attempt_number(message, &job);
+        let span = tracing::Span::current();
+        span.record("herald.task", job.task.as_str());
+        span.record("herald.user", job.user.as_str());
+        span.record("herald.endpoint", job.endpoint.as_str());
+        span.record("herald.attempt", attempt);
+        if let Some(round) = &job.redelivery {
+            span.record("herald.redelivery", round.as_str());
+        }
         let task = job.task.clone();
         let Open {
             job,
@@ -153,10 +166,17 @@ impl WebhookWorker {
             permit: _in_flight,
         } = match self.gate(job, attempt).await {
             Verdict::Send(open) => open,
-            Verdict::Settle(record) => {
+            Verdict::Settle(record, not_sent) => {
+                span.record("herald.outcome", not_sent.as_str());
+                if not_sent != NotSent::HandedBack {
+                    let metrics = herald_core::metrics::metrics();
+                    Metrics::count(&metrics.deliveries, not_sent.as_str());
+                }
                 return settle(&self.broker, message, &task, vec![record], AckKind::Ack).await;
             }
         };
+        span.record("otel.name", "webhook attempt");
+        span.record("url.full", RedactedUrl::from_text(&endpoint.url).as_str());
         let response = with_progress(
             message,
             self.progress_interval,
@@ -171,6 +191,7 @@ impl WebhookWorker {
             RetryPolicy::for_endpoint(&endpoint, &self.config),
             endpoint.email.is_some(),
         );
+        record_on_span(&span, &response, &decision);
         self.record_health(&job, &response, &decision, now);
         let records = Attempt {
             job: &job,
@@ -196,11 +217,55 @@ fn attempt_number(message: &Message, job: &DeliveryJob) -> u32 {
         .saturating_add(delivery_count(message).saturating_sub(1))
 }
 
+/// What the attempt's span says of its response and outcome. The SSRF
+/// verdict is the response class `refused` (with the range in the error).
+fn record_on_span(span: &tracing::Span, response: &Response, decision: &Decision) {
+    if let Some(status) = response.status {
+        span.record("http.response.status_code", status.as_u16());
+    }
+    span.record("herald.response_class", response.class_label());
+    span.record(
+        "herald.ssrf",
+        if response.no_response == Some(NoResponse::Refused) {
+            "refused"
+        } else {
+            "allowed"
+        },
+    );
+    span.record("herald.outcome", decision.outcome.as_str());
+    if let Some(error) = &response.error {
+        span.record("error.message", error.as_str());
+    }
+    if decision.outcome != AttemptOutcome::Delivered {
+        span.record("otel.status_code", "error");
+    }
+}
+
 #[async_trait::async_trait]
 impl MessageHandler for WebhookWorker {
     async fn handle(&self, message: Message) {
+        // Named "webhook attempt" once the gate lets the request go; a
+        // delivery held or handed back keeps "webhook gate".
+        let span = tracing::info_span!(
+            "webhook",
+            otel.name = "webhook gate",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            herald.task = tracing::field::Empty,
+            herald.user = tracing::field::Empty,
+            herald.endpoint = tracing::field::Empty,
+            herald.attempt = tracing::field::Empty,
+            herald.redelivery = tracing::field::Empty,
+            herald.outcome = tracing::field::Empty,
+            herald.response_class = tracing::field::Empty,
+            herald.ssrf = tracing::field::Empty,
+            url.full = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+            error.message = tracing::field::Empty,
+        );
+        continue_from(&span, message.headers.as_ref());
         match decode::<DeliveryJob>(&message.payload) {
-            Ok(job) => self.deliver(&message, job).await,
+            Ok(job) => self.deliver(&message, job).instrument(span).await,
             Err(e) => {
                 tracing::error!(subject = %message.subject, error = %e, "terminating unreadable delivery job");
                 // Term: it will never parse; retrying is pointless.

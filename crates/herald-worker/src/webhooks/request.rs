@@ -12,6 +12,7 @@ use herald_core::{
     signing::signature_header,
 };
 use reqwest::{StatusCode, header};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::WebhookWorkerConfig;
 use crate::ssrf::{GuardedClient, Resolver, SendError, SsrfConfig, SsrfGuard, SystemResolver};
@@ -44,14 +45,45 @@ pub fn http_client_with(ssrf: &SsrfConfig, resolver: Arc<dyn Resolver>) -> Guard
 /// What one HTTP attempt produced.
 #[derive(Debug)]
 pub(super) struct Response {
-    /// `None`: no response at all (timeout, connection error, refusal).
+    /// `None`: no response at all ([`Self::no_response`] says why).
     pub status: Option<StatusCode>,
+    pub no_response: Option<NoResponse>,
     pub retry_after: Option<Duration>,
     /// The start of the body, as much as the attempt record keeps.
     pub body: Option<String>,
     /// Why the attempt failed, if it did, fit to show the endpoint's owner.
     pub error: Option<String>,
     pub latency: Duration,
+}
+
+/// Why an attempt got no HTTP response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum NoResponse {
+    /// The SSRF guard refused every address of the endpoint.
+    Refused,
+    /// No response within the endpoint's timeout.
+    Timeout,
+    /// The connection failed (refused, reset, TLS, DNS).
+    Connection,
+}
+
+impl Response {
+    /// The response class of `herald_webhook_responses_total`: the status
+    /// class (`2xx`...), or why there was none.
+    pub(super) fn class_label(&self) -> &'static str {
+        match (self.status, self.no_response) {
+            (Some(status), _) => match status.as_u16() {
+                100..=199 => "1xx",
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                400..=499 => "4xx",
+                _ => "5xx",
+            },
+            (None, Some(NoResponse::Refused)) => "refused",
+            (None, Some(NoResponse::Timeout)) => "timeout",
+            (None, _) => "connection",
+        }
+    }
 }
 
 /// The Standard Webhooks headers of one request.
@@ -110,6 +142,17 @@ pub(super) async fn send(
     for (name, value) in &endpoint.headers {
         request = request.header(name, value);
     }
+    if endpoint.send_trace_context {
+        let mut trace_headers = header::HeaderMap::new();
+        let context = tracing::Span::current().context();
+        opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.inject_context(
+                &context,
+                &mut opentelemetry_http::HeaderInjector(&mut trace_headers),
+            );
+        });
+        request = request.headers(trace_headers);
+    }
     let started = tokio::time::Instant::now();
     match client.send(request.body(job.body.clone())).await {
         Ok(mut response) => {
@@ -126,6 +169,7 @@ pub(super) async fn send(
             body.truncate(keep);
             Response {
                 status: Some(status),
+                no_response: None,
                 retry_after,
                 body: (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned()),
                 error: (!status.is_success()).then(|| format!("HTTP {}", status.as_u16())),
@@ -134,6 +178,11 @@ pub(super) async fn send(
         }
         Err(e) => Response {
             status: None,
+            no_response: Some(match &e {
+                SendError::Refused(_) => NoResponse::Refused,
+                SendError::Http(e) if e.is_timeout() => NoResponse::Timeout,
+                SendError::Http(_) => NoResponse::Connection,
+            }),
             retry_after: None,
             body: None,
             error: Some(match e {

@@ -17,7 +17,7 @@ use async_nats::jetstream::{AckKind, Message};
 use herald_core::health::Failure;
 use herald_core::{
     TaskId,
-    metrics::Metrics,
+    metrics::{Metrics, ResponseClassLabel},
     names,
     payload::{AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailReason, TaskEvent},
     redact::RedactedUrl,
@@ -205,6 +205,15 @@ impl WebhookWorker {
         let metrics = herald_core::metrics::metrics();
         Metrics::count(&metrics.webhook_attempts, decision.outcome.as_str());
         metrics
+            .webhook_responses
+            .get_or_create(&ResponseClassLabel {
+                class: response.class_label(),
+            })
+            .inc();
+        if decision.outcome != AttemptOutcome::Retrying {
+            Metrics::count(&metrics.deliveries, decision.outcome.as_str());
+        }
+        metrics
             .webhook_duration
             .observe(response.latency.as_secs_f64());
     }
@@ -269,6 +278,7 @@ mod tests {
     fn failed(status: u16) -> Response {
         Response {
             status: Some(StatusCode::from_u16(status).unwrap()),
+            no_response: None,
             retry_after: None,
             body: Some("down for maintenance".to_string()),
             error: Some(format!("HTTP {status}")),
