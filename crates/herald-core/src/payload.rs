@@ -506,6 +506,10 @@ pub struct TaskRecord {
     /// The endpoints a delivery job was published for; empty means the user
     /// had none.
     pub endpoints: Vec<EndpointId>,
+    /// The W3C `traceparent` of the task's span, when Herald traces: a
+    /// replay's span links to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// An endpoint's configuration (`herald-endpoints`), written by the operator
@@ -793,6 +797,7 @@ mod tests {
             ),
             error: None,
             endpoints: vec![],
+            traceparent: None,
         };
         let (event_type, body) = record.webhook();
         assert_eq!(event_type, "transcode.completed");

@@ -266,6 +266,7 @@ mod tests {
             result: None,
             error: None,
             endpoints: endpoints.iter().map(|e| ep(e)).collect(),
+            traceparent: None,
         }
     }
 

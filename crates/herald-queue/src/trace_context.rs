@@ -8,8 +8,13 @@
 //! propagator installed (tracing off) both do nothing: no header is
 //! written, none is read.
 
+use std::collections::HashMap;
+
 use async_nats::HeaderMap;
-use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::{
+    propagation::{Extractor, Injector},
+    trace::TraceContextExt,
+};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// A message's headers, read by the propagator.
@@ -51,4 +56,27 @@ pub fn continue_from(span: &tracing::Span, headers: Option<&HeaderMap>) {
     });
     // Fails only when tracing is off (no OpenTelemetry layer): nothing to do.
     let _ = span.set_parent(parent);
+}
+
+/// The current span's `traceparent`, to keep with what it produced; `None`
+/// when tracing is off.
+pub fn current_traceparent() -> Option<String> {
+    let context = tracing::Span::current().context();
+    let mut fields = HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut fields);
+    });
+    fields.remove("traceparent")
+}
+
+/// Links `span` to the span `traceparent` names (the work it repeats),
+/// when that is a valid trace context.
+pub fn link_to(span: &tracing::Span, traceparent: &str) {
+    let fields = HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+    let context =
+        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&fields));
+    let linked = context.span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
+    }
 }

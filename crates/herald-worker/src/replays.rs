@@ -76,7 +76,16 @@ pub(crate) async fn handle(broker: &Broker, endpoints: &EndpointCache, message: 
         return;
     }
     let plan = match history::task_record(broker, &request.task).await {
-        Ok(record) => plan(endpoints, &request, record),
+        Ok(record) => {
+            if let Some(Record::Readable(task)) = &record
+                && let Some(traceparent) = &task.traceparent
+            {
+                // The replay's own trace starts at the request that asked
+                // for it; the link leads back to the task it repeats.
+                herald_queue::trace_context::link_to(&tracing::Span::current(), traceparent);
+            }
+            plan(endpoints, &request, record)
+        }
         Err(e) => return retry(message, &request, &e).await,
     };
     let stored = match broker.publish_all(plan.jobs).await {

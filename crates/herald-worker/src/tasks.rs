@@ -144,6 +144,7 @@ impl TaskWorker {
             result,
             error,
             endpoints: Vec::new(),
+            traceparent: herald_queue::trace_context::current_traceparent(),
         };
         // The body comes from the record alone, so a redelivery, which has
         // only the record, sends the same bytes.

@@ -95,6 +95,11 @@ fn install(log: &LogConfig, provider: Option<&SdkTracerProvider>) {
     let traces = provider.map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("herald"))
+            // A span's OpenTelemetry side is built when first needed (a
+            // publish injecting its context, a JSON log line), not when it
+            // is entered: the API names its span after routing, the
+            // workers after decoding the message.
+            .with_context_activation(false)
             .with_filter(filter_fn(is_traced))
     });
     // A second init in one process (tests) keeps the first subscriber.
