@@ -257,7 +257,7 @@ install_promtool() {
         return
     fi
     ensure_go
-    log "go install github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION (about 5 minutes on 2 cores the first time)"
+    log "go install github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION (about 10 minutes on 2 busy cores the first time)"
     # `go install pkg@version` ignores the current module; run it from the
     # cache so no go.mod around us matters.
     timed_build "promtool $PROMTOOL_RELEASE" env -C "$TOOLS" GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOBIN="$STAGING" \
@@ -293,7 +293,7 @@ install_jaeger() {
         log "jaeger $JAEGER_RELEASE already installed"
         return
     fi
-    log "building jaeger $JAEGER_RELEASE from $OBSERVABILITY_MODULE (about 8 minutes on 2 cores the first time)"
+    log "building jaeger $JAEGER_RELEASE from $OBSERVABILITY_MODULE (about 12 minutes on 2 busy cores the first time)"
     # -mod=readonly: the committed go.sum must already cover the build; a
     # drifted go.mod fails here instead of being rewritten.
     timed_build "jaeger $JAEGER_RELEASE" env -C "$OBSERVABILITY_MODULE" GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 \
