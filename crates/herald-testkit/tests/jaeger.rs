@@ -3,6 +3,12 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_testkit::{Jaeger, http_client, span_count};
+use opentelemetry::trace::{Span, Tracer, TracerProvider};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{
+    Resource, runtime::Tokio, trace::SdkTracerProvider,
+    trace::span_processor_with_async_runtime::BatchSpanProcessor,
+};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -87,7 +93,47 @@ async fn a_span_sent_over_otlp_http_is_read_back_from_the_query_api() {
         "{listed:#?}"
     );
     assert!(jaeger.trace(&format!("{:032x}", 1)).await.is_none());
-    let grpc = jaeger.otlp_grpc_endpoint();
-    let grpc = grpc.strip_prefix("http://").unwrap();
-    tokio::net::TcpStream::connect(grpc).await.unwrap();
+}
+
+/// Over gRPC, with the OpenTelemetry SDK and OTLP exporter Herald exports
+/// with (`herald/src/telemetry.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_span_exported_over_otlp_grpc_is_read_back() {
+    let jaeger = Jaeger::start().await;
+    // The gRPC client's TLS stack has no default crypto provider.
+    drop(http_client());
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(jaeger.otlp_grpc_endpoint())
+        .build()
+        .unwrap();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(BatchSpanProcessor::builder(exporter, Tokio).build())
+        .with_resource(
+            Resource::builder()
+                .with_service_name("testkit-grpc")
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("herald-testkit");
+    let mut span = tracer.start("grpc probe");
+    span.set_attribute(opentelemetry::KeyValue::new("herald.attempt", 2));
+    let trace_id = span.span_context().trace_id().to_string();
+    let span_id = span.span_context().span_id().to_string();
+    span.end();
+    drop(tracer);
+    // Flushes the batch; blocks until the export task answers, so off the
+    // runtime's workers.
+    tokio::task::spawn_blocking(move || provider.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
+
+    let trace = jaeger.wait_for_trace(&trace_id, 1, DEADLINE).await;
+    assert_eq!(trace["traceID"], trace_id.as_str());
+    let span = &trace["spans"][0];
+    assert_eq!(span["spanID"], span_id.as_str());
+    assert_eq!(span["operationName"], "grpc probe");
+    let process = &trace["processes"][span["processID"].as_str().unwrap()];
+    assert_eq!(process["serviceName"], "testkit-grpc");
 }
