@@ -27,6 +27,7 @@ mod openapi;
 mod operator;
 mod policies;
 mod probes;
+mod promql;
 mod replay;
 mod replay_requests;
 mod resilience;
