@@ -5,8 +5,8 @@ export HERALD_TOOLS ?= $(HOME)/.cache/herald-tools
 
 .PHONY: tools control-plane images dev test lint bench soak
 
-## tools: pinned nats-server, mailpit, the Standard Webhooks verifier, schemathesis
-## and cargo-deny, into $(HERALD_TOOLS)
+## tools: pinned nats-server, mailpit, the Standard Webhooks verifier, schemathesis,
+## cargo-deny, promtool and Jaeger (the trace collector), into $(HERALD_TOOLS)
 tools:
 	scripts/install-tools.sh
 

@@ -5,13 +5,19 @@
 #   - helm template with the defaults, all features, and all features with
 #     operator.clusterWide=false, plus checks on what was rendered
 #   - values that values.schema.json or the templates must refuse are refused
+#   - the alerts (PrometheusRule) pass `promtool check rules` and their unit
+#     tests (tests/alerts.test.yaml) pass `promtool test rules`; the Grafana
+#     dashboard is valid JSON (which metrics it may use is checked against
+#     Herald's real /metrics by crates/herald/tests/it/metrics_lint.rs)
 #
-# Uses $HERALD_TOOLS/bin/helm (default ~/.cache/herald-tools); HELM overrides it.
+# Uses $HERALD_TOOLS/bin/helm and $HERALD_TOOLS/bin/promtool (default
+# ~/.cache/herald-tools); HELM and PROMTOOL override them.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 TOOLS=${HERALD_TOOLS:-$HOME/.cache/herald-tools}
 HELM=${HELM:-$TOOLS/bin/helm}
+PROMTOOL=${PROMTOOL:-$TOOLS/bin/promtool}
 CHART=deploy/helm/herald
 ALL=$CHART/ci/all-features-values.yaml
 RELEASE=herald
@@ -22,6 +28,7 @@ die() { printf 'check-chart: FAIL: %s\n' "$*" >&2; exit 1; }
 
 [ -x "$HELM" ] || die "helm not found at $HELM (set HERALD_TOOLS or HELM)"
 log "using $("$HELM" version --short 2>/dev/null || echo "$HELM")"
+[ -x "$PROMTOOL" ] || die "promtool not found at $PROMTOOL: run scripts/install-tools.sh (make tools), or set PROMTOOL"
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -192,6 +199,8 @@ grep -A14 '^kind: ClusterRole$' "$WORK/default.yaml" | grep -q 'resourceNames: \
 expect_count "$WORK/default.yaml" "chart-created Secrets" 0 '^kind: Secret$'
 grep -q '^    ssrf = { "allow" = \[\], "allowed_response_body_bytes" = 0, "reveal_refused_address" = false }$' "$WORK/default.yaml" || die "default: config.toml does not keep the SSRF allow-list empty, internal answers unstored and refused addresses hidden"
 expect_count "$WORK/default.yaml" "PodDisruptionBudgets" 5 '^kind: PodDisruptionBudget$'
+expect_count "$WORK/default.yaml" "PrometheusRules (off by default)" 0 '^kind: PrometheusRule$'
+expect_count "$WORK/default.yaml" "dashboard ConfigMaps (off by default)" 0 '^    grafana_dashboard: "1"$'
 
 # Every Deployment's pods roll when the configuration changes (helm upgrade).
 render config-changed --set config.log.filter=debug
@@ -244,6 +253,52 @@ expect_count "$f" "NATS client certificates (api, worker-tasks, operator)" 3 '^ 
 [ "$(grep -A1 -- '- name: HERALD_NATS__MANAGE_TOPOLOGY$' "$f" | grep -c 'value: "true"')" = 1 ] || die "all-features: not exactly one component (the operator) manages the topology"
 expect_count "$f" "NATS credential volumes and mounts (5 components)" 10 '^ +- name: herald-nats-auth$'
 
+# The alerts: the rules of a PrometheusRule are its spec (a Prometheus rule
+# file), which promtool checks and unit-tests.
+rules_of() { # <rendered PrometheusRule> <rule file to write>
+    awk '/^---/ { s = 0 } s { print } /^spec:$/ { s = 1 }' "$1" | sed 's/^  //' >"$2"
+    grep -q '^groups:$' "$2" || die "$(basename "$1"): no rule groups under the PrometheusRule's spec"
+}
+check_rules() { # <name> <rule file>
+    "$PROMTOOL" check rules --lint=all --lint-fatal "$2" >"$WORK/check-rules-$1.out" 2>&1 \
+        || { cat "$WORK/check-rules-$1.out" >&2; die "promtool check rules ($1) failed"; }
+    log "promtool check rules $1: $(grep -Eo 'SUCCESS: [0-9]+ rules found' "$WORK/check-rules-$1.out")"
+}
+f=$WORK/all-features.yaml
+expect_count "$f" "PrometheusRules" 1 '^kind: PrometheusRule$'
+expect_count "$f" "alerts (mailFailing turned off)" 5 '^ +- alert: Herald[A-Za-z]+$'
+expect_count "$f" "alerts with the additional team label" 5 '^            team: platform$'
+grep -q '(herald_consumer_pending_messages{namespace="herald"}) > 5000)$' "$f" || die "all-features: backlogGrowing.threshold is not in the rule"
+render all-features-rules -f "$ALL" --show-only templates/prometheusrule.yaml
+grep -q '^  namespace: monitoring$' "$WORK/all-features-rules.yaml" || die "prometheusRule.namespace: the PrometheusRule is not in it"
+grep -q '^    release: kube-prometheus-stack$' "$WORK/all-features-rules.yaml" || die "prometheusRule.labels: not on the PrometheusRule"
+rules_of "$WORK/all-features-rules.yaml" "$WORK/all-features-rules.rules.yaml"
+check_rules all-features "$WORK/all-features-rules.rules.yaml"
+# The unit tests run against the default thresholds, release and namespace.
+render rules --set prometheusRule.enabled=true --show-only templates/prometheusrule.yaml
+mkdir -p "$WORK/rule-tests"
+rules_of "$WORK/rules.yaml" "$WORK/rule-tests/rules.yaml"
+check_rules default "$WORK/rule-tests/rules.yaml"
+cp "$CHART/tests/alerts.test.yaml" "$WORK/rule-tests/"
+"$PROMTOOL" test rules "$WORK/rule-tests/alerts.test.yaml" >"$WORK/test-rules.out" 2>&1 \
+    || { cat "$WORK/test-rules.out" >&2; die "promtool test rules (tests/alerts.test.yaml) failed"; }
+alerts=$(grep -Eo '^ +- alert: Herald[A-Za-z]+$' "$WORK/rule-tests/rules.yaml" | awk '{print $3}' | sort -u)
+for alert in $alerts; do
+    [ "$(grep -c "alertname: $alert$" "$CHART/tests/alerts.test.yaml")" -ge 2 ] \
+        || die "tests/alerts.test.yaml: $alert needs a case where it fires and one where it does not"
+done
+log "promtool test rules: $(echo "$alerts" | wc -l) alerts, $(grep -c '^  - name: ' "$CHART/tests/alerts.test.yaml") test groups pass"
+
+# The dashboard: a ConfigMap with the sidecar's label, holding the JSON.
+expect_count "$f" "dashboard ConfigMaps with the sidecar label" 1 '^    grafana_dashboard: "1"$'
+render all-features-dashboards -f "$ALL" --show-only templates/dashboards.yaml
+grep -q '^    grafana_folder: Herald$' "$WORK/all-features-dashboards.yaml" || die "dashboards.annotations: not on the ConfigMap"
+awk '/^  herald.json: \|-$/ { s = 1; next } s' "$WORK/all-features-dashboards.yaml" | sed 's/^    //' >"$WORK/herald.json"
+python3 -m json.tool "$WORK/herald.json" >/dev/null || die "the dashboard in the ConfigMap is not valid JSON"
+cmp -s <(python3 -m json.tool "$WORK/herald.json") <(python3 -m json.tool "$CHART/dashboards/herald.json") \
+    || die "the dashboard in the ConfigMap differs from dashboards/herald.json"
+log "dashboard: $(grep -c '"type": "timeseries"' "$WORK/herald.json") panels, valid JSON"
+
 render all-features-namespaced -f "$ALL" --set operator.clusterWide=false
 check_common all-features-namespaced 5
 expect_count "$WORK/all-features-namespaced.yaml" "ClusterRoles (the Namespace grant)" 1 '^kind: ClusterRole$'
@@ -283,6 +338,10 @@ expect_refused "NATS password auth without its Secret (schema)" 'natsClient/comp
 expect_refused "an unknown NATS auth method (schema: enum)" 'schema' --set natsClient.components.api.auth=kerberos
 expect_refused "no component creates the topology" 'manageTopology' --set natsClient.components.operator.manageTopology=false
 expect_refused "KEDA without a NATS monitoring endpoint" 'nats.monitoringEndpoint' --set workers.webhooks.keda.enabled=true
+expect_refused "a failing-deliveries ratio above 1 (schema: maximum)" 'schema' --set prometheusRule.alerts.deliveriesFailing.ratio=2
+expect_refused "a failing-deliveries ratio that is no number (schema: pattern)" 'schema' --set prometheusRule.alerts.deliveriesFailing.ratio=most
+expect_refused "an alert duration Prometheus cannot parse (schema: pattern)" 'schema' --set prometheusRule.alerts.backlogGrowing.for=soon
+expect_refused "an unknown alert (schema: additionalProperties)" 'schema' --set prometheusRule.alerts.diskFull.enabled=true
 
 # The test NATS (deploy/nats/test-cluster): 1 or 3 servers, the local image.
 NATS_CHART=deploy/nats/test-cluster

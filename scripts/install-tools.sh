@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the pinned external programs Herald's tests run against (nats-server,
 # mailpit, a Python venv with the reference Standard Webhooks verifier and the
-# schemathesis API fuzzer) and the cargo-deny linter `make lint` runs into a
+# schemathesis API fuzzer, Jaeger as the trace collector, promtool for the
+# metrics and alert checks) and the cargo-deny linter `make lint` runs into a
 # cache outside the repository, so every clone and every CI run shares one build.
 #
 # Idempotent: a tool already at its pinned version is left alone, so a second
@@ -13,14 +14,28 @@ MAILPIT_VERSION=v1.33.1
 STANDARDWEBHOOKS_VERSION=1.1.0
 SCHEMATHESIS_VERSION=4.32.5
 CARGO_DENY_VERSION=0.20.2
-# Both Go modules above declare `go 1.26.0`; GOTOOLCHAIN=local means we never
-# download a toolchain, so the installed go must be at least this.
+# Prometheus 3.16.0: its Go module numbers releases v0.3xx.y. Its go.mod
+# declares `go 1.26.7`, so go 1.26.0 to 1.26.6 refuse it (saying so).
+PROMETHEUS_VERSION=v0.316.0
+PROMTOOL_RELEASE=3.16.0
+# Jaeger v2.13.0, which ships from the module's v1.76.0 tag; built from the
+# wrapper module tools/observability (its go.mod says why), which must
+# require this version.
+JAEGER_VERSION=v1.76.0
+JAEGER_RELEASE=v2.13.0
+# The Go modules above declare `go 1.26.0` or later; GOTOOLCHAIN=local means
+# we never download a toolchain, so the installed go must be at least this.
 GO_MIN_MINOR=26
 
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OBSERVABILITY_MODULE=$ROOT/tools/observability
 TOOLS=${HERALD_TOOLS:-$HOME/.cache/herald-tools}
 BIN=$TOOLS/bin
 STAMPS=$TOOLS/stamps
 VENV=$TOOLS/venv
+# promtool and jaeger are built here, checked, then renamed into $BIN: a test
+# running the old binary meanwhile keeps it, a failed check leaves $BIN alone.
+STAGING=$TOOLS/staging
 
 log() { printf 'install-tools: %s\n' "$*"; }
 die() { printf 'install-tools: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -139,7 +154,7 @@ install_venv() {
 ensure_pinned_toolchain() {
     command -v rustup >/dev/null || return 0
     local pinned
-    pinned=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$(dirname "$0")/../rust-toolchain.toml")
+    pinned=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$ROOT/rust-toolchain.toml")
     [ -n "$pinned" ] || die "rust-toolchain.toml names no channel"
     if RUSTUP_TOOLCHAIN=$pinned rustc --version >/dev/null 2>&1; then
         return 0
@@ -199,7 +214,99 @@ install_cargo_deny() {
     touch "$STAMPS/cargo-deny-$CARGO_DENY_VERSION"
 }
 
-mkdir -p "$BIN" "$STAMPS"
+# promtool and jaeger leave a stamp holding their recipe (version, build
+# flags, the wrapper's go.sum): a binary is current when its stamp says
+# exactly the recipe this script would build.
+stamp_current() { # <tool> <version> <recipe>
+    [ -x "$BIN/$1" ] && [ -f "$STAMPS/$1-$2" ] && [ "$(cat "$STAMPS/$1-$2")" = "$3" ]
+}
+
+write_stamp() { # <tool> <version> <recipe>
+    rm -f "$STAMPS/$1"-*
+    printf '%s\n' "$3" >"$STAMPS/$1-$2"
+}
+
+# Runs a build niced (it takes minutes and both cores), logging its wall
+# time and peak RSS (GNU time, when there is one).
+timed_build() { # <what> <command...>
+    local what=$1 started=$SECONDS report
+    shift
+    if [ -x /usr/bin/time ]; then
+        report=$(mktemp)
+        if ! /usr/bin/time -o "$report" -f '%e s wall, %U s user, peak RSS %M KiB' nice -n 10 "$@"; then
+            rm -f "$report"
+            die "building $what failed (see the go output above)"
+        fi
+        log "built $what: $(tail -n 1 "$report")"
+        rm -f "$report"
+    else
+        nice -n 10 "$@" || die "building $what failed (see the go output above)"
+        log "built $what in $((SECONDS - started)) s"
+    fi
+}
+
+# promtool (`check metrics`, `check rules`, `test rules`): Prometheus' go.mod
+# has no replace directives, so it is `go install`ed, with the version
+# ldflags of upstream's .promu.yml so that `promtool --version` names it.
+install_promtool() {
+    local v=github.com/prometheus/common/version
+    local ldflags="-s -w -X $v.Version=$PROMTOOL_RELEASE -X $v.Revision=module-proxy-$PROMETHEUS_VERSION -X $v.Branch=HEAD -X $v.BuildUser=herald"
+    local recipe="github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION tags=netgo trimpath ldflags=[$ldflags]"
+    if stamp_current promtool "$PROMETHEUS_VERSION" "$recipe"; then
+        log "promtool $PROMTOOL_RELEASE already installed"
+        return
+    fi
+    ensure_go
+    log "go install github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION (about 10 minutes on 2 busy cores the first time)"
+    # `go install pkg@version` ignores the current module; run it from the
+    # cache so no go.mod around us matters.
+    timed_build "promtool $PROMTOOL_RELEASE" env -C "$TOOLS" GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOBIN="$STAGING" \
+        go install -trimpath -buildvcs=false -tags netgo -ldflags "$ldflags" \
+        "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
+    local have
+    have=$("$STAGING/promtool" --version 2>&1) || die "the built promtool does not run"
+    have=${have%%$'\n'*}
+    [[ $have == "promtool, version $PROMTOOL_RELEASE "* ]] || die "the built promtool reports '$have', not $PROMTOOL_RELEASE"
+    mv -f "$STAGING/promtool" "$BIN/promtool"
+    write_stamp promtool "$PROMETHEUS_VERSION" "$recipe"
+    log "installed promtool $PROMTOOL_RELEASE"
+}
+
+# Jaeger v2 (cmd/jaeger), from the wrapper module, with the build-info
+# ldflags of upstream's Makefile (scripts/makefiles/BuildInfo.mk); the date
+# is the release's, so the same inputs give the same binary.
+install_jaeger() {
+    [ -f "$OBSERVABILITY_MODULE/go.sum" ] || die "the wrapper module $OBSERVABILITY_MODULE is missing"
+    ensure_go
+    local have
+    have=$(cd "$OBSERVABILITY_MODULE" && GOTOOLCHAIN=local GOWORK=off go list -mod=readonly -m -f '{{.Version}}' github.com/jaegertracing/jaeger) \
+        || die "cannot read the version of Jaeger from $OBSERVABILITY_MODULE/go.mod"
+    [ "$have" = "$JAEGER_VERSION" ] || die "$OBSERVABILITY_MODULE/go.mod requires Jaeger $have but this script pins $JAEGER_VERSION: update one to match the other"
+    local date
+    date=$(cd "$OBSERVABILITY_MODULE" && GOTOOLCHAIN=local GOWORK=off go list -mod=readonly -m -f '{{.Time.UTC.Format "2006-01-02T15:04:05Z"}}' github.com/jaegertracing/jaeger) \
+        || die "cannot read the release time of Jaeger $JAEGER_VERSION"
+    local v=github.com/jaegertracing/jaeger/internal/version
+    local ldflags="-s -w -X $v.commitSHA=module-proxy-$JAEGER_VERSION -X $v.latestVersion=$JAEGER_RELEASE -X $v.date=$date"
+    local recipe
+    recipe="github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION go.sum=$(sha256sum "$OBSERVABILITY_MODULE/go.sum" | cut -d' ' -f1) trimpath ldflags=[$ldflags]"
+    if stamp_current jaeger "$JAEGER_VERSION" "$recipe"; then
+        log "jaeger $JAEGER_RELEASE already installed"
+        return
+    fi
+    log "building jaeger $JAEGER_RELEASE from $OBSERVABILITY_MODULE (about 12 minutes on 2 busy cores the first time)"
+    # -mod=readonly: the committed go.sum must already cover the build; a
+    # drifted go.mod fails here instead of being rewritten.
+    timed_build "jaeger $JAEGER_RELEASE" env -C "$OBSERVABILITY_MODULE" GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 \
+        go build -mod=readonly -trimpath -buildvcs=false -ldflags "$ldflags" \
+        -o "$STAGING/jaeger" github.com/jaegertracing/jaeger/cmd/jaeger
+    have=$("$STAGING/jaeger" version 2>/dev/null) || die "the built jaeger does not run"
+    [[ $have == *"\"gitVersion\":\"$JAEGER_RELEASE\""* ]] || die "the built jaeger reports '$have', not $JAEGER_RELEASE"
+    mv -f "$STAGING/jaeger" "$BIN/jaeger"
+    write_stamp jaeger "$JAEGER_VERSION" "$recipe"
+    log "installed jaeger $JAEGER_RELEASE"
+}
+
+mkdir -p "$BIN" "$STAMPS" "$STAGING"
 ensure_pinned_toolchain
 ensure_rust_components
 log "tools directory: $TOOLS"
@@ -207,4 +314,6 @@ install_nats_server
 install_mailpit
 install_venv
 install_cargo_deny
-log "done: nats-server $NATS_SERVER_VERSION, mailpit $MAILPIT_VERSION, standardwebhooks $STANDARDWEBHOOKS_VERSION, schemathesis $SCHEMATHESIS_VERSION, cargo-deny $CARGO_DENY_VERSION"
+install_promtool
+install_jaeger
+log "done: nats-server $NATS_SERVER_VERSION, mailpit $MAILPIT_VERSION, standardwebhooks $STANDARDWEBHOOKS_VERSION, schemathesis $SCHEMATHESIS_VERSION, cargo-deny $CARGO_DENY_VERSION, promtool $PROMTOOL_RELEASE, jaeger $JAEGER_RELEASE"

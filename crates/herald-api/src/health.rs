@@ -4,9 +4,10 @@
 use axum::{
     Json,
     extract::State,
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::IntoResponse,
 };
+use herald_core::metrics::{Format, render_as};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -72,8 +73,9 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<R
     )
 }
 
-/// Every metric of this process (`herald_core::metrics`), in the OpenMetrics
-/// text format.
+/// Every metric of this process (`herald_core::metrics`): OpenMetrics text
+/// to a scraper that asks for it (Prometheus does), the classic Prometheus
+/// text format otherwise.
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -81,18 +83,27 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<R
     operation_id = "metrics",
     responses((
         status = 200,
-        description = "Prometheus metrics (OpenMetrics text). Needs a token when \
-            `api.metrics_require_token` is set.",
-        body = String,
-        content_type = "application/openmetrics-text",
+        description = "Prometheus metrics: OpenMetrics text when `Accept` prefers \
+            `application/openmetrics-text`, else the Prometheus text format 0.0.4. \
+            Needs a token when `api.metrics_require_token` is set.",
+        content(
+            (String = "application/openmetrics-text"),
+            (String = "text/plain"),
+        ),
     )),
 )]
-pub async fn metrics() -> impl IntoResponse {
+pub async fn metrics(headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok());
+    let format = Format::negotiate(accept);
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        herald_core::metrics::render(),
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            // Caches between scraper and Herald must not hand one format
+            // to a client that asked for the other.
+            (header::VARY, "accept"),
+        ],
+        render_as(format),
     )
 }

@@ -3,7 +3,11 @@
 //! One process-wide set: a process that runs several roles reports them
 //! together, as one scrape target.
 
+mod exposition;
+
 use std::sync::LazyLock;
+
+pub use exposition::{Format, render_as};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -193,7 +197,8 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
-/// The Prometheus text exposition of every metric.
+/// The OpenMetrics text exposition of every metric ([`render_as`] serves
+/// either format).
 pub fn render() -> String {
     let mut text = String::new();
     encode(&mut text, &METRICS.registry).expect("writing to a String cannot fail");
