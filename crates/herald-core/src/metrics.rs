@@ -39,8 +39,9 @@ pub struct ConsumerLabels {
     pub consumer: &'static str,
 }
 
-/// The SSRF guard's range that refused an address (`loopback`,
-/// `private-use`...: a fixed list, so a bounded label).
+/// The SSRF guard's range that refused an address, by its description
+/// (`loopback`, `private, RFC 1918`...: a fixed list, so a
+/// bounded label).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedRange {
     pub range: &'static str,

@@ -60,6 +60,9 @@ extensions:
         memory:
           max_traces: 100000
   jaeger_query:
+    # Its own spans would go to an OTLP exporter on the default
+    # 127.0.0.1:4317, which is not this collector.
+    enable_tracing: false
     storage:
       traces: memstore
     http:

@@ -34,4 +34,5 @@ mod resilience;
 mod secrets;
 mod ssrf;
 mod tenancy;
+mod traces;
 mod vanished_endpoint;
