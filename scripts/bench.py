@@ -278,6 +278,10 @@ def main():
             cpu["load driver + receiver"] = children_cpu_seconds() - driver_before
             return result, {"wall": time.monotonic() - started, **cpu}
 
+        # Unmeasured: the workers load the endpoints and open their
+        # connections, so neither driver's first run pays for the start.
+        print("bench: warm-up, 500 tasks (not measured)")
+        own_load(driver, api_port, receiver_port, 500, 50)
         print(f"bench: closed loop, {TASKS} tasks, 50 in flight (herald-bench load)")
         results["closed"], results["closed_cpu_seconds"] = with_cpu(lambda: own_load(driver, api_port, receiver_port, TASKS, 50))
         if shared:

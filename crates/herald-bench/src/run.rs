@@ -2,7 +2,10 @@
 //! until every accepted task has had its webhook (or the deadline passed),
 //! then a grace period to catch late duplicates, then the tally.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
 
 use crate::{
     load::{self, Load},
@@ -22,10 +25,20 @@ pub struct Waiting {
 pub async fn run(load: &Load, receiver: &Receiver, waiting: Waiting) -> Tally {
     let sending = load::send(load).await;
     let accepted = tally::accepted_ids(&sending);
+    // Read only the arrivals since the last look, and outside the lock:
+    // the receiver keeps taking webhooks while the run waits.
+    let (mut read, mut delivered) = (0, HashSet::new());
     let mut pause = Duration::from_millis(5);
     loop {
-        let delivered = receiver.inspect(|arrivals| tally::delivered_so_far(&accepted, arrivals));
-        if delivered == accepted.len() || Instant::now() >= waiting.deadline {
+        let new: Vec<Option<String>> = receiver
+            .inspect(|arrivals| arrivals[read..].iter().map(|a| a.task_id.clone()).collect());
+        read += new.len();
+        delivered.extend(
+            new.into_iter()
+                .flatten()
+                .filter(|task| accepted.contains(task)),
+        );
+        if delivered.len() == accepted.len() || Instant::now() >= waiting.deadline {
             break;
         }
         tokio::time::sleep(pause).await;

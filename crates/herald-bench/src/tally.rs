@@ -172,17 +172,6 @@ pub fn tally(sending: &Sending, arrivals: &[Arrival]) -> Tally {
     }
 }
 
-/// How many accepted tasks of `sending` have had a webhook so far: the
-/// run waits for this to reach the accepted count.
-pub fn delivered_so_far(accepted: &HashSet<String>, arrivals: &[Arrival]) -> usize {
-    arrivals
-        .iter()
-        .filter_map(|a| a.task_id.as_deref())
-        .filter(|task| accepted.contains(*task))
-        .collect::<HashSet<_>>()
-        .len()
-}
-
 /// The ids of the tasks `sending` got a 201 for.
 pub fn accepted_ids(sending: &Sending) -> HashSet<String> {
     sending
