@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -86,17 +87,26 @@ def webhooks_state(mon_port):
 
 def post_tasks(api_port, user, count, rate=None):
     """POSTs `count` tasks for `user`, 32 at a time or `rate` per second;
-    returns how many were accepted."""
+    returns how many were accepted. These tasks build a backlog, they are
+    not measured: a 503 (nothing stored, the publish ack was late on a
+    loaded machine) is retried as a client would, a few times."""
 
     def post(i):
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{api_port}/users/{user}/tasks/echo",
-            data=json.dumps({"seq": i}).encode(),
-            headers={"content-type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=30) as r:
-            return r.status == 201
+        for attempt in range(5):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{api_port}/users/{user}/tasks/echo",
+                data=json.dumps({"seq": i}).encode(),
+                headers={"content-type": "application/json"},
+                method="POST",
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as r:
+                    return r.status == 201
+            except urllib.error.HTTPError as e:
+                if e.code != 503:
+                    return False
+                time.sleep(0.5 * (attempt + 1))
+        return False
 
     with ThreadPoolExecutor(32) as pool:
         if rate is None:
