@@ -2,17 +2,25 @@
 """`make bench`: the whole pipeline on this machine, measured.
 
 Starts a nats-server (JetStream, file storage), Herald as three processes
-(api; worker tasks; worker webhooks,mail) and drives it with the independent
-harness ../shared/bench/e2e, which also runs the receiver. Three runs:
+(api; worker tasks; worker webhooks,mail) and drives it with the project's
+own load driver, `herald-bench load` (crates/herald-bench), which also runs
+the webhook receiver and counts every non-201, missing, duplicate and stray
+webhook. Three runs:
 
 1. closed loop, 20,000 tasks, 50 in flight: ingest tasks/s, deliveries/s,
-   accept-to-delivery latency;
+   accept-to-delivery latency, CPU of each process;
 2. open loop at 1,000 tasks/s: p99 latency at a realistic rate;
 3. the baseline, in the same session: bare two-hop JetStream
-   (../shared/bench/jetstream-bound pipeline, Nats-Msg-Id on), so results
-   can be read as a ratio on this shared, noisy machine.
+   (`herald-bench jetstream-bound`: publish with Nats-Msg-Id and ack to A,
+   consume, publish to B and await its ack before acking A, consume B), so
+   results can be read as a ratio on this shared, noisy machine.
 
-Prints a summary and writes every JSON result to target/bench/.
+Where ../shared/bench/ exists (next to the repository), its independent
+e2e driver and jetstream-bound run the same three measurements as a
+cross-check, printed next to the project's own.
+
+Prints every figure, then the target rows; exits non-zero when a target is
+missed. JSON results go to target/bench/ (results.json, targets-bench.json).
 Only loopback is used; every run is bounded in count and time.
 """
 
@@ -29,9 +37,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "bench"
+# The independent harness, when the repository sits next to it; a clone
+# does without. BENCH_SHARED points elsewhere (a git worktree, say).
+SHARED = Path(os.environ.get("BENCH_SHARED", ROOT.parent / "shared" / "bench"))
 TOOLS = Path(os.environ.get("HERALD_TOOLS", Path.home() / ".cache" / "herald-tools"))
 OUT = ROOT / "target" / "bench"
+# Where cargo puts the project's binaries: the user's CARGO_TARGET_DIR if
+# set, as `cargo build` itself would.
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 TASKS = int(os.environ.get("BENCH_TASKS", "20000"))
 RATE = int(os.environ.get("BENCH_RATE", "1000"))
 USERS = 6
@@ -120,18 +133,104 @@ def load_endpoints(herald, store, url, docs):
     }
 
 
+def build_own():
+    """herald and herald-bench, release, from this workspace: all a clone needs."""
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "herald", "-p", "herald-bench"], cwd=ROOT, check=True)
+    return TARGET / "release" / "herald", TARGET / "release" / "herald-bench"
+
+
+def build_shared():
+    """The independent harness's binaries, or None when it is not there."""
+    manifests = [SHARED / "e2e" / "Cargo.toml", SHARED / "jetstream-bound" / "Cargo.toml"]
+    if not all(m.exists() for m in manifests):
+        print(f"bench: no independent harness at {SHARED}: cross-check skipped, the project's own driver and baseline only")
+        return None
+    for manifest in manifests:
+        build(manifest, TOOLS / "bench-target")
+    release = TOOLS / "bench-target" / "release"
+    return {"e2e": release / "e2e-bench", "jetstream-bound": release / "jetstream-bound"}
+
+
+def run_json(args):
+    """Runs a measuring program; its last JSON line, or the bench stops with
+    its error output."""
+    run = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"bench: {Path(str(args[0])).name} failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    return last_json(run.stdout)
+
+
+def own_load(driver, api_port, receiver_port, tasks, concurrency, rate=None, users=USERS, first_user=1):
+    """`herald-bench load`: its JSON result (see crates/herald-bench/src/tally.rs)."""
+    args = [
+        driver, "load", "--url", f"http://127.0.0.1:{api_port}/users/{{user}}/tasks/{{type}}",
+        "-n", tasks, "-c", concurrency, "-u", users, "--first-user", first_user, "--type", "echo",
+        "--listen", f"127.0.0.1:{receiver_port}", "--timeout-s", 300,
+    ]
+    if rate is not None:
+        args += ["--rate", rate]
+    return run_json(args)
+
+
+def own_figures(r):
+    """The figures compared across drivers, from a `herald-bench load` result."""
+    latency = r.get("accept_to_webhook_ms") or {}
+    return {
+        "ingest_per_s": r["ingest_per_s"],
+        "deliveries_per_s": r["deliveries_per_s"],
+        "span_s": r["span_s"],
+        "p50": latency.get("p50", float("inf")),
+        "p99": latency.get("p99", float("inf")),
+        # Non-201, no answer, 201 without an id, and never sent (past the deadline).
+        "refused": r["sent"] - r["accepted"] + r["unsent"],
+        "missing": r["missing"],
+        "duplicates": r["duplicates"],
+        "strays": r["strays"] + r["unreadable"],
+        "late_sends": r["late_sends"],
+    }
+
+
+def shared_figures(r):
+    """The same figures from the independent e2e driver's result."""
+    return {
+        "ingest_per_s": r["ingest_tasks_per_s"],
+        "deliveries_per_s": r["e2e_deliveries_per_s"],
+        "span_s": r["e2e_s"],
+        "p50": r["latency_ms"]["p50"],
+        "p99": r["latency_ms"]["p99"],
+        "refused": r["sent"] - r["accepted"],
+        "missing": r["missing"],
+        "duplicates": r["duplicates"],
+        "strays": r["strays"],
+        "late_sends": r.get("late_sends", 0),
+    }
+
+
+def report_targets(name, rows):
+    """Prints the target rows, writes them to target/bench/targets-<name>.json
+    for `make bench`'s last line, and returns the names of those missed."""
+    print()
+    print("targets")
+    for r in rows:
+        print(f"  {'ok  ' if r['ok'] else 'FAIL'}  {r['row']:52s} {r['value']:>14s}   target {r['target']}")
+    (OUT / f"targets-{name}.json").write_text(json.dumps(rows, indent=2))
+    return [r["row"] for r in rows if not r["ok"]]
+
+
+def target(row, value, goal, ok):
+    return {"row": row, "value": value, "target": goal, "ok": bool(ok)}
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
+    # A stale file would report a previous run's targets if this one stops.
+    (OUT / "targets-bench.json").unlink(missing_ok=True)
     nats_bin = TOOLS / "bin" / "nats-server"
     if not nats_bin.exists():
         sys.exit(f"bench: {nats_bin} missing: run `make tools`")
-    print("bench: building herald and the harnesses (release)")
-    build(ROOT / "Cargo.toml", ROOT / "target")
-    build(SHARED / "e2e" / "Cargo.toml", TOOLS / "bench-target")
-    build(SHARED / "jetstream-bound" / "Cargo.toml", TOOLS / "bench-target")
-    herald = ROOT / "target" / "release" / "herald"
-    e2e = TOOLS / "bench-target" / "release" / "e2e-bench"
-    jsbound = TOOLS / "bench-target" / "release" / "jetstream-bound"
+    print("bench: building herald and herald-bench (release)")
+    herald, driver = build_own()
+    shared = build_shared()
 
     store = Path(tempfile.mkdtemp(prefix="herald-bench-"))
     nats_port, mon_port, api_port, receiver_port = free_port(), free_port(), free_port(), free_port()
@@ -143,6 +242,7 @@ def main():
         procs.append(p)
         return p
 
+    results = {}
     try:
         nats = spawn([str(nats_bin), "-a", "127.0.0.1", "-p", str(nats_port), "-m", str(mon_port), "-js", "-sd", str(store)], name="nats")
         wait_port(nats_port)
@@ -160,44 +260,54 @@ def main():
         # No wait for the workers: tasks posted before they have loaded the
         # endpoints simply wait in HERALD_TASKS.
 
-        task_url = f"http://127.0.0.1:{api_port}/users/{{user}}/tasks/{{type}}"
-        common = [
-            "--url", task_url, "-u", str(USERS), "--types", "echo", "--port", str(receiver_port),
-            "--correlate", r'"task_id":"([A-Za-z0-9:_-]+)"', "--timeout-s", "300",
+        shared_args = [
+            "--url", f"http://127.0.0.1:{api_port}/users/{{user}}/tasks/{{type}}", "-u", str(USERS), "--types", "echo",
+            "--port", str(receiver_port), "--correlate", r'"task_id":"([A-Za-z0-9:_-]+)"', "--timeout-s", "300",
         ]
-        results = {}
-        print(f"bench: closed loop, {TASKS} tasks, 50 in flight")
-        # Where the two cores go during the closed loop: CPU seconds of each
+        # Where the two cores go during a closed loop: CPU seconds of each
         # process (the load driver, which also runs the receiver, counted as
         # a finished child).
         measured = {"nats-server": nats, "api": api, "worker-tasks": tasks, "worker-webhooks": hooks}
-        cpu_before = {name: cpu_seconds(p.pid) for name, p in measured.items()}
-        driver_before = children_cpu_seconds()
-        started = time.monotonic()
-        run = subprocess.run([str(e2e), "run", "-n", str(TASKS), "-c", "50", *common], capture_output=True, text=True, check=True)
-        wall = time.monotonic() - started
-        results["closed"] = last_json(run.stdout)
-        cpu = {name: cpu_seconds(p.pid) - cpu_before[name] for name, p in measured.items()}
-        cpu["load driver + receiver"] = children_cpu_seconds() - driver_before
-        results["closed_cpu_seconds"] = {"wall": wall, **cpu}
-        print(f"bench: open loop, {RATE} tasks/s for {TASKS // RATE}s")
-        run = subprocess.run(
-            [str(e2e), "run", "-n", str(TASKS), "--rate", str(RATE), "-c", "200", *common], capture_output=True, text=True, check=True
-        )
-        results["open"] = last_json(run.stdout)
+
+        def with_cpu(run):
+            before = {name: cpu_seconds(p.pid) for name, p in measured.items()}
+            driver_before = children_cpu_seconds()
+            started = time.monotonic()
+            result = run()
+            cpu = {name: cpu_seconds(p.pid) - before[name] for name, p in measured.items()}
+            cpu["load driver + receiver"] = children_cpu_seconds() - driver_before
+            return result, {"wall": time.monotonic() - started, **cpu}
+
+        # Unmeasured: the workers load the endpoints and open their
+        # connections, so neither driver's first run pays for the start.
+        print("bench: warm-up, 500 tasks (not measured)")
+        own_load(driver, api_port, receiver_port, 500, 50)
+        print(f"bench: closed loop, {TASKS} tasks, 50 in flight (herald-bench load)")
+        results["closed"], results["closed_cpu_seconds"] = with_cpu(lambda: own_load(driver, api_port, receiver_port, TASKS, 50))
+        if shared:
+            print(f"bench: closed loop, {TASKS} tasks, 50 in flight (cross-check: shared e2e)")
+            results["shared_closed"], results["shared_closed_cpu_seconds"] = with_cpu(
+                lambda: run_json([shared["e2e"], "run", "-n", TASKS, "-c", 50, *shared_args])
+            )
+        print(f"bench: open loop, {RATE} tasks/s for {TASKS // RATE}s (herald-bench load)")
+        results["open"] = own_load(driver, api_port, receiver_port, TASKS, 200, rate=RATE)
+        if shared:
+            print(f"bench: open loop, {RATE} tasks/s for {TASKS // RATE}s (cross-check: shared e2e)")
+            results["shared_open"] = run_json([shared["e2e"], "run", "-n", TASKS, "--rate", RATE, "-c", 200, *shared_args])
         results["rss_mib"] = {"api": rss_mib(api.pid), "worker-tasks": rss_mib(tasks.pid), "worker-webhooks": rss_mib(hooks.pid)}
         for p in (api, tasks, hooks):
             p.send_signal(signal.SIGTERM)
         for p in (api, tasks, hooks):
             p.wait(timeout=30)
 
-        print("bench: baseline, bare two-hop JetStream pipeline (jetstream-bound)")
-        run = subprocess.run(
-            [str(jsbound), "--url", url, "--monitor", f"127.0.0.1:{mon_port}", "--server-pid", str(nats.pid),
-             "pipeline", "-n", "100000", "-s", "1", "-i", "256", "--msg-id"],
-            capture_output=True, text=True, check=True,
-        )
-        results["baseline"] = last_json(run.stdout)
+        print("bench: baseline, bare two-hop JetStream pipeline (herald-bench jetstream-bound)")
+        results["baseline"] = run_json([driver, "jetstream-bound", "--url", url, "-n", 100000, "--window", 256, "--inflight", 256])
+        if shared:
+            print("bench: baseline, bare two-hop JetStream pipeline (cross-check: shared jetstream-bound)")
+            results["shared_baseline"] = run_json([
+                shared["jetstream-bound"], "--url", url, "--monitor", f"127.0.0.1:{mon_port}", "--server-pid", nats.pid,
+                "pipeline", "-n", 100000, "-s", 1, "-i", 256, "--msg-id",
+            ])
     finally:
         for p in procs:
             if p.poll() is None:
@@ -206,30 +316,72 @@ def main():
         shutil.rmtree(store, ignore_errors=True)
 
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
-    c, o, b = results["closed"], results["open"], results["baseline"]
-    base = b["msgs_per_s"]
+    missed = summarise(results, shared is not None)
+    if missed:
+        sys.exit("bench: target missed: " + ", ".join(missed))
+
+
+def summarise(results, cross_check):
+    """Prints every figure (the cross-check's in a second column) and the
+    target rows; returns the targets missed."""
+    c, o = own_figures(results["closed"]), own_figures(results["open"])
+    base = results["baseline"]["msgs_per_s"]
+    ratio = c["deliveries_per_s"] / base
+    columns = [("herald-bench", c, o, base)]
+    if cross_check:
+        columns.append((
+            "shared e2e", shared_figures(results["shared_closed"]), shared_figures(results["shared_open"]),
+            results["shared_baseline"]["msgs_per_s"],
+        ))
+
+    def line(label, cell):
+        print(f"  {label:34s}" + "".join(f"{cell(*col[1:]):>18s}" for col in columns))
+
     print()
+    print(f"{'':36s}" + "".join(f"{col[0]:>18s}" for col in columns))
     print(f"closed loop ({TASKS} tasks, 50 in flight)")
-    print(f"  ingest            {c['ingest_tasks_per_s']:10.0f} tasks/s")
-    print(f"  deliveries        {c['e2e_deliveries_per_s']:10.0f} /s   ({c['e2e_deliveries_per_s'] / base:.2f} x bare JetStream two-hop)")
-    print(f"  latency p50/p99   {c['latency_ms']['p50']:.1f} / {c['latency_ms']['p99']:.1f} ms (accept -> webhook, under backlog)")
-    print(f"  missing/duplicates {c['missing']} / {c['duplicates']}")
+    line("ingest tasks/s", lambda c, o, b: f"{c['ingest_per_s']:.0f}")
+    line("deliveries/s", lambda c, o, b: f"{c['deliveries_per_s']:.0f}")
+    line("ratio to bare two-hop JetStream", lambda c, o, b: f"{c['deliveries_per_s'] / b:.3f}")
+    line("accept -> webhook p50 / p99 ms", lambda c, o, b: f"{c['p50']:.1f} / {c['p99']:.1f}")
+    line("refused / missing / duplicates", lambda c, o, b: f"{c['refused']} / {c['missing']} / {c['duplicates']}")
+    print(f"open loop ({RATE} tasks/s)")
+    line("deliveries/s", lambda c, o, b: f"{o['deliveries_per_s']:.0f}")
+    line("accept -> webhook p50 / p99 ms", lambda c, o, b: f"{o['p50']:.1f} / {o['p99']:.1f}")
+    line("late sends", lambda c, o, b: f"{o['late_sends']}")
+    line("refused / missing / duplicates", lambda c, o, b: f"{o['refused']} / {o['missing']} / {o['duplicates']}")
+    print("baseline (same nats-server, same session)")
+    line("bare two-hop JetStream msgs/s", lambda c, o, b: f"{b:.0f}")
+    if cross_check:
+        print("  (each column's ratio is to its own baseline: the two drivers and the two baselines cross-check each other)")
+
     cpu = dict(results["closed_cpu_seconds"])
     cpu.pop("wall")
     # The driver's run also includes its start-up and a grace period after
     # the last webhook; the busy cores are reckoned over the measured span.
-    span = c["e2e_s"]
-    print(f"  CPU (whole run; {sum(cpu.values()) / span:.2f} cores busy over the {span:.1f} s from first accept to last webhook):")
+    span = c["span_s"]
+    delivered = results["closed"]["delivered"] or 1
+    print(f"CPU in the closed loop (herald-bench; {sum(cpu.values()) / span:.2f} cores busy over the {span:.1f} s from first POST to last webhook):")
     for name, seconds in cpu.items():
-        per_delivery = seconds / TASKS * 1e6
-        print(f"    {name:24s} {seconds:6.2f} s  {100 * seconds / sum(cpu.values()):4.0f}%  {per_delivery:5.0f} us/delivery")
-    print(f"open loop ({RATE} tasks/s)")
-    print(f"  deliveries        {o['e2e_deliveries_per_s']:10.0f} /s, late sends {o.get('late_sends')}")
-    print(f"  latency p50/p99   {o['latency_ms']['p50']:.1f} / {o['latency_ms']['p99']:.1f} ms (accept -> webhook)")
-    print(f"  missing/duplicates {o['missing']} / {o['duplicates']}")
-    print("peak RSS (MiB)     " + ", ".join(f"{k} {v:.1f}" for k, v in results["rss_mib"].items()))
-    print(f"baseline           {base:10.0f} msgs/s bare two-hop JetStream (same nats-server, same session)")
+        print(f"  {name:24s} {seconds:6.2f} s  {100 * seconds / sum(cpu.values()):4.0f}%  {seconds / delivered * 1e6:5.0f} us/delivery")
+    if cross_check:
+        other = results["shared_closed_cpu_seconds"]["load driver + receiver"]
+        print(f"  (the shared e2e driver used {other:.2f} s in its closed loop: {other / TASKS * 1e6:.0f} us/delivery)")
+    rss = results["rss_mib"]
+    print("peak RSS (MiB)     " + ", ".join(f"{k} {v:.1f}" for k, v in rss.items()))
     print(f"results: {OUT / 'results.json'}")
+
+    faults = {k: c[k] + o[k] for k in ("refused", "missing", "duplicates", "strays")}
+    rows = [
+        target("deliveries/s / bare two-hop JetStream (issue 13)", f"{ratio:.3f}", ">= 0.35", ratio >= 0.35),
+        target(f"p99 accept -> webhook at {RATE} tasks/s", f"{o['p99']:.1f} ms", "< 100 ms", o["p99"] < 100),
+        target("tasks not accepted (non-201, no answer, unsent)", str(faults["refused"]), "0", faults["refused"] == 0),
+        target("webhooks missing", str(faults["missing"]), "0", faults["missing"] == 0),
+        target("webhooks duplicated", str(faults["duplicates"]), "0", faults["duplicates"] == 0),
+        target("webhooks for no accepted task", str(faults["strays"]), "0", faults["strays"] == 0),
+        *[target(f"peak RSS, {role}", f"{mib:.1f} MiB", "< 50 MiB", mib < 50) for role, mib in rss.items()],
+    ]
+    return report_targets("bench", rows)
 
 
 if __name__ == "__main__":
