@@ -10,6 +10,8 @@ webhook. Three runs:
 1. closed loop, 20,000 tasks, 50 in flight: ingest tasks/s, deliveries/s,
    accept-to-delivery latency, CPU of each process;
 2. open loop at 1,000 tasks/s: p99 latency at a realistic rate;
+   then closed loops with tracing off and on, alternating, every trace
+   exported to a Jaeger on this machine (the cost of tracing, as a ratio);
 3. the baseline, in the same session: bare two-hop JetStream
    (`herald-bench jetstream-bound`: publish with Nats-Msg-Id and ack to A,
    consume, publish to B and await its ack before acking A, consume B), so
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -253,10 +256,7 @@ def main():
             for u in range(1, USERS + 1)
         ]
         env = load_endpoints(herald, store, url, docs)
-        api = spawn([str(herald), "api", "--listen", f"127.0.0.1:{api_port}"], env, name="api")
-        tasks = spawn([str(herald), "worker", "tasks"], env, name="worker-tasks")
-        hooks = spawn([str(herald), "worker", "webhooks,mail"], env, name="worker-webhooks")
-        wait_port(api_port)
+        api, tasks, hooks = start_herald(spawn, herald, api_port, env)
         # No wait for the workers: tasks posted before they have loaded the
         # endpoints simply wait in HERALD_TASKS.
 
@@ -295,10 +295,9 @@ def main():
             print(f"bench: open loop, {RATE} tasks/s for {TASKS // RATE}s (cross-check: shared e2e)")
             results["shared_open"] = run_json([shared["e2e"], "run", "-n", TASKS, "--rate", RATE, "-c", 200, *shared_args])
         results["rss_mib"] = {"api": rss_mib(api.pid), "worker-tasks": rss_mib(tasks.pid), "worker-webhooks": rss_mib(hooks.pid)}
-        for p in (api, tasks, hooks):
-            p.send_signal(signal.SIGTERM)
-        for p in (api, tasks, hooks):
-            p.wait(timeout=30)
+        stop(api, tasks, hooks)
+
+        results["tracing"] = tracing_cost(driver, api_port, receiver_port, lambda extra: start_herald(spawn, herald, api_port, {**env, **extra}), spawn)
 
         print("bench: baseline, bare two-hop JetStream pipeline (herald-bench jetstream-bound)")
         results["baseline"] = run_json([driver, "jetstream-bound", "--url", url, "-n", 100000, "--window", 256, "--inflight", 256])
@@ -319,6 +318,118 @@ def main():
     missed = summarise(results, shared is not None)
     if missed:
         sys.exit("bench: target missed: " + ", ".join(missed))
+
+
+def start_herald(spawn, herald, api_port, env):
+    """Herald as three processes (api; worker tasks; worker webhooks,mail);
+    returns them once the API listens."""
+    api = spawn([str(herald), "api", "--listen", f"127.0.0.1:{api_port}"], env, name="api")
+    tasks = spawn([str(herald), "worker", "tasks"], env, name="worker-tasks")
+    hooks = spawn([str(herald), "worker", "webhooks,mail"], env, name="worker-webhooks")
+    wait_port(api_port)
+    return api, tasks, hooks
+
+
+def stop(*procs):
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.wait(timeout=30)
+
+
+JAEGER_CONFIG = """service:
+  extensions: [jaeger_storage, jaeger_query]
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [batch]
+      exporters: [jaeger_storage_exporter]
+  telemetry:
+    metrics:
+      level: none
+extensions:
+  jaeger_storage:
+    backends:
+      memstore:
+        memory:
+          max_traces: 200000
+  jaeger_query:
+    enable_tracing: false
+    storage:
+      traces: memstore
+    http:
+      endpoint: 127.0.0.1:{query}
+    grpc:
+      endpoint: 127.0.0.1:{query_grpc}
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{grpc}
+      http:
+        endpoint: 127.0.0.1:{http}
+processors:
+  batch: {{}}
+exporters:
+  jaeger_storage_exporter:
+    trace_storage: memstore
+"""
+
+
+def tracing_cost(driver, api_port, receiver_port, start, spawn):
+    """Closed loops with tracing off, on (every trace kept, exported over
+    OTLP/gRPC to a Jaeger on this machine) and on with 10% of the traces
+    kept, in turn, each on freshly started processes after a warm-up:
+    deliveries/s of each as a ratio of off. The collector shares the two
+    cores, so its own work is in the cost too."""
+    jaeger_bin = TOOLS / "bin" / "jaeger"
+    if not jaeger_bin.exists():
+        sys.exit(f"bench: {jaeger_bin} missing: run `make tools`")
+    ports = {k: free_port() for k in ("grpc", "http", "query", "query_grpc")}
+    config = OUT / "jaeger.yaml"
+    config.write_text(JAEGER_CONFIG.format(**ports))
+    jaeger = spawn([str(jaeger_bin), f"--config={config}"], name="jaeger")
+    wait_port(ports["grpc"], deadline=60)
+    wait_port(ports["query"], deadline=60)
+    traced = {
+        "HERALD_TRACING__OTLP_ENDPOINT": f"http://127.0.0.1:{ports['grpc']}",
+        "HERALD_TRACING__PROTOCOL": "grpc",
+        "HERALD_TRACING__SERVICE_NAME": "herald-bench",
+    }
+    tasks = max(TASKS // 2, 1000)
+    # "sampled": new traces kept at 10% (tracing.sample_ratio), the setting
+    # for a busy installation.
+    modes = {"off": {}, "on": traced, "sampled": {**traced, "HERALD_TRACING__SAMPLE_RATIO": "0.1"}}
+    runs = {mode: [] for mode in modes}
+    # CPU per delivery of Herald's three processes, and of the collector.
+    herald_cpu = {mode: 0.0 for mode in modes}
+    jaeger_cpu = 0.0
+    faults = {"refused": 0, "missing": 0, "duplicates": 0, "strays": 0}
+    for mode in ("off", "on", "sampled") * 2:
+        print(f"bench: tracing {mode}, closed loop, {tasks} tasks, 50 in flight (fresh processes, after a warm-up)")
+        procs = start(modes[mode])
+        own_load(driver, api_port, receiver_port, 500, 50)
+        herald_before = sum(cpu_seconds(p.pid) for p in procs)
+        jaeger_before = cpu_seconds(jaeger.pid)
+        result = own_load(driver, api_port, receiver_port, tasks, 50)
+        herald_cpu[mode] += (sum(cpu_seconds(p.pid) for p in procs) - herald_before) / max(result["delivered"], 1)
+        if mode == "on":
+            jaeger_cpu += (cpu_seconds(jaeger.pid) - jaeger_before) / max(result["delivered"], 1)
+        figures = own_figures(result)
+        runs[mode].append(figures["deliveries_per_s"])
+        for k in faults:
+            faults[k] += figures[k]
+        stop(*procs)
+    # Proof the spans went somewhere: the traced runs' traces are in Jaeger.
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports['query']}/api/traces?service=herald-bench&limit=5&lookback=1h", timeout=30) as answer:
+        exported = len(json.load(answer).get("data") or [])
+    jaeger.send_signal(signal.SIGTERM)
+    jaeger.wait(timeout=30)
+    return {"tasks_per_run": tasks, **runs, "traces_found": exported,
+            "ratio": sum(runs["on"]) / sum(runs["off"]),
+            "sampled_ratio": sum(runs["sampled"]) / sum(runs["off"]), "faults": faults,
+            "herald_cpu_us_per_delivery": {m: 1e6 * v / len(runs[m]) for m, v in herald_cpu.items()},
+            "jaeger_cpu_us_per_delivery": 1e6 * jaeger_cpu / len(runs["on"])}
 
 
 def summarise(results, cross_check):
@@ -367,11 +478,22 @@ def summarise(results, cross_check):
     if cross_check:
         other = results["shared_closed_cpu_seconds"]["load driver + receiver"]
         print(f"  (the shared e2e driver used {other:.2f} s in its closed loop: {other / TASKS * 1e6:.0f} us/delivery)")
+    tracing = results["tracing"]
+    print(f"tracing ({tracing['tasks_per_run']} tasks per run, off and on alternating, every trace exported to Jaeger over OTLP/gRPC):")
+    print("  deliveries/s off   " + ", ".join(f"{d:.0f}" for d in tracing["off"]))
+    print("  deliveries/s on    " + ", ".join(f"{d:.0f}" for d in tracing["on"]))
+    print("  on, 10% sampled    " + ", ".join(f"{d:.0f}" for d in tracing["sampled"]))
+    print(f"  on / off           {tracing['ratio']:.3f}   (traces found in Jaeger: {tracing['traces_found']})")
+    print(f"  10% sampled / off  {tracing['sampled_ratio']:.3f}")
+    cpu_of = tracing["herald_cpu_us_per_delivery"]
+    print(f"  Herald CPU per delivery off / on / 10% sampled: {cpu_of['off']:.0f} / {cpu_of['on']:.0f} / {cpu_of['sampled']:.0f} us; "
+          f"the collector on the same cores: {tracing['jaeger_cpu_us_per_delivery']:.0f} us")
     rss = results["rss_mib"]
     print("peak RSS (MiB)     " + ", ".join(f"{k} {v:.1f}" for k, v in rss.items()))
     print(f"results: {OUT / 'results.json'}")
 
-    faults = {k: c[k] + o[k] for k in ("refused", "missing", "duplicates", "strays")}
+    # The tracing runs deliver too: nothing of theirs may go missing either.
+    faults = {k: c[k] + o[k] + results["tracing"]["faults"][k] for k in ("refused", "missing", "duplicates", "strays")}
     rows = [
         target("deliveries/s / bare two-hop JetStream (issue 13)", f"{ratio:.3f}", ">= 0.35", ratio >= 0.35),
         target(f"p99 accept -> webhook at {RATE} tasks/s", f"{o['p99']:.1f} ms", "< 100 ms", o["p99"] < 100),
@@ -380,6 +502,10 @@ def summarise(results, cross_check):
         target("webhooks duplicated", str(faults["duplicates"]), "0", faults["duplicates"] == 0),
         target("webhooks for no accepted task", str(faults["strays"]), "0", faults["strays"] == 0),
         *[target(f"peak RSS, {role}", f"{mib:.1f} MiB", "< 50 MiB", mib < 50) for role, mib in rss.items()],
+        target("deliveries/s tracing on / off (issue 12)", f"{tracing['ratio']:.3f}", ">= 0.9",
+               tracing["ratio"] >= 0.9 and tracing["traces_found"] > 0),
+        target("deliveries/s tracing 10% sampled / off", f"{tracing['sampled_ratio']:.3f}", ">= 0.9",
+               tracing["sampled_ratio"] >= 0.9),
     ]
     return report_targets("bench", rows)
 
