@@ -35,7 +35,11 @@ struct HeadersFor<'a>(&'a mut HeaderMap);
 
 impl Injector for HeadersFor<'_> {
     fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key, value.as_str());
+        // An empty `tracestate` (the usual case) says nothing: not a byte
+        // of it goes into every message.
+        if !value.is_empty() {
+            self.0.insert(key, value.as_str());
+        }
     }
 }
 

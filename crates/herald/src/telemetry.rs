@@ -109,7 +109,9 @@ fn install(log: &LogConfig, provider: Option<&SdkTracerProvider>) {
             .with_location(false)
             .with_threads(false)
             .with_target(false)
-            .with_filter(filter_fn(is_traced))
+            // The hint keeps the global level at info, so debug and trace
+            // events of the libraries stay off at their callsites.
+            .with_filter(filter_fn(is_traced).with_max_level_hint(Level::INFO))
     });
     // A second init in one process (tests) keeps the first subscriber.
     let _ = tracing_subscriber::registry()
