@@ -5,10 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use herald_testkit::{Jaeger, http_client, span_count};
 use opentelemetry::trace::{Span, Tracer, TracerProvider};
 use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::{
-    Resource, runtime::Tokio, trace::SdkTracerProvider,
-    trace::span_processor_with_async_runtime::BatchSpanProcessor,
-};
+use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -108,7 +105,7 @@ async fn a_span_exported_over_otlp_grpc_is_read_back() {
         .build()
         .unwrap();
     let provider = SdkTracerProvider::builder()
-        .with_span_processor(BatchSpanProcessor::builder(exporter, Tokio).build())
+        .with_batch_exporter(exporter)
         .with_resource(
             Resource::builder()
                 .with_service_name("testkit-grpc")
@@ -122,8 +119,8 @@ async fn a_span_exported_over_otlp_grpc_is_read_back() {
     let span_id = span.span_context().span_id().to_string();
     span.end();
     drop(tracer);
-    // Flushes the batch; blocks until the export task answers, so off the
-    // runtime's workers.
+    // Flushes the batch; blocks until the export thread has sent it over
+    // the runtime's gRPC connection, so off the runtime's workers.
     tokio::task::spawn_blocking(move || provider.shutdown())
         .await
         .unwrap()
