@@ -201,30 +201,52 @@ async fn probes_answer_without_nats() {
     assert_eq!(body["nats_connected"], false);
 }
 
+/// `/metrics` in the format the scraper asks for: OpenMetrics when its
+/// `Accept` prefers it (Prometheus), the classic text format otherwise
+/// (curl, promtool).
 #[tokio::test]
-async fn metrics_are_served_in_the_openmetrics_format() {
-    let response = app()
-        .await
-        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert!(
-        response.headers()["content-type"]
+async fn metrics_are_served_in_the_format_the_scraper_asks_for() {
+    let scrape = |accept: Option<&'static str>| async move {
+        let mut request = Request::get("/metrics");
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        let response = app()
+            .await
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let content_type = response.headers()["content-type"]
             .to_str()
             .unwrap()
-            .starts_with("application/openmetrics-text")
+            .to_string();
+        let body = to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        (content_type, String::from_utf8(body.to_vec()).unwrap())
+    };
+
+    let (content_type, text) = scrape(Some(
+        "application/openmetrics-text;version=1.0.0;q=0.6,text/plain;version=0.0.4;q=0.3",
+    ))
+    .await;
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
     );
-    let text = String::from_utf8(
-        to_bytes(response.into_body(), 1 << 20)
-            .await
-            .unwrap()
-            .to_vec(),
-    )
-    .unwrap();
     assert!(
         text.contains("# TYPE herald_tasks_accepted counter"),
         "{text}"
     );
     assert!(text.ends_with("# EOF\n"), "{text}");
+
+    let (content_type, text) = scrape(None).await;
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    assert!(
+        text.contains("# TYPE herald_tasks_accepted_total counter"),
+        "{text}"
+    );
+    assert!(!text.contains("# EOF"), "{text}");
 }

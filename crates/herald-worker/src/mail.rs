@@ -295,25 +295,6 @@ fn body(job: &MailJob) -> String {
 #[async_trait::async_trait]
 impl MessageHandler for MailWorker {
     async fn handle(&self, message: Message) {
-        let span = tracing::info_span!(
-            "mail",
-            otel.name = "mail",
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            herald.task = tracing::field::Empty,
-            herald.endpoint = tracing::field::Empty,
-            herald.mail_reason = tracing::field::Empty,
-            herald.attempt = delivery_count(&message),
-            herald.outcome = tracing::field::Empty,
-        );
-        continue_from(&span, message.headers.as_ref());
-        self.send_mail(message).instrument(span).await
-    }
-}
-
-impl MailWorker {
-    /// [`MessageHandler::handle`], in the mail's span.
-    async fn send_mail(&self, message: Message) {
         let job: MailJob = match decode(&message.payload) {
             Ok(job) => job,
             Err(e) => {
@@ -323,12 +304,27 @@ impl MailWorker {
                 return;
             }
         };
+        let span = tracing::info_span!(
+            "mail",
+            otel.name = format!("mail {}", job.reason.as_str()),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            herald.task = job.task.as_str(),
+            herald.endpoint = job.endpoint.as_str(),
+            herald.mail_reason = job.reason.as_str(),
+            herald.attempt = delivery_count(&message),
+            herald.outcome = tracing::field::Empty,
+        );
+        continue_from(&span, message.headers.as_ref());
+        self.send_mail(message, job).instrument(span).await
+    }
+}
+
+impl MailWorker {
+    /// [`MessageHandler::handle`], in the mail's span.
+    async fn send_mail(&self, message: Message, job: MailJob) {
         let attempt = delivery_count(&message);
         let span = tracing::Span::current();
-        span.record("otel.name", format!("mail {}", job.reason.as_str()));
-        span.record("herald.task", job.task.as_str());
-        span.record("herald.endpoint", job.endpoint.as_str());
-        span.record("herald.mail_reason", job.reason.as_str());
         let sent = self.send(&job).await;
         let outcome = match &sent {
             Ok(()) => "sent",

@@ -152,13 +152,6 @@ impl WebhookWorker {
     async fn deliver(&self, message: &Message, job: DeliveryJob) {
         let attempt = attempt_number(message, &job);
         let span = tracing::Span::current();
-        span.record("herald.task", job.task.as_str());
-        span.record("herald.user", job.user.as_str());
-        span.record("herald.endpoint", job.endpoint.as_str());
-        span.record("herald.attempt", attempt);
-        if let Some(round) = &job.redelivery {
-            span.record("herald.redelivery", round.as_str());
-        }
         let task = job.task.clone();
         let Open {
             job,
@@ -244,18 +237,29 @@ fn record_on_span(span: &tracing::Span, response: &Response, decision: &Decision
 #[async_trait::async_trait]
 impl MessageHandler for WebhookWorker {
     async fn handle(&self, message: Message) {
-        // Named "webhook attempt" once the gate lets the request go; a
-        // delivery held or handed back keeps "webhook gate".
+        let job = match decode::<DeliveryJob>(&message.payload) {
+            Ok(job) => job,
+            Err(e) => {
+                tracing::error!(subject = %message.subject, error = %e, "terminating unreadable delivery job");
+                // Term: it will never parse; retrying is pointless.
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        // Made with the fields known now, at once (cheaper than recording
+        // them one by one); named "webhook attempt" once the gate lets the
+        // request go, while a delivery held or handed back keeps "webhook
+        // gate".
         let span = tracing::info_span!(
             "webhook",
             otel.name = "webhook gate",
             otel.kind = "client",
             otel.status_code = tracing::field::Empty,
-            herald.task = tracing::field::Empty,
-            herald.user = tracing::field::Empty,
-            herald.endpoint = tracing::field::Empty,
-            herald.attempt = tracing::field::Empty,
-            herald.redelivery = tracing::field::Empty,
+            herald.task = job.task.as_str(),
+            herald.user = job.user.as_str(),
+            herald.endpoint = job.endpoint.as_str(),
+            herald.attempt = attempt_number(&message, &job),
+            herald.redelivery = job.redelivery.as_deref(),
             herald.outcome = tracing::field::Empty,
             herald.response_class = tracing::field::Empty,
             herald.ssrf = tracing::field::Empty,
@@ -264,14 +268,7 @@ impl MessageHandler for WebhookWorker {
             error.message = tracing::field::Empty,
         );
         continue_from(&span, message.headers.as_ref());
-        match decode::<DeliveryJob>(&message.payload) {
-            Ok(job) => self.deliver(&message, job).instrument(span).await,
-            Err(e) => {
-                tracing::error!(subject = %message.subject, error = %e, "terminating unreadable delivery job");
-                // Term: it will never parse; retrying is pointless.
-                let _ = message.ack_with(AckKind::Term).await;
-            }
-        }
+        self.deliver(&message, job).instrument(span).await
     }
 
     /// At shutdown: stored again to fire at once, not nak'd, so the

@@ -31,29 +31,23 @@ struct Span {
 
 impl Span {
     fn of(value: &Value) -> Span {
-        let parent = value["references"].as_array().and_then(|references| {
-            references
-                .iter()
-                .find(|r| r["refType"] == "CHILD_OF")
+        // (trace id, span id) of each reference of kind `kind`.
+        let references = |kind: &str| -> Vec<(String, String)> {
+            value["references"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["refType"] == kind)
                 .map(|r| {
                     (
                         r["traceID"].as_str().unwrap().to_string(),
                         r["spanID"].as_str().unwrap().to_string(),
                     )
                 })
-        });
-        let links = value["references"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|r| r["refType"] == "FOLLOWS_FROM")
-            .map(|r| {
-                (
-                    r["traceID"].as_str().unwrap().to_string(),
-                    r["spanID"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect();
+                .collect()
+        };
+        let parent = references("CHILD_OF").into_iter().next();
+        let links = references("FOLLOWS_FROM");
         let tags = value["tags"]
             .as_array()
             .into_iter()
