@@ -9,8 +9,9 @@
 //! layer and no propagator is installed, so spans cost what they cost for
 //! the logs and no header is written. With one, ended spans are queued for
 //! the SDK's batch processor thread, which is woken once per batch (512
-//! spans, or every `OTEL_BSP_SCHEDULE_DELAY`), not once per span: a wake per
-//! span cost a third of the throughput on two cores.
+//! spans, or every `OTEL_BSP_SCHEDULE_DELAY`), not once per span as the
+//! async-runtime processor was: its wakes cost another 7% of the throughput
+//! on two cores (docs/benchmarks.md, "The cost of tracing").
 
 use std::time::Duration;
 
@@ -60,9 +61,9 @@ impl Telemetry {
 }
 
 /// Starts logging, and tracing if a collector is configured. Must run
-/// inside the tokio runtime (the gRPC exporter's connection lives there). An invalid
-/// tracing configuration is an error: traces an operator asked for must
-/// not silently go missing.
+/// inside the tokio runtime (the gRPC exporter's connection lives there).
+/// An invalid tracing configuration is an error: traces an operator asked
+/// for must not silently go missing.
 pub fn init(log: &LogConfig, tracing: &TracingConfig) -> anyhow::Result<Telemetry> {
     let provider = match Exporting::from_config(tracing)? {
         Some(exporting) => Some(exporting.provider()?),
