@@ -433,3 +433,62 @@ async fn one_trace_follows_a_task_from_the_client_to_its_last_attempt_and_mail()
         "probes are not traced: {api_spans:#?}"
     );
 }
+
+/// A collector that is down (nothing listens at its port) costs no
+/// delivery and no request: spans that cannot be sent are dropped by the
+/// exporter, off the hot path.
+#[tokio::test]
+async fn a_collector_that_is_down_loses_no_task() {
+    let nats = NatsServer::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Ok).await;
+    add_endpoint_spec(
+        &nats,
+        "hooks",
+        json!({ "userId": "bob", "url": receiver.url("/hook"), "sendTraceContext": true }),
+    )
+    .await;
+    let logs = tempfile::tempdir().unwrap();
+    let nowhere = format!("http://127.0.0.1:{}", herald_testkit::free_port());
+    let api_port = herald_testkit::free_port();
+    let api_url = format!("http://127.0.0.1:{api_port}");
+    let listen = format!("127.0.0.1:{api_port}");
+    let _api = traced_herald(
+        &["api", "--listen", &listen, "--nats-url", &nats.url()],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", nowhere.clone())],
+        &logs.path().join("api.log"),
+    );
+    let _workers = traced_herald(
+        &["worker", "tasks,webhooks", "--nats-url", &nats.url()],
+        &[
+            ("HERALD_TRACING__OTLP_ENDPOINT", nowhere),
+            ("HERALD_TRACING__PROTOCOL", "grpc".to_string()),
+        ],
+        &logs.path().join("worker.log"),
+    );
+    let http = herald_testkit::http_client();
+    wait_until("the API to be ready", DEADLINE, || {
+        let ready = http.get(format!("{api_url}/readyz")).send();
+        async move { ready.await.ok()?.status().is_success().then_some(()) }
+    })
+    .await;
+    for n in 0..20 {
+        let response = http
+            .post(format!("{api_url}/users/bob/tasks/echo"))
+            .json(&json!({ "n": n }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+    }
+    let received = receiver.wait_for(20, DEADLINE).await;
+    assert_eq!(received.len(), 20);
+    // Traced all the same: the receiver that asked sees each attempt's
+    // trace context, even though no span reached a collector.
+    assert!(
+        received.iter().all(|r| r
+            .headers
+            .get("traceparent")
+            .is_some_and(|t| t.starts_with("00-") && t.len() == 55)),
+        "{received:?}"
+    );
+}
