@@ -17,8 +17,8 @@ use axum::{
     middleware::Next,
     response::Response,
 };
+use herald_queue::trace_context::continue_from_carrier;
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -81,7 +81,12 @@ pub(crate) async fn log(mut request: Request, next: Next) -> Response {
             request_id = %id,
         )
     };
-    continue_client_trace(&span, request.headers());
+    // The client's trace, if it sent a valid `traceparent`: Herald's spans
+    // join it (only its ids and sampled flag are taken).
+    continue_from_carrier(
+        &span,
+        &opentelemetry_http::HeaderExtractor(request.headers()),
+    );
     let mut response = next.run(request).instrument(span.clone()).await;
     let route = response
         .extensions()
@@ -104,17 +109,6 @@ pub(crate) async fn log(mut request: Request, next: Next) -> Response {
     });
     response.headers_mut().insert(REQUEST_ID, header);
     response
-}
-
-/// Makes the trace the client's `traceparent` names (if it sent a valid one)
-/// the parent of the request's span, so Herald's spans join the client's
-/// trace. Only the trace and span ids and the sampled flag are taken.
-fn continue_client_trace(span: &tracing::Span, headers: &axum::http::HeaderMap) {
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
-    });
-    // Fails only when tracing is off: nothing to continue then.
-    let _ = span.set_parent(parent);
 }
 
 /// The name of the span of a probe or scrape request, which is not traced.

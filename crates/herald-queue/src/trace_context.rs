@@ -45,19 +45,31 @@ impl Injector for HeadersFor<'_> {
 
 /// Writes the current span's trace context into `headers`.
 pub fn inject_current(headers: &mut HeaderMap) {
+    inject_current_into(&mut HeadersFor(headers));
+}
+
+/// Writes the current span's trace context with `carrier` (the headers of
+/// an HTTP request, say).
+pub fn inject_current_into(carrier: &mut dyn Injector) {
     let context = tracing::Span::current().context();
     opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.inject_context(&context, &mut HeadersFor(headers));
+        propagator.inject_context(&context, carrier);
     });
 }
 
 /// Makes the trace context in `headers` (if any) the parent of `span`,
 /// which must not have been entered yet.
 pub fn continue_from(span: &tracing::Span, headers: Option<&HeaderMap>) {
-    let Some(headers) = headers else { return };
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&HeadersOf(headers))
-    });
+    if let Some(headers) = headers {
+        continue_from_carrier(span, &HeadersOf(headers));
+    }
+}
+
+/// [`continue_from`] for the trace context `carrier` holds (the headers of
+/// an HTTP request, say).
+pub fn continue_from_carrier(span: &tracing::Span, carrier: &dyn Extractor) {
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(carrier));
     // Fails only when tracing is off (no OpenTelemetry layer): nothing to do.
     let _ = span.set_parent(parent);
 }
@@ -65,11 +77,8 @@ pub fn continue_from(span: &tracing::Span, headers: Option<&HeaderMap>) {
 /// The current span's `traceparent`, to keep with what it produced; `None`
 /// when tracing is off.
 pub fn current_traceparent() -> Option<String> {
-    let context = tracing::Span::current().context();
     let mut fields = HashMap::new();
-    opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.inject_context(&context, &mut fields);
-    });
+    inject_current_into(&mut fields);
     fields.remove("traceparent")
 }
 

@@ -147,10 +147,9 @@ impl WebhookWorker {
         }
     }
 
-    /// One delivery, phase by phase: gate, request, classify, decide,
-    /// record and settle.
-    async fn deliver(&self, message: &Message, job: DeliveryJob) {
-        let attempt = attempt_number(message, &job);
+    /// One delivery, attempt number `attempt`, phase by phase: gate,
+    /// request, classify, decide, record and settle.
+    async fn deliver(&self, message: &Message, job: DeliveryJob, attempt: u32) {
         let span = tracing::Span::current();
         let task = job.task.clone();
         let Open {
@@ -246,6 +245,7 @@ impl MessageHandler for WebhookWorker {
                 return;
             }
         };
+        let attempt = attempt_number(&message, &job);
         // Made with the fields known now, at once (cheaper than recording
         // them one by one); named "webhook attempt" once the gate lets the
         // request go, while a delivery held or handed back keeps "webhook
@@ -258,7 +258,7 @@ impl MessageHandler for WebhookWorker {
             herald.task = job.task.as_str(),
             herald.user = job.user.as_str(),
             herald.endpoint = job.endpoint.as_str(),
-            herald.attempt = attempt_number(&message, &job),
+            herald.attempt = attempt,
             herald.redelivery = job.redelivery.as_deref(),
             herald.outcome = tracing::field::Empty,
             herald.response_class = tracing::field::Empty,
@@ -268,7 +268,7 @@ impl MessageHandler for WebhookWorker {
             error.message = tracing::field::Empty,
         );
         continue_from(&span, message.headers.as_ref());
-        self.deliver(&message, job).instrument(span).await
+        self.deliver(&message, job, attempt).instrument(span).await
     }
 
     /// At shutdown: stored again to fire at once, not nak'd, so the

@@ -11,8 +11,8 @@ use herald_core::{
     payload::{DeliveryJob, EndpointConfig, RESPONSE_BODY_LIMIT},
     signing::signature_header,
 };
+use herald_queue::trace_context::inject_current_into;
 use reqwest::{StatusCode, header};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::WebhookWorkerConfig;
 use crate::ssrf::{GuardedClient, Resolver, SendError, SsrfConfig, SsrfGuard, SystemResolver};
@@ -144,13 +144,7 @@ pub(super) async fn send(
     }
     if endpoint.send_trace_context {
         let mut trace_headers = header::HeaderMap::new();
-        let context = tracing::Span::current().context();
-        opentelemetry::global::get_text_map_propagator(|propagator| {
-            propagator.inject_context(
-                &context,
-                &mut opentelemetry_http::HeaderInjector(&mut trace_headers),
-            );
-        });
+        inject_current_into(&mut opentelemetry_http::HeaderInjector(&mut trace_headers));
         request = request.headers(trace_headers);
     }
     let started = tokio::time::Instant::now();
