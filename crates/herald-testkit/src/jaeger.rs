@@ -108,20 +108,23 @@ impl Jaeger {
         let log = dir.path().join("jaeger.log");
         let mut process = ChildProcess::spawn("jaeger", &program, &args, log);
         let http = crate::http_client();
-        let health = format!("http://127.0.0.1:{health_port}/status");
-        wait_until("jaeger's health check to pass", STARTUP, || {
-            process.assert_running();
-            let request = http.get(&health).send();
-            async move { request.await.ok()?.status().is_success().then_some(()) }
-        })
-        .await;
-        let services = format!("http://127.0.0.1:{query_port}/api/services");
-        wait_until("jaeger's query API to answer", STARTUP, || {
-            process.assert_running();
-            let request = http.get(&services).send();
-            async move { request.await.ok()?.status().is_success().then_some(()) }
-        })
-        .await;
+        for (what, url) in [
+            (
+                "jaeger's health check to pass",
+                format!("http://127.0.0.1:{health_port}/status"),
+            ),
+            (
+                "jaeger's query API to answer",
+                format!("http://127.0.0.1:{query_port}/api/services"),
+            ),
+        ] {
+            wait_until(what, STARTUP, || {
+                process.assert_running();
+                let request = http.get(&url).send();
+                async move { request.await.ok()?.status().is_success().then_some(()) }
+            })
+            .await;
+        }
         for (what, port) in [
             ("jaeger's OTLP gRPC port to accept", otlp_grpc_port),
             ("jaeger's OTLP HTTP port to accept", otlp_http_port),

@@ -142,6 +142,59 @@ fn traced_herald(
         .expect("start herald")
 }
 
+/// `herald api` and `herald worker <kinds>` as child processes, each
+/// exporting as its variables say and logging JSON to `api.log` and
+/// `worker.log` in `logs`; started once the API is ready.
+struct TracedHerald {
+    api_url: String,
+    _api: tokio::process::Child,
+    _workers: tokio::process::Child,
+}
+
+impl TracedHerald {
+    async fn start(
+        nats: &NatsServer,
+        logs: &std::path::Path,
+        api_env: &[(&str, String)],
+        kinds: &str,
+        worker_env: &[(&str, String)],
+    ) -> TracedHerald {
+        let api_port = herald_testkit::free_port();
+        let api_url = format!("http://127.0.0.1:{api_port}");
+        let listen = format!("127.0.0.1:{api_port}");
+        let api = traced_herald(
+            &["api", "--listen", &listen, "--nats-url", &nats.url()],
+            api_env,
+            &logs.join("api.log"),
+        );
+        let workers = traced_herald(
+            &["worker", kinds, "--nats-url", &nats.url()],
+            worker_env,
+            &logs.join("worker.log"),
+        );
+        let http = herald_testkit::http_client();
+        wait_until("the API to be ready", DEADLINE, || {
+            let ready = http.get(format!("{api_url}/readyz")).send();
+            async move { ready.await.ok()?.status().is_success().then_some(()) }
+        })
+        .await;
+        TracedHerald {
+            api_url,
+            _api: api,
+            _workers: workers,
+        }
+    }
+}
+
+/// Every span of `traces` (as the query API lists them).
+fn spans_in(traces: &[Value]) -> Vec<Span> {
+    traces
+        .iter()
+        .flat_map(|trace| trace["spans"].as_array().cloned().unwrap_or_default())
+        .map(|span| Span::of(&span))
+        .collect()
+}
+
 /// A task whose first endpoint fails once and then takes it, and whose
 /// second endpoint keeps failing (so its owner is mailed), is one trace:
 /// the client's span, then the API's request, the task, every attempt
@@ -176,20 +229,15 @@ async fn one_trace_follows_a_task_from_the_client_to_its_last_attempt_and_mail()
     .await;
 
     let logs = tempfile::tempdir().unwrap();
-    let api_port = herald_testkit::free_port();
-    let api_url = format!("http://127.0.0.1:{api_port}");
-    let listen = format!("127.0.0.1:{api_port}");
-    let _api = traced_herald(
-        &["api", "--listen", &listen, "--nats-url", &nats.url()],
+    let herald = TracedHerald::start(
+        &nats,
+        logs.path(),
         &[
             // The standard variables alone, over OTLP/HTTP.
             ("OTEL_EXPORTER_OTLP_ENDPOINT", jaeger.otlp_http_endpoint()),
             ("OTEL_SERVICE_NAME", "herald-api".to_string()),
         ],
-        &logs.path().join("api.log"),
-    );
-    let _workers = traced_herald(
-        &["worker", "tasks,webhooks,mail", "--nats-url", &nats.url()],
+        "tasks,webhooks,mail",
         &[
             // Herald's own configuration, over OTLP/gRPC.
             ("HERALD_TRACING__OTLP_ENDPOINT", jaeger.otlp_grpc_endpoint()),
@@ -198,14 +246,10 @@ async fn one_trace_follows_a_task_from_the_client_to_its_last_attempt_and_mail()
             ("HERALD_WEBHOOKS__RETRY_SCHEDULE", r#"["50ms"]"#.to_string()),
             ("HERALD_MAIL__SMTP_PORT", mailpit.smtp_port().to_string()),
         ],
-        &logs.path().join("worker.log"),
-    );
-    let http = herald_testkit::http_client();
-    wait_until("the API to be ready", DEADLINE, || {
-        let ready = http.get(format!("{api_url}/readyz")).send();
-        async move { ready.await.ok()?.status().is_success().then_some(()) }
-    })
+    )
     .await;
+    let api_url = &herald.api_url;
+    let http = herald_testkit::http_client();
 
     let response = http
         .post(format!("{api_url}/users/alice/tasks/echo"))
@@ -375,11 +419,8 @@ async fn one_trace_follows_a_task_from_the_client_to_its_last_attempt_and_mail()
     let replay = wait_until("the replay's span in Jaeger", DEADLINE, || {
         let traces = jaeger.traces("herald-worker");
         async move {
-            traces
-                .await
-                .iter()
-                .flat_map(|trace| trace["spans"].as_array().cloned().unwrap_or_default())
-                .map(|span| Span::of(&span))
+            spans_in(&traces.await)
+                .into_iter()
                 .find(|span| span.name == "replay")
         }
     })
@@ -412,11 +453,7 @@ async fn one_trace_follows_a_task_from_the_client_to_its_last_attempt_and_mail()
         }
     })
     .await;
-    let api_spans: Vec<Span> = api_traces
-        .iter()
-        .flat_map(|trace| trace["spans"].as_array().cloned().unwrap_or_default())
-        .map(|span| Span::of(&span))
-        .collect();
+    let api_spans = spans_in(&api_traces);
     let fresh = api_spans
         .iter()
         .find(|s| {
@@ -429,7 +466,9 @@ async fn one_trace_follows_a_task_from_the_client_to_its_last_attempt_and_mail()
     assert!(
         api_spans
             .iter()
-            .all(|s| !s.name.contains("readyz") && !s.name.contains("healthz")),
+            .all(|s| s.name != herald_api::access::PROBE_SPAN
+                && !s.name.contains("readyz")
+                && !s.name.contains("healthz")),
         "probes are not traced: {api_spans:#?}"
     );
 }
@@ -449,28 +488,19 @@ async fn a_collector_that_is_down_loses_no_task() {
     .await;
     let logs = tempfile::tempdir().unwrap();
     let nowhere = format!("http://127.0.0.1:{}", herald_testkit::free_port());
-    let api_port = herald_testkit::free_port();
-    let api_url = format!("http://127.0.0.1:{api_port}");
-    let listen = format!("127.0.0.1:{api_port}");
-    let _api = traced_herald(
-        &["api", "--listen", &listen, "--nats-url", &nats.url()],
+    let herald = TracedHerald::start(
+        &nats,
+        logs.path(),
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", nowhere.clone())],
-        &logs.path().join("api.log"),
-    );
-    let _workers = traced_herald(
-        &["worker", "tasks,webhooks", "--nats-url", &nats.url()],
+        "tasks,webhooks",
         &[
             ("HERALD_TRACING__OTLP_ENDPOINT", nowhere),
             ("HERALD_TRACING__PROTOCOL", "grpc".to_string()),
         ],
-        &logs.path().join("worker.log"),
-    );
-    let http = herald_testkit::http_client();
-    wait_until("the API to be ready", DEADLINE, || {
-        let ready = http.get(format!("{api_url}/readyz")).send();
-        async move { ready.await.ok()?.status().is_success().then_some(()) }
-    })
+    )
     .await;
+    let api_url = &herald.api_url;
+    let http = herald_testkit::http_client();
     for n in 0..20 {
         let response = http
             .post(format!("{api_url}/users/bob/tasks/echo"))
