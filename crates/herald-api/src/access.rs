@@ -17,7 +17,7 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use herald_queue::trace_context::continue_from_carrier;
+use herald_queue::trace_context::{self, KeyValue, SpanKind, Status, TraceSpan};
 use tracing::Instrument;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -35,14 +35,10 @@ struct Route(MatchedPath);
 pub(crate) async fn remember_route(request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().cloned();
     if let Some(route) = &route {
-        // Named now, before anything starts the span's trace (a span's
-        // name is fixed once its trace context is first used).
-        let span = tracing::Span::current();
-        span.record(
-            "otel.name",
-            format!("{} {}", request.method(), route.as_str()),
-        );
-        span.record("http.route", route.as_str());
+        trace_context::with_current(|span| {
+            span.update_name(format!("{} {}", request.method(), route.as_str()));
+            span.set_attribute(KeyValue::new("http.route", route.as_str().to_string()));
+        });
     }
     let mut response = next.run(request).await;
     if let Some(route) = route {
@@ -65,54 +61,57 @@ pub(crate) async fn log(mut request: Request, next: Next) -> Response {
     // A usable id is a valid header value, and so is a new one.
     let header = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"));
     request.headers_mut().insert(REQUEST_ID, header.clone());
-    let span = if is_probe(request.uri().path()) {
-        // Probes and scrapes are logged but never traced: a trace every
-        // few seconds per kubelet and Prometheus says nothing.
-        tracing::info_span!(PROBE_SPAN, request_id = %id)
+    // The trace span, continuing the client's trace if it sent a valid
+    // `traceparent` (only its ids and sampled flag are taken). Probes and
+    // scrapes are logged but never traced: a trace every few seconds per
+    // kubelet and Prometheus says nothing.
+    let trace = if is_probe(request.uri().path()) {
+        TraceSpan::none()
     } else {
-        tracing::info_span!(
-            "request",
-            otel.name = %method,
-            otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            http.request.method = %method,
-            http.route = tracing::field::Empty,
-            http.response.status_code = tracing::field::Empty,
-            request_id = %id,
+        TraceSpan::start(
+            method.to_string(),
+            SpanKind::Server,
+            &opentelemetry_http::HeaderExtractor(request.headers()),
+            || {
+                vec![
+                    KeyValue::new("http.request.method", method.to_string()),
+                    KeyValue::new("request_id", id.clone()),
+                ]
+            },
         )
     };
-    // The client's trace, if it sent a valid `traceparent`: Herald's spans
-    // join it (only its ids and sampled flag are taken).
-    continue_from_carrier(
-        &span,
-        &opentelemetry_http::HeaderExtractor(request.headers()),
-    );
-    let mut response = next.run(request).instrument(span.clone()).await;
+    // The logs' span: what every line logged while serving says.
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut response = trace.run(next.run(request)).instrument(span.clone()).await;
     let route = response
         .extensions()
         .get::<Route>()
         .map_or("unmatched", |route| route.0.as_str());
     let status = response.status();
-    span.record("http.response.status_code", status.as_u16());
-    if status.is_server_error() {
-        span.record("otel.status_code", "error");
-    }
-    span.in_scope(|| {
-        tracing::info!(
-            target: "herald::access",
-            method = %method,
-            route,
-            status = status.as_u16(),
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request"
-        );
+    trace.with(|span| {
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status.as_u16()),
+        ));
+        if status.is_server_error() {
+            span.set_status(Status::error(""));
+        }
+    });
+    trace.in_scope(|| {
+        span.in_scope(|| {
+            tracing::info!(
+                target: "herald::access",
+                method = %method,
+                route,
+                status = status.as_u16(),
+                latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+        })
     });
     response.headers_mut().insert(REQUEST_ID, header);
     response
 }
-
-/// The name of the span of a probe or scrape request, which is not traced.
-pub const PROBE_SPAN: &str = "probe";
 
 fn is_probe(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/metrics")

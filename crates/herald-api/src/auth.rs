@@ -184,6 +184,13 @@ async fn require_user(
         return ApiError::Forbidden(format!("token {name:?} is not valid for user {user}"))
             .into_response();
     }
+    // The token's name (never its secret) on the request's trace span.
+    herald_queue::trace_context::with_current(|span| {
+        span.set_attribute(herald_queue::trace_context::KeyValue::new(
+            "herald.token",
+            name.to_string(),
+        ));
+    });
     next.run(request)
         .instrument(tracing::info_span!("authenticated", token = %name))
         .await

@@ -17,7 +17,7 @@ use herald_queue::{
     Broker,
     consume::{MessageHandler, delivery_count},
     publish::Outgoing,
-    trace_context::continue_from,
+    trace_context::{self, KeyValue, SpanKind, Status, TraceSpan},
 };
 use lettre::{
     AsyncSmtpTransport, AsyncTransport, Message as Email, Tokio1Executor,
@@ -304,19 +304,24 @@ impl MessageHandler for MailWorker {
                 return;
             }
         };
-        let span = tracing::info_span!(
-            "mail",
-            otel.name = format!("mail {}", job.reason.as_str()),
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            herald.task = job.task.as_str(),
-            herald.endpoint = job.endpoint.as_str(),
-            herald.mail_reason = job.reason.as_str(),
-            herald.attempt = delivery_count(&message),
-            herald.outcome = tracing::field::Empty,
+        let trace = TraceSpan::for_message(
+            format!("mail {}", job.reason.as_str()),
+            SpanKind::Client,
+            message.headers.as_ref(),
+            || {
+                vec![
+                    KeyValue::new("herald.task", job.task.to_string()),
+                    KeyValue::new("herald.endpoint", job.endpoint.to_string()),
+                    KeyValue::new("herald.mail_reason", job.reason.as_str()),
+                    KeyValue::new("herald.attempt", i64::from(delivery_count(&message))),
+                ]
+            },
         );
-        continue_from(&span, message.headers.as_ref());
-        self.send_mail(message, job).instrument(span).await
+        let span = tracing::info_span!("mail", task = %job.task, endpoint = %job.endpoint);
+        trace
+            .run(self.send_mail(message, job))
+            .instrument(span)
+            .await
     }
 }
 
@@ -324,7 +329,6 @@ impl MailWorker {
     /// [`MessageHandler::handle`], in the mail's span.
     async fn send_mail(&self, message: Message, job: MailJob) {
         let attempt = delivery_count(&message);
-        let span = tracing::Span::current();
         let sent = self.send(&job).await;
         let outcome = match &sent {
             Ok(()) => "sent",
@@ -333,10 +337,12 @@ impl MailWorker {
             }
             Err(_) => "failed",
         };
-        span.record("herald.outcome", outcome);
-        if outcome != "sent" {
-            span.record("otel.status_code", "error");
-        }
+        trace_context::with_current(|span| {
+            span.set_attribute(KeyValue::new("herald.outcome", outcome));
+            if outcome != "sent" {
+                span.set_status(Status::error(""));
+            }
+        });
         match sent {
             Ok(()) => {
                 Metrics::count(&metrics().mails, "sent");

@@ -82,7 +82,7 @@ pub(crate) async fn handle(broker: &Broker, endpoints: &EndpointCache, message: 
             {
                 // The replay's own trace starts at the request that asked
                 // for it; the link leads back to the task it repeats.
-                herald_queue::trace_context::link_to(&tracing::Span::current(), traceparent);
+                herald_queue::trace_context::link_current_to(traceparent);
             }
             plan(endpoints, &request, record)
         }

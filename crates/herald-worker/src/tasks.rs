@@ -28,7 +28,7 @@ use herald_queue::{
     consume::{MessageHandler, delivery_count, with_progress},
     endpoints::EndpointCache,
     publish::Outgoing,
-    trace_context::continue_from,
+    trace_context::{self, KeyValue, SpanKind, TraceSpan},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -173,10 +173,16 @@ impl TaskWorker {
 impl MessageHandler for TaskWorker {
     async fn handle(&self, message: Message) {
         if names::is_replay_subject(&message.subject) {
-            let span = tracing::info_span!("replay", otel.kind = "consumer");
-            continue_from(&span, message.headers.as_ref());
-            return crate::replays::handle(&self.broker, &self.endpoints, message)
-                .instrument(span)
+            let trace = TraceSpan::for_message(
+                "replay",
+                SpanKind::Consumer,
+                message.headers.as_ref(),
+                Vec::new,
+            );
+            let replay = crate::replays::handle(&self.broker, &self.endpoints, message);
+            return trace
+                .run(replay)
+                .instrument(tracing::info_span!("replay"))
                 .await;
         }
         let task: TaskMessage = match decode(&message.payload) {
@@ -188,19 +194,24 @@ impl MessageHandler for TaskWorker {
                 return;
             }
         };
-        // Made with its fields at once: cheaper than recording them one by one.
-        let span = tracing::info_span!(
-            "task",
-            otel.name = format!("task {}", task.task_type),
-            otel.kind = "consumer",
-            herald.task = task.id.as_str(),
-            herald.task_type = task.task_type.as_str(),
-            herald.user = task.user.as_str(),
-            herald.outcome = tracing::field::Empty,
-            herald.delivery_count = delivery_count(&message),
+        let trace = TraceSpan::for_message(
+            format!("task {}", task.task_type),
+            SpanKind::Consumer,
+            message.headers.as_ref(),
+            || {
+                vec![
+                    KeyValue::new("herald.task", task.id.to_string()),
+                    KeyValue::new("herald.task_type", task.task_type.to_string()),
+                    KeyValue::new("herald.user", task.user.to_string()),
+                    KeyValue::new("herald.delivery_count", i64::from(delivery_count(&message))),
+                ]
+            },
         );
-        continue_from(&span, message.headers.as_ref());
-        self.run_task(message, task).instrument(span).await
+        let span = tracing::info_span!("task", task = %task.id, task_type = %task.task_type);
+        trace
+            .run(self.run_task(message, task))
+            .instrument(span)
+            .await
     }
 }
 
@@ -217,7 +228,6 @@ impl TaskWorker {
                 .await;
             return;
         }
-        let span = tracing::Span::current();
         let outcome =
             with_progress(&message, self.progress_interval, self.run_handler(&task)).await;
         if let Err(error) = &outcome {
@@ -240,7 +250,12 @@ impl TaskWorker {
         match published {
             // Ack: the jobs and the record are stored.
             Ok(_) => {
-                span.record("herald.outcome", outputs.outcome.event_suffix());
+                trace_context::with_current(|span| {
+                    span.set_attribute(KeyValue::new(
+                        "herald.outcome",
+                        outputs.outcome.event_suffix(),
+                    ));
+                });
                 Metrics::count(
                     &herald_core::metrics::metrics().tasks_handled,
                     outputs.outcome.event_suffix(),

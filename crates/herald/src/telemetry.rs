@@ -2,12 +2,12 @@
 //! over the filter), and traces over OTLP when `[tracing]` or the standard
 //! `OTEL_*` variables name a collector.
 //!
-//! Traces come from the same `tracing` spans the logs are written in: the
-//! API's request span, each consumed message's span (task, attempt, mail),
+//! Traces are made with the OpenTelemetry API where the work is (the API's
+//! request span, each consumed message's span: task, attempt, mail) and
 //! continued across NATS by the `traceparent` header
-//! ([`herald_queue::trace_context`]). Without a collector no OpenTelemetry
-//! layer and no propagator is installed, so spans cost what they cost for
-//! the logs and no header is written. With one, ended spans are queued for
+//! ([`herald_queue::trace_context`]). Without a collector no tracer and no
+//! propagator is installed, so no span is made and no header is written.
+//! With one, ended spans are queued for
 //! the SDK's batch processor thread, which is woken once per batch (512
 //! spans, or every `OTEL_BSP_SCHEDULE_DELAY`), not once per span as the
 //! async-runtime processor was: its wakes cost another 7% of the throughput
@@ -16,14 +16,14 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use opentelemetry::trace::TracerProvider;
+use herald_queue::trace_context::{self, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
     Resource,
     propagation::TraceContextPropagator,
     trace::{Sampler, SdkTracerProvider},
 };
-use tracing::{Level, Metadata, Subscriber};
+use tracing::{Level, Subscriber};
 use tracing_subscriber::{
     EnvFilter, Layer,
     filter::filter_fn,
@@ -69,19 +69,21 @@ pub fn init(log: &LogConfig, tracing: &TracingConfig) -> anyhow::Result<Telemetr
         Some(exporting) => Some(exporting.provider()?),
         None => None,
     };
-    install(log, provider.as_ref());
-    if provider.is_some() {
+    install(log, provider.is_some());
+    if let Some(provider) = &provider {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        trace_context::install(opentelemetry::global::tracer("herald"));
     }
     Ok(Telemetry { provider })
 }
 
 /// Starts logging only, for commands whose work is no trace's business.
 pub fn init_logs(log: &LogConfig) {
-    install(log, None);
+    install(log, false);
 }
 
-fn install(log: &LogConfig, provider: Option<&SdkTracerProvider>) {
+fn install(log: &LogConfig, traced: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.filter));
     let logs = match log.format {
         config::LogFormat::Json => fmt::layer()
@@ -95,42 +97,69 @@ fn install(log: &LogConfig, provider: Option<&SdkTracerProvider>) {
             .with_filter(filter)
             .boxed(),
     };
-    let traces = provider.map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("herald"))
-            // A span's OpenTelemetry side is built when first needed (a
-            // publish injecting its context, a JSON log line), not when it
-            // is entered: the API names its span after routing, the
-            // workers after decoding the message.
-            .with_context_activation(false)
-            // What the spans' attributes already say, or nobody reads:
-            // busy/idle time (two clock reads per poll of every future),
-            // source locations, thread names and targets.
-            .with_tracked_inactivity(false)
-            .with_location(false)
-            .with_threads(false)
-            .with_target(false)
-            // The hint keeps the global level at info, so debug and trace
-            // events of the libraries stay off at their callsites.
-            .with_filter(filter_fn(is_traced).with_max_level_hint(Level::INFO))
+    // Herald's warnings and errors also become events of the span they
+    // happen in; the log filter does not apply, so quiet logs keep them.
+    let span_events = traced.then(|| {
+        SpanEvents.with_filter(
+            filter_fn(|metadata| {
+                metadata.is_event()
+                    && metadata.target().starts_with("herald")
+                    && *metadata.level() <= Level::WARN
+            })
+            // Keeps the global level at that of the logs: the libraries' debug
+            // and trace events stay off at their callsites.
+            .with_max_level_hint(Level::WARN),
+        )
     });
     // A second init in one process (tests) keeps the first subscriber.
     let _ = tracing_subscriber::registry()
         .with(logs)
-        .with(traces)
+        .with(span_events)
         .try_init();
 }
 
-/// Herald's own spans at info or above, and its warnings and errors as span
-/// events; the log filter does not apply, so quiet logs keep full traces.
-fn is_traced(metadata: &Metadata<'_>) -> bool {
-    let herald = metadata.target().starts_with("herald");
-    if metadata.is_span() {
-        herald
-            && *metadata.level() <= Level::INFO
-            && metadata.name() != herald_api::access::PROBE_SPAN
-    } else {
-        herald && *metadata.level() <= Level::WARN
+/// Adds each event it sees to the current trace span, with its fields as
+/// attributes.
+struct SpanEvents;
+
+impl<S: Subscriber> Layer<S> for SpanEvents {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        trace_context::with_current(|span| {
+            let mut fields = EventFields::default();
+            event.record(&mut fields);
+            fields.attributes.push(KeyValue::new(
+                "level",
+                event.metadata().level().as_str().to_lowercase(),
+            ));
+            span.add_event(fields.message, fields.attributes);
+        });
+    }
+}
+
+/// An event's message and its other fields.
+#[derive(Default)]
+struct EventFields {
+    message: String,
+    attributes: Vec<KeyValue>,
+}
+
+impl tracing::field::Visit for EventFields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_string();
+        } else {
+            self.attributes
+                .push(KeyValue::new(field.name(), value.to_string()));
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        } else {
+            self.attributes
+                .push(KeyValue::new(field.name(), format!("{value:?}")));
+        }
     }
 }
 
@@ -248,8 +277,8 @@ impl Exporting {
     }
 }
 
-/// The JSON log line with the `trace_id` and `span_id` of the span it was
-/// logged in, when that span is traced, so a log search finds the trace.
+/// The JSON log line with the `trace_id` and `span_id` of the trace span it
+/// was logged in, if any, so a log search finds the trace.
 struct WithTraceIds<F>(F);
 
 impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
@@ -264,8 +293,7 @@ where
         mut writer: Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        let Some((trace_id, span_id)) = ctx.lookup_current().and_then(|span| trace_ids(&span.id()))
-        else {
+        let Some((trace_id, span_id)) = trace_context::current_ids() else {
             return self.0.format_event(ctx, writer, event);
         };
         let mut line = String::new();
@@ -278,22 +306,6 @@ where
             None => writer.write_str(&line),
         }
     }
-}
-
-/// The OpenTelemetry trace and span id of the span `id`, if it is traced.
-fn trace_ids(id: &tracing::span::Id) -> Option<(String, String)> {
-    use opentelemetry::trace::TraceContextExt;
-    let context = tracing::dispatcher::get_default(|dispatch| {
-        tracing_opentelemetry::get_otel_context(id, dispatch)
-    })?;
-    let span = context.span();
-    let span_context = span.span_context();
-    span_context.is_valid().then(|| {
-        (
-            span_context.trace_id().to_string(),
-            span_context.span_id().to_string(),
-        )
-    })
 }
 
 #[cfg(test)]

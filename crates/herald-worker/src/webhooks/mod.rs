@@ -41,7 +41,7 @@ use herald_queue::{
     consume::{MessageHandler, delivery_count, with_progress},
     endpoints::EndpointCache,
     rate_limit::RateLimiter,
-    trace_context::continue_from,
+    trace_context::{self, KeyValue, SpanKind, SpanRef, Status, TraceSpan},
 };
 pub use request::{http_client, http_client_with};
 use serde::{Deserialize, Serialize};
@@ -150,7 +150,6 @@ impl WebhookWorker {
     /// One delivery, attempt number `attempt`, phase by phase: gate,
     /// request, classify, decide, record and settle.
     async fn deliver(&self, message: &Message, job: DeliveryJob, attempt: u32) {
-        let span = tracing::Span::current();
         let task = job.task.clone();
         let Open {
             job,
@@ -159,7 +158,9 @@ impl WebhookWorker {
         } = match self.gate(job, attempt).await {
             Verdict::Send(open) => open,
             Verdict::Settle(record, not_sent) => {
-                span.record("herald.outcome", not_sent.as_str());
+                trace_context::with_current(|span| {
+                    span.set_attribute(KeyValue::new("herald.outcome", not_sent.as_str()));
+                });
                 if not_sent != NotSent::HandedBack {
                     let metrics = herald_core::metrics::metrics();
                     Metrics::count(&metrics.deliveries, not_sent.as_str());
@@ -167,8 +168,13 @@ impl WebhookWorker {
                 return settle(&self.broker, message, &task, vec![record], AckKind::Ack).await;
             }
         };
-        span.record("otel.name", "webhook attempt");
-        span.record("url.full", RedactedUrl::from_text(&endpoint.url).as_str());
+        trace_context::with_current(|span| {
+            span.update_name("webhook attempt");
+            span.set_attribute(KeyValue::new(
+                "url.full",
+                RedactedUrl::from_text(&endpoint.url).as_str().to_string(),
+            ));
+        });
         let response = with_progress(
             message,
             self.progress_interval,
@@ -183,7 +189,7 @@ impl WebhookWorker {
             RetryPolicy::for_endpoint(&endpoint, &self.config),
             endpoint.email.is_some(),
         );
-        record_on_span(&span, &response, &decision);
+        trace_context::with_current(|span| record_on_span(span, &response, &decision));
         self.record_health(&job, &response, &decision, now);
         let records = Attempt {
             job: &job,
@@ -211,25 +217,28 @@ fn attempt_number(message: &Message, job: &DeliveryJob) -> u32 {
 
 /// What the attempt's span says of its response and outcome. The SSRF
 /// verdict is the response class `refused` (with the range in the error).
-fn record_on_span(span: &tracing::Span, response: &Response, decision: &Decision) {
+fn record_on_span(span: &SpanRef<'_>, response: &Response, decision: &Decision) {
     if let Some(status) = response.status {
-        span.record("http.response.status_code", status.as_u16());
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status.as_u16()),
+        ));
     }
-    span.record("herald.response_class", response.class_label());
-    span.record(
-        "herald.ssrf",
-        if response.no_response == Some(NoResponse::Refused) {
-            "refused"
-        } else {
-            "allowed"
-        },
-    );
-    span.record("herald.outcome", decision.outcome.as_str());
+    let ssrf = if response.no_response == Some(NoResponse::Refused) {
+        "refused"
+    } else {
+        "allowed"
+    };
+    span.set_attributes([
+        KeyValue::new("herald.response_class", response.class_label()),
+        KeyValue::new("herald.ssrf", ssrf),
+        KeyValue::new("herald.outcome", decision.outcome.as_str()),
+    ]);
     if let Some(error) = &response.error {
-        span.record("error.message", error.as_str());
+        span.set_attribute(KeyValue::new("error.message", error.clone()));
     }
     if decision.outcome != AttemptOutcome::Delivered {
-        span.record("otel.status_code", "error");
+        span.set_status(Status::error(""));
     }
 }
 
@@ -246,29 +255,35 @@ impl MessageHandler for WebhookWorker {
             }
         };
         let attempt = attempt_number(&message, &job);
-        // Made with the fields known now, at once (cheaper than recording
-        // them one by one); named "webhook attempt" once the gate lets the
-        // request go, while a delivery held or handed back keeps "webhook
-        // gate".
+        // Named "webhook attempt" once the gate lets the request go; a
+        // delivery held or handed back keeps "webhook gate".
+        let trace = TraceSpan::for_message(
+            "webhook gate",
+            SpanKind::Client,
+            message.headers.as_ref(),
+            || {
+                let mut attributes = vec![
+                    KeyValue::new("herald.task", job.task.to_string()),
+                    KeyValue::new("herald.user", job.user.to_string()),
+                    KeyValue::new("herald.endpoint", job.endpoint.to_string()),
+                    KeyValue::new("herald.attempt", i64::from(attempt)),
+                ];
+                if let Some(redelivery) = &job.redelivery {
+                    attributes.push(KeyValue::new("herald.redelivery", redelivery.to_string()));
+                }
+                attributes
+            },
+        );
         let span = tracing::info_span!(
             "webhook",
-            otel.name = "webhook gate",
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            herald.task = job.task.as_str(),
-            herald.user = job.user.as_str(),
-            herald.endpoint = job.endpoint.as_str(),
-            herald.attempt = attempt,
-            herald.redelivery = job.redelivery.as_deref(),
-            herald.outcome = tracing::field::Empty,
-            herald.response_class = tracing::field::Empty,
-            herald.ssrf = tracing::field::Empty,
-            url.full = tracing::field::Empty,
-            http.response.status_code = tracing::field::Empty,
-            error.message = tracing::field::Empty,
+            task = %job.task,
+            endpoint = %job.endpoint,
+            attempt,
         );
-        continue_from(&span, message.headers.as_ref());
-        self.deliver(&message, job, attempt).instrument(span).await
+        trace
+            .run(self.deliver(&message, job, attempt))
+            .instrument(span)
+            .await
     }
 
     /// At shutdown: stored again to fire at once, not nak'd, so the
