@@ -11,7 +11,8 @@
 //! 2. `request`: the signed POST, and what came back.
 //! 3. `classify`: what the response means (the table there).
 //! 4. `decide`: the attempt's outcome, the delay before the next one, and
-//!    whether the owner is mailed (the table there).
+//!    whether the owner is mailed (the table there); `spread` moves the
+//!    retries of an endpoint failing many deliveries at once apart.
 //! 5. `settle`: the records (attempt, next attempt, mail) stored, the
 //!    endpoint's health and the metrics updated, then the job acked or
 //!    termed.
@@ -25,6 +26,7 @@ mod gate;
 pub mod health;
 mod request;
 mod settle;
+mod spread;
 
 use std::time::Duration;
 
@@ -53,6 +55,7 @@ use self::{
     gate::{InFlight, NotSent, Open, Verdict},
     request::{NoResponse, Response},
     settle::{Again, Attempt, settle, store_again},
+    spread::RetrySpread,
 };
 use crate::ssrf::{GuardedClient, SsrfConfig};
 
@@ -96,6 +99,15 @@ pub struct WebhookWorkerConfig {
     /// record the operator removes and writes again keeps its deliveries.
     #[serde(with = "herald_core::duration_serde")]
     pub endpoint_removed_grace: Duration,
+    /// Retries of one endpoint this process schedules per second at most,
+    /// so deliveries that failed together do not all retry at once: a
+    /// retry due sooner after the endpoint's last one is moved later, by
+    /// at most `max_retry_spread` ([`spread`]). 0: retries keep their
+    /// schedule exactly.
+    pub retries_per_endpoint_per_second: u32,
+    /// The most a retry is moved by `retries_per_endpoint_per_second`.
+    #[serde(with = "herald_core::duration_serde")]
+    pub max_retry_spread: Duration,
 }
 
 impl Default for WebhookWorkerConfig {
@@ -112,6 +124,8 @@ impl Default for WebhookWorkerConfig {
             ssrf: SsrfConfig::default(),
             response_body_bytes: RESPONSE_BODY_LIMIT,
             endpoint_removed_grace: Duration::from_secs(300),
+            retries_per_endpoint_per_second: 100,
+            max_retry_spread: Duration::from_secs(300),
         }
     }
 }
@@ -122,6 +136,7 @@ pub struct WebhookWorker {
     health: HealthTracker,
     rate_limiter: RateLimiter,
     in_flight: InFlight,
+    retry_spread: RetrySpread,
     client: GuardedClient,
     config: WebhookWorkerConfig,
     progress_interval: Duration,
@@ -138,6 +153,10 @@ impl WebhookWorker {
         Self {
             rate_limiter: RateLimiter::new(broker.clone()),
             in_flight: InFlight::default(),
+            retry_spread: RetrySpread::new(
+                config.retries_per_endpoint_per_second,
+                config.max_retry_spread,
+            ),
             broker,
             endpoints,
             health,
@@ -182,13 +201,20 @@ impl WebhookWorker {
         )
         .await;
         let now = herald_core::now_ms();
-        let decision = Decision::of(
+        let mut decision = Decision::of(
             ResponseClass::of(&response),
             attempt,
             response.retry_after,
             RetryPolicy::for_endpoint(&endpoint, &self.config),
             endpoint.email.is_some(),
         );
+        if decision.outcome == AttemptOutcome::Delivered {
+            self.retry_spread.forget(&job.user, &job.endpoint);
+        }
+        decision.next_delay = decision.next_delay.map(|delay| {
+            self.retry_spread
+                .delay(&job.user, &job.endpoint, now, delay)
+        });
         trace_context::with_current(|span| record_on_span(span, &response, &decision));
         self.record_health(&job, &response, &decision, now);
         let records = Attempt {

@@ -4,7 +4,7 @@ use herald::roles::Roles;
 use herald_testkit::{Mailpit, NatsServer, ReceiverBehaviour, TestReceiver, free_port};
 use serde_json::json;
 
-use crate::harness::{DEADLINE, Herald, add_endpoint, add_endpoint_spec, test_config};
+use crate::harness::{DEADLINE, Herald, add_endpoint, add_endpoint_spec, schedule, test_config};
 
 #[tokio::test]
 async fn a_failing_endpoint_gets_every_attempt_then_its_owner_an_email() {
@@ -198,5 +198,71 @@ async fn an_endpoints_own_timeout_bounds_each_attempt() {
         // The endpoint's 1 s applied, not the global 5 s.
         assert!((1000..5000).contains(&latency), "{task}");
     }
+    herald.stop().await;
+}
+
+/// Many deliveries to one endpoint failing at once: their retries are
+/// handed out a pace apart (`webhooks.retries_per_endpoint_per_second`)
+/// instead of all falling due together, and each still runs its schedule
+/// to the end. Another endpoint failing meanwhile retries on its own
+/// schedule: one endpoint's pace never slows another's.
+#[tokio::test]
+async fn the_retries_of_an_endpoint_failing_many_deliveries_at_once_are_spread() {
+    let nats = NatsServer::start().await;
+    let mail = Mailpit::start().await;
+    let down = TestReceiver::start(ReceiverBehaviour::Status(500)).await;
+    let other = TestReceiver::start(ReceiverBehaviour::Status(500)).await;
+    add_endpoint(
+        &nats,
+        "70",
+        "hooks",
+        &down.url("/hooks"),
+        Some("owner70@example.com"),
+    )
+    .await;
+    add_endpoint(
+        &nats,
+        "71",
+        "hooks",
+        &other.url("/hooks"),
+        Some("owner71@example.com"),
+    )
+    .await;
+    let mut config = test_config(&nats, Some(&mail));
+    // One retry, 10 ms after the first try; at most 20 retries of one
+    // endpoint per second: 50 ms apart.
+    config.webhooks.retry_schedule = schedule(&[10]);
+    config.webhooks.retries_per_endpoint_per_second = 20;
+    let herald = Herald::start(config, Roles::all()).await;
+
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        ids.push(herald.accept("70", "echo", json!({})).await);
+    }
+    let lone = herald.accept("71", "echo", json!({})).await;
+
+    let time =
+        |value: &serde_json::Value| herald_core::parse_rfc3339(value.as_str().unwrap()).unwrap();
+    let mut retries_due = Vec::new();
+    for id in &ids {
+        let task = herald.wait_for_state("70", id, "mailed").await;
+        let attempts = task["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 2, "every schedule runs to its end: {task}");
+        retries_due.push(time(&attempts[0]["next_attempt_at"]));
+    }
+    retries_due.sort_unstable();
+    for pair in retries_due.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 50,
+            "retries of one endpoint less than 50 ms apart: {retries_due:?}"
+        );
+    }
+    assert_eq!(down.received().len(), 16);
+
+    let task = herald.wait_for_state("71", &lone, "mailed").await;
+    let first = &task["attempts"][0];
+    let delay = time(&first["next_attempt_at"]) - time(&first["at"]);
+    // 10 ms and the schedule's 20% jitter, give or take the rounding.
+    assert!(delay <= 13, "the other endpoint's retry was moved: {task}");
     herald.stop().await;
 }
