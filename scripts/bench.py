@@ -97,6 +97,18 @@ def children_cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
+def nats_counters(mon_port):
+    """What nats-server has handled so far: messages in and out (every
+    publish, ack, pull request and API call is one in), and JetStream API
+    requests (stream, consumer and bucket calls; the server does not count
+    pull requests among them)."""
+    def get(path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{mon_port}/{path}", timeout=10) as answer:
+            return json.load(answer)
+    varz, jsz = get("varz"), get("jsz")
+    return {"in_msgs": varz["in_msgs"], "out_msgs": varz["out_msgs"], "js_api": jsz["api"]["total"]}
+
+
 def last_json(output):
     for line in reversed(output.strip().splitlines()):
         line = line.strip()
@@ -270,12 +282,18 @@ def main():
         measured = {"nats-server": nats, "api": api, "worker-tasks": tasks, "worker-webhooks": hooks}
 
         def with_cpu(run):
+            nats_before = nats_counters(mon_port)
             before = {name: cpu_seconds(p.pid) for name, p in measured.items()}
             driver_before = children_cpu_seconds()
             started = time.monotonic()
             result = run()
             cpu = {name: cpu_seconds(p.pid) - before[name] for name, p in measured.items()}
             cpu["load driver + receiver"] = children_cpu_seconds() - driver_before
+            nats_after = nats_counters(mon_port)
+            result["nats_per_delivery"] = {
+                k: (nats_after[k] - nats_before[k]) / max(result.get("delivered") or result.get("e2e_delivered") or TASKS, 1)
+                for k in nats_after
+            }
             return result, {"wall": time.monotonic() - started, **cpu}
 
         # Unmeasured: the workers load the endpoints and open their
@@ -478,6 +496,9 @@ def summarise(results, cross_check):
     if cross_check:
         other = results["shared_closed_cpu_seconds"]["load driver + receiver"]
         print(f"  (the shared e2e driver used {other:.2f} s in its closed loop: {other / TASKS * 1e6:.0f} us/delivery)")
+    per = results["closed"]["nats_per_delivery"]
+    print(f"nats-server per delivery in the closed loop (herald-bench): {per['in_msgs']:.1f} messages in, "
+          f"{per['out_msgs']:.1f} out, {per['js_api']:.2f} JetStream API requests (pulls not counted)")
     tracing = results["tracing"]
     print(f"tracing ({tracing['tasks_per_run']} tasks per run, off and on alternating, every trace exported to Jaeger over OTLP/gRPC):")
     print("  deliveries/s off   " + ", ".join(f"{d:.0f}" for d in tracing["off"]))

@@ -124,7 +124,7 @@ impl Default for WebhookWorkerConfig {
             ssrf: SsrfConfig::default(),
             response_body_bytes: RESPONSE_BODY_LIMIT,
             endpoint_removed_grace: Duration::from_secs(300),
-            retries_per_endpoint_per_second: 100,
+            retries_per_endpoint_per_second: 20,
             max_retry_spread: Duration::from_secs(300),
         }
     }
