@@ -69,7 +69,7 @@ pub(crate) async fn log(mut request: Request, next: Next) -> Response {
         TraceSpan::none()
     } else {
         TraceSpan::start(
-            method.to_string(),
+            || method.to_string(),
             SpanKind::Server,
             &opentelemetry_http::HeaderExtractor(request.headers()),
             || {

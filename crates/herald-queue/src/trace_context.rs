@@ -64,10 +64,11 @@ impl TraceSpan {
     }
 
     /// Starts a span continuing the trace context `carrier` holds (a new
-    /// trace when it holds none, or an invalid one). `attributes` are made
-    /// only when the span is recorded (not when the sampler drops it).
-    pub fn start(
-        name: impl Into<Cow<'static, str>>,
+    /// trace when it holds none, or an invalid one). The name is made only
+    /// when tracing is on, and `attributes` only when the span is recorded
+    /// (not when the sampler drops it).
+    pub fn start<N: Into<Cow<'static, str>>>(
+        name: impl FnOnce() -> N,
         kind: SpanKind,
         carrier: &dyn Extractor,
         attributes: impl FnOnce() -> Vec<KeyValue>,
@@ -79,7 +80,7 @@ impl TraceSpan {
             propagator.extract(carrier)
         });
         let mut span = tracer
-            .span_builder(name)
+            .span_builder(name())
             .with_kind(kind)
             .start_with_context(tracer, &parent);
         if span.is_recording() {
@@ -92,8 +93,8 @@ impl TraceSpan {
 
     /// [`Self::start`] for a consumed message, continuing the trace its
     /// headers carry.
-    pub fn for_message(
-        name: impl Into<Cow<'static, str>>,
+    pub fn for_message<N: Into<Cow<'static, str>>>(
+        name: impl FnOnce() -> N,
         kind: SpanKind,
         headers: Option<&HeaderMap>,
         attributes: impl FnOnce() -> Vec<KeyValue>,

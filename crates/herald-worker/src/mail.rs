@@ -305,7 +305,7 @@ impl MessageHandler for MailWorker {
             }
         };
         let trace = TraceSpan::for_message(
-            format!("mail {}", job.reason.as_str()),
+            || format!("mail {}", job.reason.as_str()),
             SpanKind::Client,
             message.headers.as_ref(),
             || {

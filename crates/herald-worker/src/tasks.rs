@@ -174,7 +174,7 @@ impl MessageHandler for TaskWorker {
     async fn handle(&self, message: Message) {
         if names::is_replay_subject(&message.subject) {
             let trace = TraceSpan::for_message(
-                "replay",
+                || "replay",
                 SpanKind::Consumer,
                 message.headers.as_ref(),
                 Vec::new,
@@ -195,7 +195,7 @@ impl MessageHandler for TaskWorker {
             }
         };
         let trace = TraceSpan::for_message(
-            format!("task {}", task.task_type),
+            || format!("task {}", task.task_type),
             SpanKind::Consumer,
             message.headers.as_ref(),
             || {

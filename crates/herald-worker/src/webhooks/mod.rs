@@ -284,7 +284,7 @@ impl MessageHandler for WebhookWorker {
         // Named "webhook attempt" once the gate lets the request go; a
         // delivery held or handed back keeps "webhook gate".
         let trace = TraceSpan::for_message(
-            "webhook gate",
+            || "webhook gate",
             SpanKind::Client,
             message.headers.as_ref(),
             || {
