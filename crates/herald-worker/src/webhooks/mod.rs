@@ -34,7 +34,7 @@ use async_nats::jetstream::{AckKind, Message};
 use health::HealthTracker;
 use herald_core::{
     metrics::Metrics,
-    payload::{AttemptOutcome, DeliveryJob, RESPONSE_BODY_LIMIT, decode},
+    payload::{AttemptOutcome, DeliveryJob, RESPONSE_BODY_LIMIT, TaskEvent, decode},
     redact::RedactedUrl,
     schedule::RetrySchedule,
 };
@@ -42,6 +42,7 @@ use herald_queue::{
     Broker,
     consume::{MessageHandler, delivery_count, with_progress},
     endpoints::EndpointCache,
+    history,
     rate_limit::RateLimiter,
     trace_context::{self, KeyValue, SpanKind, SpanRef, Status, TraceSpan},
 };
@@ -169,6 +170,18 @@ impl WebhookWorker {
     /// One delivery, attempt number `attempt`, phase by phase: gate,
     /// request, classify, decide, record and settle.
     async fn deliver(&self, message: &Message, job: DeliveryJob, attempt: u32) {
+        if delivery_count(message) > 1 && self.delivered_before(&job).await {
+            trace_context::with_current(|span| {
+                span.set_attribute(KeyValue::new("herald.outcome", "already_delivered"));
+            });
+            tracing::info!(
+                task = %job.task,
+                endpoint = %job.endpoint,
+                "a job handed out again was delivered before (its ack was lost); acked without sending"
+            );
+            let _ = message.ack().await;
+            return;
+        }
         let task = job.task.clone();
         let Open {
             job,
@@ -228,6 +241,32 @@ impl WebhookWorker {
     }
 }
 
+impl WebhookWorker {
+    /// Whether an earlier delivery of this job's message recorded its
+    /// webhook delivered: it did its work, and only its ack was lost (a
+    /// worker killed, or the NATS server it acked to gone, between the
+    /// record and the ack). Sending again would deliver the webhook twice.
+    /// Asked only of a message handed out again, so the normal path reads
+    /// nothing; when the history cannot be read, the job is sent (at least
+    /// once wins over at most once).
+    async fn delivered_before(&self, job: &DeliveryJob) -> bool {
+        let events = match history::task_events(&self.broker, &job.user, &job.task).await {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::warn!(task = %job.task, error = %e, "cannot read the task's history to check an earlier delivery; sending");
+                return false;
+            }
+        };
+        events.iter().any(|event| {
+            matches!(event, TaskEvent::Delivery(recorded)
+                if recorded.endpoint == job.endpoint
+                    && recorded.redelivery == job.redelivery
+                    && recorded.attempt >= job.attempt
+                    && recorded.outcome == AttemptOutcome::Delivered)
+        })
+    }
+}
+
 /// The number of the HTTP attempt this delivery would make. The job carries
 /// the number of the next request; a path that sends nothing hands the job
 /// back as a new message with the same number ([`Again::HandBack`]), never
@@ -236,6 +275,8 @@ impl WebhookWorker {
 /// worker died or hung holding it) after it may have reached the endpoint:
 /// one more attempt each. The one exception: when NATS refuses even the
 /// hand-back, the nak that remains counts once too often, never too rarely.
+/// A redelivery whose earlier delivery recorded the webhook delivered is
+/// not sent at all ([`WebhookWorker::delivered_before`]).
 fn attempt_number(message: &Message, job: &DeliveryJob) -> u32 {
     job.attempt
         .saturating_add(delivery_count(message).saturating_sub(1))

@@ -19,6 +19,7 @@ mod failures;
 mod inputs;
 mod kubernetes;
 mod leaks;
+mod lost_acks;
 mod metrics_lint;
 mod nats_auth;
 mod nats_refusals;
