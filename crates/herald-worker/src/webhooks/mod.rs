@@ -239,9 +239,7 @@ impl WebhookWorker {
         .records(&response, &decision, endpoint.email.as_deref());
         settle(&self.broker, message, &task, records, decision.ack()).await;
     }
-}
 
-impl WebhookWorker {
     /// Whether an earlier delivery of this job's message recorded its
     /// webhook delivered: it did its work, and only its ack was lost (a
     /// worker killed, or the NATS server it acked to gone, between the
