@@ -355,43 +355,15 @@ def stop(*procs):
         p.wait(timeout=30)
 
 
-JAEGER_CONFIG = """service:
-  extensions: [jaeger_storage, jaeger_query]
-  pipelines:
-    traces:
-      receivers: [otlp]
-      processors: [batch]
-      exporters: [jaeger_storage_exporter]
-  telemetry:
-    metrics:
-      level: none
-extensions:
-  jaeger_storage:
-    backends:
-      memstore:
-        memory:
-          max_traces: 200000
-  jaeger_query:
-    enable_tracing: false
-    storage:
-      traces: memstore
-    http:
-      endpoint: 127.0.0.1:{query}
-    grpc:
-      endpoint: 127.0.0.1:{query_grpc}
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:{grpc}
-      http:
-        endpoint: 127.0.0.1:{http}
-processors:
-  batch: {{}}
-exporters:
-  jaeger_storage_exporter:
-    trace_storage: memstore
-"""
+# The collector's configuration, shared with the tests' Jaeger harness.
+JAEGER_CONFIG = ROOT / "crates" / "herald-testkit" / "src" / "jaeger.yaml"
+
+
+def jaeger_config(ports):
+    text = JAEGER_CONFIG.read_text()
+    for name, port in ports.items():
+        text = text.replace("{" + name + "}", str(port))
+    return text
 
 
 def tracing_cost(driver, api_port, receiver_port, start, spawn):
@@ -403,14 +375,14 @@ def tracing_cost(driver, api_port, receiver_port, start, spawn):
     jaeger_bin = TOOLS / "bin" / "jaeger"
     if not jaeger_bin.exists():
         sys.exit(f"bench: {jaeger_bin} missing: run `make tools`")
-    ports = {k: free_port() for k in ("grpc", "http", "query", "query_grpc")}
+    ports = {k: free_port() for k in ("otlp_grpc", "otlp_http", "query_http", "query_grpc", "health")}
     config = OUT / "jaeger.yaml"
-    config.write_text(JAEGER_CONFIG.format(**ports))
+    config.write_text(jaeger_config(ports))
     jaeger = spawn([str(jaeger_bin), f"--config={config}"], name="jaeger")
-    wait_port(ports["grpc"], deadline=60)
-    wait_port(ports["query"], deadline=60)
+    wait_port(ports["otlp_grpc"], deadline=60)
+    wait_port(ports["query_http"], deadline=60)
     traced = {
-        "HERALD_TRACING__OTLP_ENDPOINT": f"http://127.0.0.1:{ports['grpc']}",
+        "HERALD_TRACING__OTLP_ENDPOINT": f"http://127.0.0.1:{ports['otlp_grpc']}",
         "HERALD_TRACING__PROTOCOL": "grpc",
         "HERALD_TRACING__SERVICE_NAME": "herald-bench",
     }
@@ -439,7 +411,7 @@ def tracing_cost(driver, api_port, receiver_port, start, spawn):
             faults[k] += figures[k]
         stop(*procs)
     # Proof the spans went somewhere: the traced runs' traces are in Jaeger.
-    with urllib.request.urlopen(f"http://127.0.0.1:{ports['query']}/api/traces?service=herald-bench&limit=5&lookback=1h", timeout=30) as answer:
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports['query_http']}/api/traces?service=herald-bench&limit=5&lookback=1h", timeout=30) as answer:
         exported = len(json.load(answer).get("data") or [])
     jaeger.send_signal(signal.SIGTERM)
     jaeger.wait(timeout=30)

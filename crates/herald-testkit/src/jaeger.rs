@@ -26,10 +26,9 @@ pub struct Jaeger {
     _dir: TempDir,
 }
 
-/// The collector's configuration: the OTLP receiver straight into the
-/// memory store (no batch processor: a span is queryable as soon as it is
-/// received), the query extension, the health check, and no telemetry of
-/// its own (its default Prometheus listener would be a fixed port).
+/// The collector's configuration (`jaeger.yaml`, which `make bench` uses
+/// too) with its ports: no batch processor, so a span is queryable as soon
+/// as it is received.
 fn config_yaml(
     otlp_grpc: u16,
     otlp_http: u16,
@@ -37,50 +36,12 @@ fn config_yaml(
     query_grpc: u16,
     health: u16,
 ) -> String {
-    format!(
-        r#"service:
-  extensions: [jaeger_storage, jaeger_query, healthcheckv2]
-  pipelines:
-    traces:
-      receivers: [otlp]
-      exporters: [jaeger_storage_exporter]
-  telemetry:
-    metrics:
-      level: none
-    logs:
-      level: info
-extensions:
-  healthcheckv2:
-    use_v2: true
-    http:
-      endpoint: 127.0.0.1:{health}
-  jaeger_storage:
-    backends:
-      memstore:
-        memory:
-          max_traces: 100000
-  jaeger_query:
-    # Its own spans would go to an OTLP exporter on the default
-    # 127.0.0.1:4317, which is not this collector.
-    enable_tracing: false
-    storage:
-      traces: memstore
-    http:
-      endpoint: 127.0.0.1:{query_http}
-    grpc:
-      endpoint: 127.0.0.1:{query_grpc}
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:{otlp_grpc}
-      http:
-        endpoint: 127.0.0.1:{otlp_http}
-exporters:
-  jaeger_storage_exporter:
-    trace_storage: memstore
-"#
-    )
+    include_str!("jaeger.yaml")
+        .replace("{otlp_grpc}", &otlp_grpc.to_string())
+        .replace("{otlp_http}", &otlp_http.to_string())
+        .replace("{query_http}", &query_http.to_string())
+        .replace("{query_grpc}", &query_grpc.to_string())
+        .replace("{health}", &health.to_string())
 }
 
 impl Jaeger {
