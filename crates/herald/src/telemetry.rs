@@ -97,25 +97,30 @@ fn install(log: &LogConfig, traced: bool) {
             .with_filter(filter)
             .boxed(),
     };
-    // Herald's warnings and errors also become events of the span they
-    // happen in; the log filter does not apply, so quiet logs keep them.
-    let span_events = traced.then(|| {
-        SpanEvents.with_filter(
-            filter_fn(|metadata| {
-                metadata.is_event()
-                    && metadata.target().starts_with("herald")
-                    && *metadata.level() <= Level::WARN
-            })
-            // Keeps the global level at that of the logs: the libraries' debug
-            // and trace events stay off at their callsites.
-            .with_max_level_hint(Level::WARN),
-        )
-    });
+    let span_events = traced.then(span_events);
     // A second init in one process (tests) keeps the first subscriber.
     let _ = tracing_subscriber::registry()
         .with(logs)
         .with(span_events)
         .try_init();
+}
+
+/// Herald's warnings and errors also become events of the trace span they
+/// happen in; the log filter does not apply, so quiet logs keep them.
+fn span_events<S>() -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    SpanEvents.with_filter(
+        filter_fn(|metadata| {
+            metadata.is_event()
+                && metadata.target().starts_with("herald")
+                && *metadata.level() <= Level::WARN
+        })
+        // Keeps the global level at that of the logs: the libraries' debug
+        // and trace events stay off at their callsites.
+        .with_max_level_hint(Level::WARN),
+    )
 }
 
 /// Adds each event it sees to the current trace span, with its fields as
@@ -323,6 +328,67 @@ mod tests {
                 .find(|(var, _)| *var == name)
                 .map(|(_, value)| value.to_string())
         })
+    }
+
+    #[test]
+    fn warnings_and_errors_in_a_trace_span_become_its_events() {
+        use std::collections::HashMap;
+
+        use herald_queue::trace_context::{SpanKind, TraceSpan};
+        use opentelemetry::trace::TracerProvider as _;
+        use opentelemetry_sdk::trace::InMemorySpanExporter;
+
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        trace_context::install(opentelemetry::global::BoxedTracer::new(Box::new(
+            provider.tracer("test"),
+        )));
+        let subscriber = tracing_subscriber::registry().with(span_events());
+        tracing::subscriber::with_default(subscriber, || {
+            let span = TraceSpan::start(
+                || "work",
+                SpanKind::Internal,
+                &HashMap::<String, String>::new(),
+                Vec::new,
+            );
+            span.in_scope(|| {
+                tracing::warn!(target: "herald::test", code = 7, "something odd");
+                tracing::error!(target: "herald::test", "something wrong");
+                tracing::info!(target: "herald::test", "routine");
+                tracing::warn!(target: "hyper::test", "a library's");
+            });
+            // Outside any trace span: nothing to add it to.
+            tracing::warn!(target: "herald::test", "unattached");
+        });
+        let spans = exporter.get_finished_spans().unwrap();
+        assert_eq!(spans.len(), 1);
+        let events: Vec<(String, Vec<String>)> = spans[0]
+            .events
+            .iter()
+            .map(|event| {
+                let attributes = event
+                    .attributes
+                    .iter()
+                    .map(|kv| format!("{}={}", kv.key, kv.value))
+                    .collect();
+                (event.name.to_string(), attributes)
+            })
+            .collect();
+        assert_eq!(
+            events,
+            [
+                (
+                    "something odd".to_string(),
+                    vec!["code=7".to_string(), "level=warn".to_string()]
+                ),
+                (
+                    "something wrong".to_string(),
+                    vec!["level=error".to_string()]
+                ),
+            ]
+        );
     }
 
     #[test]
