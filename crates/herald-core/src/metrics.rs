@@ -54,6 +54,13 @@ pub struct EndpointStateLabel {
     pub state: &'static str,
 }
 
+/// Whether an endpoint lookup found the user's endpoints in the worker's
+/// cache (`hit`) or read them from the bucket (`miss`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheResult {
+    pub result: &'static str,
+}
+
 /// The step a failed operator reconcile failed at.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailedStep {
@@ -91,6 +98,10 @@ pub struct Metrics {
     pub operator_reconciles: Counter,
     /// Reconciles that failed, by the step (`secret_read`, `record_write`...).
     pub operator_reconcile_failures: Family<FailedStep, Counter>,
+    /// Endpoint lookups by `hit` or `miss` of the worker's bounded cache.
+    pub endpoint_cache_lookups: Family<CacheResult, Counter>,
+    /// Users whose endpoints the worker's cache holds.
+    pub endpoint_cache_users: Gauge,
     registry: Registry,
 }
 
@@ -109,6 +120,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let endpoints = Family::default();
     let operator_reconciles = Counter::default();
     let operator_reconcile_failures = Family::default();
+    let endpoint_cache_lookups = Family::default();
+    let endpoint_cache_users = Gauge::default();
     let mut registry = Registry::with_prefix("herald");
     let build_info: Family<Vec<(&'static str, &'static str)>, Gauge> = Family::default();
     build_info
@@ -176,6 +189,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "WebhookEndpoint reconciles that failed, by the failed step",
         operator_reconcile_failures.clone(),
     );
+    registry.register(
+        "endpoint_cache_lookups",
+        "Endpoint lookups of the workers, by whether the cache held the user's endpoints (hit) or they were read from herald-endpoints (miss)",
+        endpoint_cache_lookups.clone(),
+    );
+    registry.register(
+        "endpoint_cache_users",
+        "Users whose endpoints the worker's bounded cache holds",
+        endpoint_cache_users.clone(),
+    );
     Metrics {
         tasks_accepted,
         tasks_handled,
@@ -190,6 +213,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         endpoints,
         operator_reconciles,
         operator_reconcile_failures,
+        endpoint_cache_lookups,
+        endpoint_cache_users,
         registry,
     }
 });

@@ -1,203 +1,23 @@
-//! The local cache of `herald-endpoints`, fed by a KV watch.
-//!
-//! Workers look endpoints up here, so a delivery needs no round trip for
-//! configuration. The first load completes before [`EndpointCache::start`]
-//! returns ready; when the watch breaks (a NATS restart), it is re-created
-//! and the cache rebuilt from the bucket's current contents, so deletes made
-//! while it was down are not missed.
-//!
-//! Records are sealed with the [`Keyring`] (see
-//! [`herald_core::endpoint_secrets`]). One that cannot be opened (a key
-//! missing from this process's keyring, a record written in clear or
-//! altered) is logged as an error and listed by
-//! [`EndpointCache::unreadable`]; if an earlier version of it was readable,
-//! that version stays in use rather than the endpoint vanishing.
+//! Endpoint records in `herald-endpoints`: writing and removing them (the
+//! operator, `herald dev` and `herald endpoints`), and the bounded cache
+//! the workers read them through ([`EndpointCache`]).
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-    time::Duration,
-};
+mod cache;
 
-use async_nats::jetstream::kv::{self, Operation};
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::kv;
+pub use cache::{EndpointCache, MAX_ENDPOINTS_PER_USER, UserEndpoints};
 use futures::StreamExt;
 use herald_core::{
     EndpointId, UserId,
-    endpoint_secrets::{OpenedRecord, RecordError, open_record, seal_record},
+    endpoint_secrets::{RecordError, open_record, seal_record},
     keyring::Keyring,
     names,
     payload::EndpointConfig,
 };
-use tokio::sync::watch;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{Broker, QueueError, buckets::Bucket, cas, kv_follow};
-
-#[derive(Debug, Default, Clone)]
-struct Endpoints {
-    by_user: HashMap<UserId, Vec<Arc<EndpointConfig>>>,
-    /// Keys whose record could not be read, with the reason.
-    unreadable: BTreeMap<String, String>,
-}
-
-/// A shared, always-current view of every endpoint.
-#[derive(Clone)]
-pub struct EndpointCache {
-    endpoints: Arc<std::sync::RwLock<Endpoints>>,
-    loaded: watch::Receiver<bool>,
-}
-
-impl EndpointCache {
-    /// Starts watching the bucket, on `tasks`, until `shutdown`. Use
-    /// [`Self::wait_loaded`] before relying on the contents.
-    pub fn start(
-        tasks: &TaskTracker,
-        broker: Broker,
-        keyring: Arc<Keyring>,
-        shutdown: CancellationToken,
-    ) -> Self {
-        let (loaded_tx, loaded) = watch::channel(false);
-        let cache = Self {
-            endpoints: Arc::default(),
-            loaded,
-        };
-        let follower = CacheFollower {
-            shared: cache.endpoints.clone(),
-            keyring,
-            loaded: loaded_tx,
-        };
-        tasks.spawn(kv_follow::follow(
-            broker,
-            Bucket::Endpoints,
-            "endpoint cache",
-            follower,
-            shutdown,
-        ));
-        cache
-    }
-
-    /// Waits until the first full load of the bucket is in the cache.
-    pub async fn wait_loaded(&self) {
-        let mut loaded = self.loaded.clone();
-        let _ = loaded.wait_for(|loaded| *loaded).await;
-    }
-
-    /// Every endpoint of `user`, in a stable order.
-    pub fn for_user(&self, user: &UserId) -> Vec<Arc<EndpointConfig>> {
-        self.read().by_user.get(user).cloned().unwrap_or_default()
-    }
-
-    pub fn get(&self, user: &UserId, endpoint: &EndpointId) -> Option<Arc<EndpointConfig>> {
-        self.read()
-            .by_user
-            .get(user)
-            .and_then(|list| list.iter().find(|e| &e.id == endpoint).cloned())
-    }
-
-    /// Records that could not be read (`<user>.<endpoint>` and why), such
-    /// as one sealed under a key this process's keyring does not hold.
-    pub fn unreadable(&self) -> BTreeMap<String, String> {
-        self.read().unreadable.clone()
-    }
-
-    /// An endpoint of `user` whose record cannot be read and of which no
-    /// earlier version is cached, with why; `None` in the normal case, at
-    /// the cost of one lookup in an empty map.
-    pub fn unreadable_for(&self, user: &UserId) -> Option<(String, String)> {
-        let map = self.read();
-        if map.unreadable.is_empty() {
-            return None;
-        }
-        let prefix = format!("{user}.");
-        let cached = map.by_user.get(user);
-        map.unreadable
-            .iter()
-            .filter(|(key, _)| key.starts_with(&prefix))
-            .find(|(key, _)| {
-                !cached.is_some_and(|endpoints| {
-                    endpoints
-                        .iter()
-                        .any(|e| names::endpoint_key(&e.user, &e.id) == **key)
-                })
-            })
-            .map(|(key, why)| (key.clone(), why.clone()))
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Endpoints> {
-        self.endpoints
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-/// Keeps an [`EndpointCache`] true to the bucket.
-struct CacheFollower {
-    shared: Arc<std::sync::RwLock<Endpoints>>,
-    keyring: Arc<Keyring>,
-    loaded: watch::Sender<bool>,
-}
-
-impl kv_follow::Follower for CacheFollower {
-    type View = Endpoints;
-
-    fn fold(&self, view: &mut Endpoints, entry: &kv::Entry) {
-        apply(view, &self.keyring, entry);
-    }
-
-    fn caught_up(&self, view: Endpoints) {
-        let count: usize = view.by_user.values().map(Vec::len).sum();
-        tracing::info!(
-            endpoints = count,
-            unreadable = view.unreadable.len(),
-            "endpoint cache loaded"
-        );
-        *self.shared.write().unwrap_or_else(|p| p.into_inner()) = view;
-        self.loaded.send_replace(true);
-    }
-
-    fn changed(&self, entry: &kv::Entry) {
-        let mut map = self.shared.write().unwrap_or_else(|p| p.into_inner());
-        apply(&mut map, &self.keyring, entry);
-    }
-}
-
-fn apply(map: &mut Endpoints, keyring: &Keyring, entry: &kv::Entry) {
-    let Some((user, endpoint)) = names::parse_endpoint_key(&entry.key) else {
-        tracing::warn!(
-            key = entry.key,
-            "ignoring endpoint key that is not <user>.<endpoint> with valid tokens"
-        );
-        return;
-    };
-    let list = map.by_user.entry(user.clone()).or_default();
-    if entry.operation != Operation::Put {
-        list.retain(|e| e.id != endpoint);
-        map.unreadable.remove(&entry.key);
-    } else {
-        match open_record(&entry.key, &entry.value, keyring) {
-            Ok(OpenedRecord { config, .. }) => {
-                list.retain(|e| e.id != endpoint);
-                list.push(Arc::new(config));
-                list.sort_by(|a, b| a.id.cmp(&b.id));
-                map.unreadable.remove(&entry.key);
-            }
-            Err(e) => {
-                let kept = list.iter().any(|e| e.id == endpoint);
-                tracing::error!(
-                    key = entry.key,
-                    reason = e.label(),
-                    error = %e,
-                    kept_previous_version = kept,
-                    "cannot read endpoint record"
-                );
-                map.unreadable.insert(entry.key.clone(), e.to_string());
-            }
-        }
-    }
-    if list.is_empty() {
-        map.by_user.remove(&user);
-    }
-}
+use crate::{Broker, QueueError, buckets::Bucket, cas};
 
 /// How endpoint records are written: sealed under the keyring's primary
 /// key, and with a replaced signing secret signing on for

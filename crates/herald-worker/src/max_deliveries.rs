@@ -29,8 +29,8 @@ use async_nats::jetstream::{AckKind, Message};
 use herald_core::{
     names,
     payload::{
-        AttemptOutcome, DeliveryAttempt, DeliveryJob, MailJob, MailOutcome, MailReason,
-        ReplayRequest, TaskEvent, TaskMessage, decode,
+        AttemptOutcome, DeliveryAttempt, DeliveryJob, EndpointConfig, MailJob, MailOutcome,
+        MailReason, ReplayRequest, TaskEvent, TaskMessage, decode,
     },
     redact::RedactedUrl,
 };
@@ -140,7 +140,10 @@ impl MaxDeliveries {
             "gave up after {} deliveries without an outcome (max_deliver)",
             advisory.deliveries
         );
-        match self.outgoing(&stored.subject, &stored.payload, advisory, error)? {
+        match self
+            .outgoing(&stored.subject, &stored.payload, advisory, error)
+            .await?
+        {
             Some(outgoing) => {
                 self.broker.publish_all(outgoing).await?;
             }
@@ -160,7 +163,7 @@ impl MaxDeliveries {
 
     /// What records the end of the job in `payload`; `None` when it does
     /// not parse (it never will: deleted without a record).
-    fn outgoing(
+    async fn outgoing(
         &self,
         subject: &str,
         payload: &[u8],
@@ -176,8 +179,9 @@ impl MaxDeliveries {
                 let Ok(request) = decode::<ReplayRequest>(payload) else {
                     return Ok(None);
                 };
+                let endpoints = worker.endpoints().user(&request.user).await?;
                 Some(crate::replays::refusals(
-                    worker.endpoints(),
+                    &endpoints,
                     &request,
                     &request.endpoints,
                     &error,
@@ -187,20 +191,26 @@ impl MaxDeliveries {
                 let Ok(task) = decode::<TaskMessage>(payload) else {
                     return Ok(None);
                 };
-                if let Some((key, why)) = worker.endpoints().unreadable_for(&task.user) {
+                let endpoints = worker.endpoints().user(&task.user).await?;
+                if let Some((key, why)) = endpoints.unreadable_without_earlier_version() {
                     // Fanning the failure out now would skip that endpoint.
                     return Err(NotYet::UnreadableEndpoint(format!("{key}: {why}")));
                 }
                 tracing::warn!(task = %task.id, deliveries, "task reached max_deliver; recording it as failed");
-                Some(worker.outputs(&task, Err(error)).messages)
+                Some(worker.outputs(&task, &endpoints, Err(error)).messages)
             }
             Abandoned::Webhooks(endpoints) => {
                 let Ok(job) = decode::<DeliveryJob>(payload) else {
                     return Ok(None);
                 };
                 tracing::warn!(task = %job.task, endpoint = %job.endpoint, deliveries, "delivery reached max_deliver; recording it and mailing the owner");
+                let endpoint = endpoints.get(&job.user, &job.endpoint).await?;
                 Some(abandoned_delivery(
-                    endpoints, &job, deliveries, error, record_id,
+                    endpoint.as_deref(),
+                    &job,
+                    deliveries,
+                    error,
+                    record_id,
                 ))
             }
             Abandoned::Mail => {
@@ -229,18 +239,16 @@ impl MaxDeliveries {
 /// An `exhausted` attempt and the failure mail (or `abandoned` when the
 /// endpoint has no email), as the webhook worker's last attempt would.
 fn abandoned_delivery(
-    endpoints: &EndpointCache,
+    endpoint: Option<&EndpointConfig>,
     job: &DeliveryJob,
     deliveries: u32,
     error: String,
     record_id: String,
 ) -> Vec<Outgoing> {
-    let endpoint = endpoints.get(&job.user, &job.endpoint);
     let url = endpoint
-        .as_ref()
         .map(|e| RedactedUrl::from_text(&e.url).to_string())
         .unwrap_or_default();
-    let email = endpoint.as_ref().and_then(|e| e.email.clone());
+    let email = endpoint.and_then(|e| e.email.clone());
     // Each delivery of the message that ended without an outcome may have
     // reached the endpoint: one more attempt after the one the job carried.
     let attempts = job.attempt.saturating_add(deliveries.saturating_sub(1));

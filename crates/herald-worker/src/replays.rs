@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
 use herald_core::{
-    EndpointId, UserId, names,
+    EndpointId, names,
     payload::{
         AttemptOutcome, DeliveryAttempt, RedeliveryQueued, ReplayRequest, TaskEvent, TaskRecord,
         decode,
@@ -38,7 +38,7 @@ use herald_core::{
 };
 use herald_queue::{
     Broker, QueueError,
-    endpoints::EndpointCache,
+    endpoints::{EndpointCache, UserEndpoints},
     history::{self, Record},
     publish::Outgoing,
 };
@@ -75,6 +75,11 @@ pub(crate) async fn handle(broker: &Broker, endpoints: &EndpointCache, message: 
         let _ = message.ack_with(AckKind::Term).await;
         return;
     }
+    let user_endpoints = match endpoints.user(&request.user).await {
+        Ok(found) => found,
+        Err(e) => return retry(message, &request, &e).await,
+    };
+    let endpoints = &*user_endpoints;
     let plan = match history::task_record(broker, &request.task).await {
         Ok(record) => {
             if let Some(Record::Readable(task)) = &record
@@ -116,7 +121,7 @@ async fn retry(message: Message, request: &ReplayRequest, error: &QueueError) {
 }
 
 /// What the request stores, given the task's record as read.
-fn plan(endpoints: &EndpointCache, request: &ReplayRequest, record: Option<Record>) -> Plan {
+fn plan(endpoints: &UserEndpoints, request: &ReplayRequest, record: Option<Record>) -> Plan {
     let refuse_all = |why: &str| Plan {
         jobs: Vec::new(),
         events: refusals(endpoints, request, &request.endpoints, why),
@@ -190,7 +195,7 @@ fn queued_event(request: &ReplayRequest, endpoint: &EndpointId) -> Outgoing {
 /// the requesting user's history, whose subject the request names, so it
 /// can reach no other user's.
 pub(crate) fn refusals(
-    endpoints: &EndpointCache,
+    endpoints: &UserEndpoints,
     request: &ReplayRequest,
     refused: &[EndpointId],
     why: &str,
@@ -201,7 +206,10 @@ pub(crate) fn refusals(
         .map(|endpoint| {
             let event = TaskEvent::Delivery(DeliveryAttempt {
                 endpoint: endpoint.clone(),
-                url: redacted_url(endpoints, &request.user, endpoint),
+                url: endpoints
+                    .get(endpoint)
+                    .map(|e| RedactedUrl::from_text(&e.url).to_string())
+                    .unwrap_or_default(),
                 attempt: 0,
                 at_ms: herald_core::now_ms(),
                 outcome: AttemptOutcome::Abandoned,
@@ -220,13 +228,6 @@ pub(crate) fn refusals(
             )
         })
         .collect()
-}
-
-fn redacted_url(endpoints: &EndpointCache, user: &UserId, endpoint: &EndpointId) -> String {
-    endpoints
-        .get(user, endpoint)
-        .map(|e| RedactedUrl::from_text(&e.url).to_string())
-        .unwrap_or_default()
 }
 
 /// Whether `round` can be one token of a subject and of a message id

@@ -26,7 +26,7 @@ use herald_core::{
 use herald_queue::{
     Broker,
     consume::{MessageHandler, delivery_count, with_progress},
-    endpoints::EndpointCache,
+    endpoints::{EndpointCache, UserEndpoints},
     publish::Outgoing,
     trace_context::{self, KeyValue, SpanKind, TraceSpan},
 };
@@ -115,20 +115,26 @@ impl TaskWorker {
     pub(crate) fn outputs(
         &self,
         task: &TaskMessage,
+        endpoints: &UserEndpoints,
         outcome: Result<Box<RawValue>, String>,
     ) -> Outputs {
-        let outputs = self.outputs_of(task, outcome);
+        let outputs = self.outputs_of(task, endpoints, outcome);
         match outputs.largest() {
             Some(largest) if !self.broker.fits(largest) => {
                 let error = too_large(largest, self.broker.max_payload());
                 tracing::warn!(task = %task.id, %error, "task result too large to deliver");
-                self.outputs_of(task, Err(error))
+                self.outputs_of(task, endpoints, Err(error))
             }
             _ => outputs,
         }
     }
 
-    fn outputs_of(&self, task: &TaskMessage, outcome: Result<Box<RawValue>, String>) -> Outputs {
+    fn outputs_of(
+        &self,
+        task: &TaskMessage,
+        endpoints: &UserEndpoints,
+        outcome: Result<Box<RawValue>, String>,
+    ) -> Outputs {
         let (handler_outcome, result, error) = match outcome {
             Ok(result) => (HandlerOutcome::Completed, Some(result), None),
             Err(error) => (HandlerOutcome::Failed, None, Some(error)),
@@ -149,10 +155,9 @@ impl TaskWorker {
         // The body comes from the record alone, so a redelivery, which has
         // only the record, sends the same bytes.
         let webhook = record.webhook();
-        record.endpoints = self
-            .endpoints
-            .for_user(&task.user)
-            .into_iter()
+        record.endpoints = endpoints
+            .all()
+            .iter()
             .filter(|e| e.wants(&webhook.0))
             .map(|e| e.id.clone())
             .collect();
@@ -218,7 +223,17 @@ impl MessageHandler for TaskWorker {
 impl TaskWorker {
     /// [`MessageHandler::handle`] for a task, in the task's span.
     async fn run_task(&self, message: Message, task: TaskMessage) {
-        if let Some((key, why)) = self.endpoints.unreadable_for(&task.user) {
+        let endpoints = match self.endpoints.user(&task.user).await {
+            Ok(endpoints) => endpoints,
+            Err(e) => {
+                tracing::warn!(task = %task.id, error = %e, "cannot read the user's endpoints; retrying the task shortly");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return;
+            }
+        };
+        if let Some((key, why)) = endpoints.unreadable_without_earlier_version() {
             // Fanning out now would silently skip an endpoint this process
             // cannot open and has no earlier version of (a keyring missing
             // its key): wait for a fixed keyring.
@@ -233,7 +248,11 @@ impl TaskWorker {
         if let Err(error) = &outcome {
             tracing::info!(task = %task.id, %error, "task failed");
         }
-        let mut outputs = self.outputs(&task, outcome);
+        // Fanned out to the endpoints as they are now, after the handler;
+        // the earlier view if they cannot be read again (a publish would
+        // then fail too, and the task come back).
+        let endpoints = self.endpoints.user(&task.user).await.unwrap_or(endpoints);
+        let mut outputs = self.outputs(&task, &endpoints, outcome);
         let mut published = self.broker.publish_all(outputs.messages.clone()).await;
         if let Err(e) = &published
             && e.is_too_large()
@@ -244,7 +263,7 @@ impl TaskWorker {
             let largest = outputs.largest().unwrap_or(0);
             let error = format!("{}: {e}", too_large(largest, self.broker.max_payload()));
             tracing::warn!(task = %task.id, %error, "task result too large to store");
-            outputs = self.outputs_of(&task, Err(error));
+            outputs = self.outputs_of(&task, &endpoints, Err(error));
             published = self.broker.publish_all(outputs.messages.clone()).await;
         }
         match published {

@@ -34,6 +34,23 @@ pub struct Config {
     pub health: HealthConfig,
     pub operator: OperatorConfig,
     pub secrets: SecretsConfig,
+    pub endpoint_cache: EndpointCacheConfig,
+}
+
+/// The endpoints each worker keeps in memory: those of the users it looked
+/// up most recently, read from `herald-endpoints` on a miss and kept true
+/// by a watch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EndpointCacheConfig {
+    /// Users whose endpoints a worker keeps (about 1.2 KB per endpoint).
+    pub users: usize,
+}
+
+impl Default for EndpointCacheConfig {
+    fn default() -> Self {
+        Self { users: 10_000 }
+    }
 }
 
 /// The keyring that seals endpoint records (and so signing secrets) in
@@ -234,6 +251,9 @@ impl Config {
     fn validate(&self) -> anyhow::Result<()> {
         if self.nats.url.trim().is_empty() {
             bail!("invalid configuration: nats.url is empty");
+        }
+        if self.endpoint_cache.users == 0 {
+            bail!("invalid configuration: endpoint_cache.users must be at least 1");
         }
         self.api
             .listen

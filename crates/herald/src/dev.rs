@@ -3,6 +3,7 @@
 //! from a file, and runs the API and every worker.
 
 use std::{
+    collections::HashSet,
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -149,6 +150,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 /// `herald endpoints`).
 pub(crate) const FILE_OWNER: &str = "herald-file";
 
+/// Endpoint records written (or removed) at once by [`sync_endpoints`]:
+/// each write is a read and a compare-and-set, a round trip apiece, so one
+/// at a time would leave the server idle between them.
+const WRITES_IN_FLIGHT: usize = 128;
+
 /// Makes the bucket hold exactly the file's endpoints, among the records
 /// `herald dev` owns: another writer's records (an operator sharing the
 /// NATS server) are neither removed nor replaced. An endpoint whose secret
@@ -159,30 +165,42 @@ pub(crate) async fn sync_endpoints(
     records: &endpoints::RecordWriter,
     file: &[endpoints_file::FileEndpoint],
 ) -> anyhow::Result<()> {
-    let wanted: Vec<String> = file
+    use futures::{StreamExt, TryStreamExt, stream};
+
+    let wanted: HashSet<String> = file
         .iter()
         .map(|e| herald_core::names::endpoint_key(&e.config.user, &e.config.id))
         .collect();
-    for key in endpoints::keys(broker).await? {
-        if !wanted.contains(&key)
-            && let Some((user, id)) = herald_core::names::parse_endpoint_key(&key)
-        {
-            endpoints::remove_owned(broker, &records.keyring, &user, &id, FILE_OWNER).await?;
-        }
-    }
-    for endpoint in file {
-        let mut config = endpoint.config.clone();
-        config.owner = Some(FILE_OWNER.to_string());
-        if let endpoints::Put::OwnedElsewhere { owner } =
-            endpoints::put(broker, records, &config).await?
-        {
-            bail!(
-                "endpoint {} is already in herald-endpoints, owned by {owner}; \
-                 rename it in the endpoints file",
-                herald_core::names::endpoint_key(&config.user, &config.id)
-            );
-        }
-    }
+    let unwanted = endpoints::keys(broker)
+        .await?
+        .into_iter()
+        .filter(|key| !wanted.contains(key))
+        .filter_map(|key| herald_core::names::parse_endpoint_key(&key));
+    stream::iter(unwanted)
+        .map(|(user, id)| async move {
+            endpoints::remove_owned(broker, &records.keyring, &user, &id, FILE_OWNER).await
+        })
+        .buffer_unordered(WRITES_IN_FLIGHT)
+        .try_collect::<Vec<_>>()
+        .await?;
+    stream::iter(file)
+        .map(|endpoint| async move {
+            let mut config = endpoint.config.clone();
+            config.owner = Some(FILE_OWNER.to_string());
+            if let endpoints::Put::OwnedElsewhere { owner } =
+                endpoints::put(broker, records, &config).await?
+            {
+                bail!(
+                    "endpoint {} is already in herald-endpoints, owned by {owner}; \
+                     rename it in the endpoints file",
+                    herald_core::names::endpoint_key(&config.user, &config.id)
+                );
+            }
+            Ok(())
+        })
+        .buffer_unordered(WRITES_IN_FLIGHT)
+        .try_collect::<Vec<_>>()
+        .await?;
     Ok(())
 }
 

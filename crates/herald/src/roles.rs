@@ -178,11 +178,16 @@ pub async fn run_with(
 
     let cache = match keyring {
         Some(keyring) => {
-            let cache =
-                EndpointCache::start(&tasks.helpers, broker.clone(), keyring, shutdown.clone());
+            let cache = EndpointCache::start(
+                &tasks.helpers,
+                broker.clone(),
+                keyring,
+                config.endpoint_cache.users,
+                shutdown.clone(),
+            );
             tokio::select! {
                 _ = shutdown.cancelled() => return tasks.wait().await,
-                _ = cache.wait_loaded() => {}
+                _ = cache.wait_watching() => {}
             }
             Some(cache)
         }

@@ -91,8 +91,28 @@ impl WebhookWorker {
     /// Runs `job`, which would be attempt number `attempt`, through the
     /// gate.
     pub(super) async fn gate(&self, job: DeliveryJob, attempt: u32) -> Verdict {
-        let Some(endpoint) = self.endpoints.get(&job.user, &job.endpoint) else {
-            let (record, not_sent) = self.missing(&job, attempt);
+        let endpoints = match self.endpoints.user(&job.user).await {
+            Ok(endpoints) => endpoints,
+            Err(e) => {
+                tracing::warn!(endpoint = %job.endpoint, error = %e, "cannot read the endpoint; retrying the job shortly");
+                // Stored again a second later, not nak'd: a redelivery
+                // would count an attempt never sent.
+                return Verdict::Settle(
+                    store_again(
+                        &job,
+                        herald_core::now_ms() + 1000,
+                        Again::HandBack {
+                            attempt,
+                            rate_slot_ms: job.rate_slot_ms,
+                        },
+                    ),
+                    NotSent::HandedBack,
+                );
+            }
+        };
+        let Some(endpoint) = endpoints.get(&job.endpoint).cloned() else {
+            let unreadable = endpoints.unreadable(&job.endpoint).map(str::to_string);
+            let (record, not_sent) = self.missing(&job, attempt, unreadable);
             return Verdict::Settle(record, not_sent);
         };
         let job = DeliveryJob {
@@ -174,9 +194,12 @@ impl WebhookWorker {
 
     /// What is stored for a delivery whose endpoint has no record this
     /// worker can read ([`Missing`]).
-    fn missing(&self, job: &DeliveryJob, attempt: u32) -> (Outgoing, NotSent) {
-        let key = names::endpoint_key(&job.user, &job.endpoint);
-        let unreadable = self.endpoints.unreadable().remove(&key);
+    fn missing(
+        &self,
+        job: &DeliveryJob,
+        attempt: u32,
+        unreadable: Option<String>,
+    ) -> (Outgoing, NotSent) {
         let now = herald_core::now_ms();
         // A hold keeps the number the job carries.
         let hold = |job: &DeliveryJob, at_ms| {

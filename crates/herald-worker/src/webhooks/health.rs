@@ -200,8 +200,13 @@ impl HealthTracker {
             self.disabled.insert(user, endpoint);
         }
         tracing::warn!(%user, %endpoint, ?reason, "endpoint health changed");
-        let Some(config) = self.endpoints.get(user, endpoint) else {
-            return;
+        let config = match self.endpoints.get(user, endpoint).await {
+            Ok(Some(config)) => config,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(%user, %endpoint, error = %e, "cannot read the endpoint to mail its owner");
+                return;
+            }
         };
         let (Some(to), Some(task)) = (config.email.clone(), outcomes.last_task().cloned()) else {
             return;

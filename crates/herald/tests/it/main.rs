@@ -15,6 +15,7 @@ mod counts;
 mod delivery;
 mod dev;
 mod door;
+mod endpoint_cache;
 mod failures;
 mod inputs;
 mod kubernetes;

@@ -57,7 +57,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// A cache over the bucket with `keyring`, loaded.
+/// A cache over the bucket with `keyring`, watching.
 async fn loaded_cache(
     nats: &NatsServer,
     keyring: Arc<Keyring>,
@@ -67,11 +67,12 @@ async fn loaded_cache(
         &tokio_util::task::TaskTracker::new(),
         broker(nats).await,
         keyring,
+        100,
         stop.clone(),
     );
-    tokio::time::timeout(DEADLINE, cache.wait_loaded())
+    tokio::time::timeout(DEADLINE, cache.wait_watching())
         .await
-        .expect("the endpoint cache did not load");
+        .expect("the endpoint cache did not start watching");
     (cache, stop)
 }
 
@@ -128,7 +129,11 @@ async fn the_bucket_reveals_nothing_and_a_key_rotation_re_encrypts_it() {
 
     // Written under k1, read with [k2, k1].
     let (cache, stop) = loaded_cache(&nats, keyring(&[&k2, &k1])).await;
-    let read = cache.get(&config.user, &config.id).expect("readable");
+    let read = cache
+        .get(&config.user, &config.id)
+        .await
+        .unwrap()
+        .expect("readable");
     assert_eq!(read.secrets, std::slice::from_ref(&secret));
     stop.cancel();
     // The next write under [k2, k1] re-encrypts it under k2, though nothing
@@ -148,20 +153,26 @@ async fn the_bucket_reveals_nothing_and_a_key_rotation_re_encrypts_it() {
     assert!(contains(&latest, br#""kid":"k2""#));
     // k1 can go.
     let (cache, stop) = loaded_cache(&nats, keyring(&[&k2])).await;
+    let found = cache.user(&config.user).await.unwrap();
     assert_eq!(
-        cache.get(&config.user, &config.id).unwrap().secrets,
+        found.get(&config.id).unwrap().secrets,
         std::slice::from_ref(&secret)
     );
-    assert!(cache.unreadable().is_empty());
+    assert_eq!(found.unreadable(&config.id), None);
     stop.cancel();
 
     // A keyring without k2: the endpoint is reported, with the missing key,
     // and nothing panics.
     let k3 = new_key_text("k3").unwrap();
     let (cache, stop) = loaded_cache(&nats, keyring(&[&k3])).await;
-    assert!(cache.get(&config.user, &config.id).is_none());
-    let unreadable = cache.unreadable();
-    assert!(unreadable[&key].contains("\"k2\""), "{unreadable:?}");
+    let found = cache.user(&config.user).await.unwrap();
+    assert!(found.get(&config.id).is_none());
+    let why = found.unreadable(&config.id).expect("reported unreadable");
+    assert!(why.contains("\"k2\""), "{why}");
+    assert_eq!(
+        found.unreadable_without_earlier_version().map(|(k, _)| k),
+        Some(key.clone())
+    );
     stop.cancel();
 
     // A record in clear (as an older Herald wrote it) is not used, and the
@@ -176,8 +187,9 @@ async fn the_bucket_reveals_nothing_and_a_key_rotation_re_encrypts_it() {
         .await
         .unwrap();
     let (cache, stop) = loaded_cache(&nats, keyring(&[&k2])).await;
-    assert!(cache.get(&config.user, &config.id).is_none());
-    assert!(cache.unreadable()[&key].contains("in clear"));
+    let found = cache.user(&config.user).await.unwrap();
+    assert!(found.get(&config.id).is_none());
+    assert!(found.unreadable(&config.id).unwrap().contains("in clear"));
     stop.cancel();
     assert!(
         endpoints::put_if_changed(&broker, &writer(&[&k2]), &config)
@@ -281,7 +293,8 @@ async fn a_rotated_file_secret_signs_beside_the_old_one_until_the_overlap_ends()
     let (cache, stop) = loaded_cache(&nats, keyring(&[TEST_KEY])).await;
     let user = "r1".parse().unwrap();
     let id = "default_rotating".parse().unwrap();
-    assert!(cache.get(&user, &id).unwrap().previous_secrets.is_empty());
+    let found = cache.get(&user, &id).await.unwrap().expect("readable");
+    assert!(found.previous_secrets.is_empty());
     stop.cancel();
     herald.stop().await;
 }

@@ -1,0 +1,663 @@
+//! The endpoints a worker has looked up in `herald-endpoints`: a bounded
+//! cache, filled on demand and kept true by one KV watch.
+//!
+//! A worker's memory and start-up do not grow with the bucket: a lookup
+//! that misses reads that one user's records with a single batched direct
+//! get (`multi_last` on `<user>.*`), and keeps them among the
+//! `capacity` users looked up most recently. The watch starts where the
+//! bucket is at start-up and applies every later change to the users
+//! cached; so a worker is ready as soon as its watch is, whatever the
+//! bucket holds.
+//!
+//! A change the watch delivers while a user's records are being read is
+//! kept and applied to what the read returns, when newer than it. Every
+//! reply of the batched read carries the stream sequence it is as of, so
+//! "newer" is exact. The watch (an ordered consumer) resumes after the last
+//! change it delivered across reconnects by itself; when it fails instead,
+//! nothing is cached until it is re-created: lookups read the bucket, and
+//! the cache starts empty with the next watch, so no change missed
+//! meanwhile lingers.
+//!
+//! Records are sealed with the [`Keyring`] (see
+//! [`herald_core::endpoint_secrets`]). One that cannot be opened (a key
+//! missing from this process's keyring, a record written in clear or
+//! altered) is logged as an error and reported by
+//! [`UserEndpoints::unreadable`]; if an earlier version of it was readable
+//! and is cached, that version stays in use rather than the endpoint
+//! vanishing.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    hash::Hash,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use async_nats::{HeaderMap, jetstream::kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use herald_core::{
+    EndpointId, UserId,
+    endpoint_secrets::{OpenedRecord, open_record},
+    keyring::Keyring,
+    metrics::{CacheResult, metrics},
+    names,
+    payload::EndpointConfig,
+};
+use tokio::sync::watch;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{Broker, QueueError, backoff::Backoff, buckets::Bucket, connect::REQUEST_TIMEOUT};
+
+/// The most records one batched direct get returns (the server's limit);
+/// a user with more endpoints cannot be looked up.
+pub const MAX_ENDPOINTS_PER_USER: usize = 1024;
+
+/// Changes the watch remembers, whatever users they are of, so that a
+/// read answered by a replica that has not seen one yet is noticed (see
+/// [`EndpointCache::user`]).
+const RECENT_CHANGES: usize = 4096;
+
+/// How many times a lookup reads again an answer older than what the
+/// watch has already delivered, before using it uncached.
+const STALE_READS: usize = 3;
+
+/// One user's endpoints, as of a revision of the bucket.
+#[derive(Debug, Clone, Default)]
+pub struct UserEndpoints {
+    /// Every change up to this stream sequence is reflected.
+    as_of: u64,
+    /// Sorted by id.
+    endpoints: Vec<Arc<EndpointConfig>>,
+    /// Endpoints whose record could not be read: their key, and why.
+    unreadable: BTreeMap<EndpointId, (String, String)>,
+}
+
+impl UserEndpoints {
+    /// Every endpoint of the user, in a stable order.
+    pub fn all(&self) -> &[Arc<EndpointConfig>] {
+        &self.endpoints
+    }
+
+    pub fn get(&self, endpoint: &EndpointId) -> Option<&Arc<EndpointConfig>> {
+        self.endpoints.iter().find(|e| &e.id == endpoint)
+    }
+
+    /// Why the record of `endpoint` cannot be read, when it cannot (an
+    /// earlier version may still be in use).
+    pub fn unreadable(&self, endpoint: &EndpointId) -> Option<&str> {
+        self.unreadable.get(endpoint).map(|(_, why)| why.as_str())
+    }
+
+    /// An endpoint whose record cannot be read and of which no earlier
+    /// version is known, as its key and why; `None` in the normal case.
+    pub fn unreadable_without_earlier_version(&self) -> Option<(String, String)> {
+        self.unreadable
+            .iter()
+            .find(|(endpoint, _)| self.get(endpoint).is_none())
+            .map(|(_, unreadable)| unreadable.clone())
+    }
+
+    fn apply(&mut self, change: &Change, keyring: &Keyring) {
+        self.as_of = self.as_of.max(change.revision);
+        let endpoint = &change.endpoint;
+        let Some(value) = &change.value else {
+            self.endpoints.retain(|e| &e.id != endpoint);
+            self.unreadable.remove(endpoint);
+            return;
+        };
+        match open_record(&change.key, value, keyring) {
+            Ok(OpenedRecord { config, .. }) => {
+                self.endpoints.retain(|e| &e.id != endpoint);
+                self.endpoints.push(Arc::new(config));
+                self.endpoints.sort_by(|a, b| a.id.cmp(&b.id));
+                self.unreadable.remove(endpoint);
+            }
+            Err(e) => {
+                let kept = self.get(endpoint).is_some();
+                tracing::error!(
+                    key = change.key,
+                    reason = e.label(),
+                    error = %e,
+                    kept_previous_version = kept,
+                    "cannot read endpoint record"
+                );
+                self.unreadable
+                    .insert(endpoint.clone(), (change.key.clone(), e.to_string()));
+            }
+        }
+    }
+}
+
+/// A put or a removal of one endpoint record, from the watch or a read.
+#[derive(Debug, Clone)]
+struct Change {
+    key: String,
+    endpoint: EndpointId,
+    revision: u64,
+    /// The sealed record; `None` for a delete or a purge.
+    value: Option<Bytes>,
+}
+
+/// A user's records as one batched direct get returned them.
+struct Read {
+    changes: Vec<Change>,
+    /// The stream sequence the answer is as of; `None` when the user has
+    /// no record (the server's "no results" says no more).
+    as_of: Option<u64>,
+}
+
+/// The endpoints of the users looked up most recently, for every role of
+/// a process. Cheap to clone.
+#[derive(Clone)]
+pub struct EndpointCache {
+    inner: Arc<Inner>,
+    watching: watch::Receiver<bool>,
+}
+
+struct Inner {
+    broker: Broker,
+    keyring: Arc<Keyring>,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Counts the watch's (re)starts: a read begun under an earlier one
+    /// may have missed changes, and is not kept.
+    epoch: u64,
+    /// Whether the watch is following the bucket; while not, nothing is
+    /// cached.
+    live: bool,
+    /// The stream sequence of the last change the watch delivered, or where
+    /// it started.
+    watched: u64,
+    users: RecentlyUsed<UserId, Arc<UserEndpoints>>,
+    /// Users being read, with the changes to them the watch delivered
+    /// meanwhile.
+    reading: HashMap<UserId, Reading>,
+    recent: RecentChanges,
+}
+
+#[derive(Default)]
+struct Reading {
+    readers: usize,
+    changes: Vec<Change>,
+}
+
+impl EndpointCache {
+    /// Starts watching the bucket, on `tasks`, until `shutdown`, keeping
+    /// the endpoints of at most `capacity` users. Use
+    /// [`Self::wait_watching`] before the first lookup that must see every
+    /// change from then on.
+    pub fn start(
+        tasks: &TaskTracker,
+        broker: Broker,
+        keyring: Arc<Keyring>,
+        capacity: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (watching_tx, watching) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            broker,
+            keyring,
+            state: Mutex::new(State {
+                epoch: 0,
+                live: false,
+                watched: 0,
+                users: RecentlyUsed::new(capacity),
+                reading: HashMap::new(),
+                recent: RecentChanges::default(),
+            }),
+        });
+        tasks.spawn(follow(inner.clone(), watching_tx, shutdown));
+        Self { inner, watching }
+    }
+
+    /// Waits until the watch has started for the first time.
+    pub async fn wait_watching(&self) {
+        let mut watching = self.watching.clone();
+        let _ = watching.wait_for(|watching| *watching).await;
+    }
+
+    /// The endpoints of `user`: from the cache, or read from the bucket
+    /// (and cached). Fails only when the bucket cannot be read.
+    ///
+    /// A read may be answered by a replica that has not yet seen a change
+    /// the watch (on the stream's leader) already delivered; such an
+    /// answer is read again, and used uncached if it stays behind.
+    pub async fn user(&self, user: &UserId) -> Result<Arc<UserEndpoints>, QueueError> {
+        let (epoch, watched) = {
+            let mut state = self.inner.lock();
+            if let Some(found) = state.users.get(user) {
+                let found = found.clone();
+                count_lookup("hit");
+                return Ok(found);
+            }
+            count_lookup("miss");
+            state.reading.entry(user.clone()).or_default().readers += 1;
+            (state.live.then_some(state.epoch), state.watched)
+        };
+        let reading = ReadingGuard {
+            inner: &self.inner,
+            user,
+        };
+        let mut stale_reads = 0;
+        let read = loop {
+            let read = self.inner.read(user).await?;
+            let behind = match read.as_of {
+                Some(as_of) => as_of < watched,
+                // No record: wrong if the watch has seen the user's last
+                // change be a put.
+                None => self.inner.lock().recent.last_was_put(user),
+            };
+            if !behind || stale_reads == STALE_READS {
+                break read;
+            }
+            stale_reads += 1;
+        };
+        let mut found = UserEndpoints {
+            as_of: read.as_of.unwrap_or(watched),
+            ..Default::default()
+        };
+        for change in &read.changes {
+            found.apply(change, &self.inner.keyring);
+        }
+        let mut state = self.inner.lock();
+        if let Some(meanwhile) = state.reading.get(user) {
+            for change in &meanwhile.changes {
+                if change.revision > found.as_of {
+                    found.apply(change, &self.inner.keyring);
+                }
+            }
+        }
+        let found = Arc::new(found);
+        let current = state.live && Some(state.epoch) == epoch;
+        if current && stale_reads < STALE_READS {
+            state.users.insert(user.clone(), found.clone());
+            metrics().endpoint_cache_users.set(state.users.len() as i64);
+        }
+        drop(state);
+        drop(reading);
+        Ok(found)
+    }
+
+    /// What the cache holds for `user`, without reading the bucket or
+    /// counting as a use.
+    pub fn peek(&self, user: &UserId) -> Option<Arc<UserEndpoints>> {
+        self.inner.lock().users.peek(user).cloned()
+    }
+
+    /// How many users' endpoints the cache holds.
+    pub fn cached_users(&self) -> usize {
+        self.inner.lock().users.len()
+    }
+
+    /// One endpoint of `user`, looked up as [`Self::user`] does.
+    pub async fn get(
+        &self,
+        user: &UserId,
+        endpoint: &EndpointId,
+    ) -> Result<Option<Arc<EndpointConfig>>, QueueError> {
+        Ok(self.user(user).await?.get(endpoint).cloned())
+    }
+}
+
+fn count_lookup(result: &'static str) {
+    metrics()
+        .endpoint_cache_lookups
+        .get_or_create(&CacheResult { result })
+        .inc();
+}
+
+/// Ends a lookup's registration as a reader of its user, also when the
+/// lookup is dropped half-way.
+struct ReadingGuard<'a> {
+    inner: &'a Inner,
+    user: &'a UserId,
+}
+
+impl Drop for ReadingGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.inner.lock();
+        if let Some(reading) = state.reading.get_mut(self.user) {
+            reading.readers -= 1;
+            if reading.readers == 0 {
+                state.reading.remove(self.user);
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads the last record of every `<user>.*` key with one batched
+    /// direct get.
+    async fn read(&self, user: &UserId) -> Result<Read, QueueError> {
+        const OPERATION: &str = "read endpoints";
+        if !self.broker.is_connected() {
+            return Err(QueueError::Disconnected);
+        }
+        let store = self.broker.bucket(Bucket::Endpoints).await?;
+        let client = &self.broker.client;
+        let inbox = client.new_inbox();
+        let mut replies = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| QueueError::request(OPERATION, e))?;
+        let request = serde_json::json!({ "multi_last": [format!("{}{user}.*", store.prefix)] });
+        client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{}", store.stream_name),
+                inbox,
+                request.to_string().into(),
+            )
+            .await
+            .map_err(|e| QueueError::request(OPERATION, e))?;
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let mut changes = Vec::new();
+        loop {
+            let reply = tokio::time::timeout_at(deadline, replies.next())
+                .await
+                .map_err(|_| QueueError::request(OPERATION, "no answer in time"))?
+                .ok_or_else(|| QueueError::request(OPERATION, "the subscription ended"))?;
+            let headers = reply.headers.as_ref();
+            match reply.status.map(|status| status.as_u16()) {
+                None => {
+                    let change = headers
+                        .and_then(|headers| record_of(&store.prefix, headers, reply.payload))
+                        .ok_or_else(|| {
+                            QueueError::request(
+                                OPERATION,
+                                "a reply without its subject or sequence",
+                            )
+                        })?;
+                    changes.push(change);
+                }
+                // The end of the batch, with the sequence it is as of.
+                Some(204) => {
+                    let as_of = headers
+                        .and_then(|headers| headers.get("Nats-UpTo-Sequence"))
+                        .and_then(|value| value.as_str().parse().ok())
+                        .ok_or_else(|| {
+                            QueueError::request(
+                                OPERATION,
+                                "the end of the batch without its sequence",
+                            )
+                        })?;
+                    return Ok(Read {
+                        changes,
+                        as_of: Some(as_of),
+                    });
+                }
+                Some(404) if changes.is_empty() => {
+                    return Ok(Read {
+                        changes,
+                        as_of: None,
+                    });
+                }
+                Some(413) => {
+                    return Err(QueueError::request(
+                        OPERATION,
+                        format!("user {user} has more than {MAX_ENDPOINTS_PER_USER} endpoints"),
+                    ));
+                }
+                Some(status) => {
+                    let why = reply.description.unwrap_or_default();
+                    return Err(QueueError::request(
+                        OPERATION,
+                        format!("NATS answered {status} {why}"),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A change the watch delivered.
+    fn changed(&self, entry: kv::Entry) {
+        let Some((user, endpoint)) = names::parse_endpoint_key(&entry.key) else {
+            tracing::warn!(
+                key = entry.key,
+                "ignoring endpoint key that is not <user>.<endpoint> with valid tokens"
+            );
+            return;
+        };
+        let change = Change {
+            endpoint,
+            revision: entry.revision,
+            value: (entry.operation == kv::Operation::Put).then_some(entry.value),
+            key: entry.key,
+        };
+        let mut state = self.lock();
+        state.watched = change.revision;
+        state
+            .recent
+            .remember(&user, change.revision, change.value.is_some());
+        if let Some(reading) = state.reading.get_mut(&user) {
+            reading.changes.push(change.clone());
+        }
+        if let Some(cached) = state.users.get_mut(&user)
+            && change.revision > cached.as_of
+        {
+            Arc::make_mut(cached).apply(&change, &self.keyring);
+        }
+    }
+
+    /// The watch started at `revision`, or stopped (`None`): either way,
+    /// what was cached may have missed changes.
+    fn restart(&self, revision: Option<u64>) {
+        let mut state = self.lock();
+        state.users.clear();
+        state.recent = RecentChanges::default();
+        metrics().endpoint_cache_users.set(0);
+        match revision {
+            Some(revision) => {
+                state.epoch += 1;
+                state.live = true;
+                state.watched = revision;
+            }
+            None => state.live = false,
+        }
+    }
+}
+
+/// A record of a batched direct get: the key from `Nats-Subject`, the
+/// revision from `Nats-Sequence`, a delete or purge from `KV-Operation`.
+fn record_of(prefix: &str, headers: &HeaderMap, payload: Bytes) -> Option<Change> {
+    let subject = headers.get(async_nats::header::NATS_SUBJECT)?.as_str();
+    let key = subject.strip_prefix(prefix)?.to_string();
+    let revision = headers
+        .get(async_nats::header::NATS_SEQUENCE)?
+        .as_str()
+        .parse()
+        .ok()?;
+    let removed = headers
+        .get("KV-Operation")
+        .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+    let (_, endpoint) = names::parse_endpoint_key(&key)?;
+    Some(Change {
+        key,
+        endpoint,
+        revision,
+        value: (!removed).then_some(payload),
+    })
+}
+
+/// Follows the bucket until `shutdown`, starting over after a failure.
+async fn follow(inner: Arc<Inner>, watching: watch::Sender<bool>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new();
+    while !shutdown.is_cancelled() {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            result = follow_once(&inner, &watching, &mut backoff) => result,
+        };
+        inner.restart(None);
+        if let Err(e) = result {
+            tracing::warn!(view = "endpoint cache", error = %e, retry_in = ?backoff.delay(), "bucket watch interrupted");
+        }
+        if !backoff.wait(&shutdown).await {
+            break;
+        }
+    }
+}
+
+async fn follow_once(
+    inner: &Inner,
+    watching: &watch::Sender<bool>,
+    backoff: &mut Backoff,
+) -> Result<(), QueueError> {
+    let store = inner.broker.bucket(Bucket::Endpoints).await?;
+    let last = store
+        .stream
+        .get_info()
+        .await
+        .map_err(|e| QueueError::request("bucket status", e))?
+        .state
+        .last_sequence;
+    let mut watch = store
+        .watch_all_from_revision(last + 1)
+        .await
+        .map_err(|e| QueueError::request("watch bucket", e))?;
+    inner.restart(Some(last));
+    watching.send_replace(true);
+    backoff.reset();
+    while let Some(entry) = watch.next().await {
+        let entry = entry.map_err(|e| QueueError::request("watch bucket", e))?;
+        inner.changed(entry);
+    }
+    Ok(())
+}
+
+/// At most `capacity` values, the most recently used kept: two
+/// generations, the current one turned into the previous one (and that
+/// one dropped) when it fills half the capacity; a value used from the
+/// previous generation moves back into the current one. Close to least
+/// recently used eviction at the cost of a map lookup or two.
+struct RecentlyUsed<K, V> {
+    half: usize,
+    current: HashMap<K, V>,
+    previous: HashMap<K, V>,
+}
+
+impl<K: Hash + Eq + Clone, V> RecentlyUsed<K, V> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            half: (capacity / 2).max(1),
+            current: HashMap::new(),
+            previous: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, key: &K) -> Option<&V> {
+        if !self.current.contains_key(key) {
+            let value = self.previous.remove(key)?;
+            self.insert(key.clone(), value);
+        }
+        self.peek(key)
+    }
+
+    fn peek(&self, key: &K) -> Option<&V> {
+        self.current.get(key).or_else(|| self.previous.get(key))
+    }
+
+    fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        match self.current.get_mut(key) {
+            Some(value) => Some(value),
+            None => self.previous.get_mut(key),
+        }
+    }
+
+    fn insert(&mut self, key: K, value: V) {
+        self.previous.remove(&key);
+        self.current.insert(key, value);
+        if self.current.len() >= self.half {
+            self.previous = std::mem::take(&mut self.current);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    fn clear(&mut self) {
+        self.current.clear();
+        self.previous.clear();
+    }
+}
+
+/// The users of the last [`RECENT_CHANGES`] changes the watch delivered,
+/// with whether each one's last change was a put.
+#[derive(Default)]
+struct RecentChanges {
+    order: VecDeque<(UserId, u64)>,
+    last: HashMap<UserId, (u64, bool)>,
+}
+
+impl RecentChanges {
+    fn remember(&mut self, user: &UserId, revision: u64, put: bool) {
+        self.order.push_back((user.clone(), revision));
+        self.last.insert(user.clone(), (revision, put));
+        if self.order.len() > RECENT_CHANGES
+            && let Some((oldest, revision)) = self.order.pop_front()
+            && self
+                .last
+                .get(&oldest)
+                .is_some_and(|(last, _)| *last == revision)
+        {
+            self.last.remove(&oldest);
+        }
+    }
+
+    fn last_was_put(&self, user: &UserId) -> bool {
+        self.last.get(user).is_some_and(|(_, put)| *put)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_at_most_its_capacity_and_the_most_recently_used() {
+        let mut cache = RecentlyUsed::new(4);
+        cache.insert(0, 0);
+        cache.insert(1, 10);
+        // Used again, 0 outlives 1, which went in after it.
+        assert_eq!(cache.get(&0), Some(&0));
+        cache.insert(2, 20);
+        cache.insert(3, 30);
+        assert_eq!(cache.get(&1), None);
+        assert_eq!(cache.get(&0), Some(&0));
+        assert_eq!(cache.get(&3), Some(&30));
+        for key in 4..1000 {
+            cache.insert(key, key);
+            assert!(cache.len() <= 4);
+        }
+        cache.clear();
+        assert_eq!(cache.len(), 0);
+    }
+
+    #[test]
+    fn a_user_s_last_change_is_remembered_for_a_while() {
+        let alice = UserId::new("alice").unwrap();
+        let bob = UserId::new("bob").unwrap();
+        let mut recent = RecentChanges::default();
+        recent.remember(&alice, 1, true);
+        assert!(recent.last_was_put(&alice));
+        recent.remember(&alice, 2, false);
+        assert!(!recent.last_was_put(&alice));
+        recent.remember(&alice, 3, true);
+        for revision in 4..(4 + RECENT_CHANGES as u64 - 1) {
+            recent.remember(&bob, revision, true);
+        }
+        // Alice's last change is still among the last RECENT_CHANGES...
+        assert!(recent.last_was_put(&alice));
+        recent.remember(&bob, 1_000_000, true);
+        // ...and now it is not.
+        assert!(!recent.last_was_put(&alice));
+        assert!(recent.last.len() <= 2);
+    }
+}

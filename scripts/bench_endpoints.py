@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""`make bench`, endpoint scale: what the number of endpoints costs.
+
+For 10, 10,000 and 1,000,000 endpoints (one per user), each on a fresh
+nats-server (JetStream, file storage):
+
+1. load rate: `herald endpoints <file>` writes them all (parse, seal,
+   compare-and-set per record), endpoints per second;
+2. ready time: a task worker and a webhook worker started on the full
+   bucket, until their /readyz answers 200;
+3. deliveries/s: a closed loop of 20,000 tasks spread over every user
+   (round-robin, so with a million users nearly every lookup is a miss of
+   the workers' bounded endpoint cache), as a ratio of the 10-endpoint run
+   of the same session;
+4. worker RSS: peak resident memory of each worker after the loop.
+
+Targets (issue 13): worker RSS <= 150 MiB and ready <= 5 s whatever the
+count, >= 5,000 endpoints/s written, deliveries/s with a million endpoints
+>= 0.8 of ten. Rows go to target/bench/targets-endpoints.json; exits
+non-zero when one is missed. Loopback only; bounded in count and time.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import (  # noqa: E402
+    OUT, TOOLS, build_own, free_port, own_load, rss_mib, stop, wait_port,
+)
+import subprocess  # noqa: E402
+
+SCALES = [int(n) for n in os.environ.get("BENCH_ENDPOINT_SCALES", "10,10000,1000000").split(",")]
+TASKS = int(os.environ.get("BENCH_ENDPOINT_TASKS", "20000"))
+READY_DEADLINE_S = 120
+
+
+def endpoints_file(path, count, receiver_port):
+    """`count` WebhookEndpoint documents, user i's endpoint posting to the
+    bench receiver."""
+    with open(path, "w") as out:
+        for user in range(1, count + 1):
+            out.write(
+                "---\napiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\n"
+                f"metadata: {{name: e{user}}}\n"
+                f"spec: {{userId: '{user}', url: 'http://127.0.0.1:{receiver_port}/webhooks/{user}'}}\n"
+            )
+
+
+def ready(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def wait_ready(ports, started):
+    """Seconds from `started` until every port's /readyz answers 200."""
+    waiting = set(ports)
+    seconds = {}
+    while waiting:
+        if time.monotonic() - started > READY_DEADLINE_S:
+            sys.exit(f"bench: workers on {sorted(waiting)} not ready after {READY_DEADLINE_S}s")
+        for port in list(waiting):
+            if ready(port):
+                seconds[port] = time.monotonic() - started
+                waiting.discard(port)
+        time.sleep(0.02)
+    return max(seconds.values())
+
+
+def measure(herald, driver, nats_bin, count):
+    store = Path(tempfile.mkdtemp(prefix="herald-bench-endpoints-"))
+    nats_port, api_port, receiver_port = free_port(), free_port(), free_port()
+    tasks_health, hooks_health = free_port(), free_port()
+    procs = []
+
+    def spawn(args, env, name):
+        log = open(OUT / f"endpoints-{count}-{name}.log", "w")
+        p = subprocess.Popen([str(a) for a in args], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        procs.append(p)
+        return p
+
+    try:
+        spawn([nats_bin, "-a", "127.0.0.1", "-p", nats_port, "-js", "-sd", store], {}, "nats")
+        wait_port(nats_port)
+        url = f"nats://127.0.0.1:{nats_port}"
+        key = subprocess.run(
+            [str(herald), "secrets", "new-key", "--id", "bench"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        env = {
+            "HERALD_LOG__FILTER": "warn",
+            "HERALD_NATS__URL": url,
+            "HERALD_WEBHOOKS__SSRF__ALLOW": '["127.0.0.0/8"]',
+            "HERALD_SECRETS__KEY": key,
+        }
+        docs = store / "endpoints.yaml"
+        endpoints_file(docs, count, receiver_port)
+        print(f"bench: {count} endpoints: herald endpoints")
+        started = time.monotonic()
+        subprocess.run([str(herald), "endpoints", str(docs), "--nats-url", url],
+                       env={**os.environ, **env}, check=True, capture_output=True)
+        load_s = time.monotonic() - started
+        docs.unlink()
+
+        started = time.monotonic()
+        api = spawn([herald, "api", "--listen", f"127.0.0.1:{api_port}"], env, "api")
+        tasks = spawn([herald, "worker", "tasks"], {**env, "HERALD_HEALTH__LISTEN": f"127.0.0.1:{tasks_health}"}, "worker-tasks")
+        hooks = spawn([herald, "worker", "webhooks,mail"], {**env, "HERALD_HEALTH__LISTEN": f"127.0.0.1:{hooks_health}"}, "worker-webhooks")
+        ready_s = wait_ready([tasks_health, hooks_health], started)
+        wait_port(api_port)
+
+        print(f"bench: {count} endpoints: closed loop, {TASKS} tasks over {count} users")
+        # Warm-up on other users than the measured run's first ones, so
+        # the run itself starts on a cache that has not seen its users.
+        own_load(driver, api_port, receiver_port, 500, 50, users=min(count, 500), first_user=1)
+        result = own_load(driver, api_port, receiver_port, TASKS, 50, users=count, first_user=1)
+        row = {
+            "endpoints": count,
+            "load_per_s": count / load_s,
+            "load_s": load_s,
+            "ready_s": ready_s,
+            "deliveries_per_s": result["deliveries_per_s"],
+            "missing": result["missing"],
+            "duplicates": result["duplicates"],
+            "rss_mib": {"worker-tasks": rss_mib(tasks.pid), "worker-webhooks": rss_mib(hooks.pid)},
+        }
+        stop(api, tasks, hooks)
+        return row
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "targets-endpoints.json").unlink(missing_ok=True)
+    nats_bin = TOOLS / "bin" / "nats-server"
+    if not nats_bin.exists():
+        sys.exit(f"bench: {nats_bin} missing: run `make tools`")
+    print("bench: building herald and herald-bench (release)")
+    herald, driver = build_own()
+    rows = [measure(herald, driver, nats_bin, count) for count in SCALES]
+    (OUT / "results-endpoints.json").write_text(json.dumps(rows, indent=2))
+
+    base = rows[0]["deliveries_per_s"]
+    print()
+    print(f"endpoint scale (one endpoint per user, {TASKS} tasks over every user, closed loop of 50)")
+    print(f"  {'endpoints':>10s} {'load/s':>9s} {'ready s':>8s} {'deliveries/s':>13s} {'ratio':>6s} {'RSS tasks':>10s} {'RSS webhooks':>13s} {'lost':>5s} {'dup':>4s}")
+    for r in rows:
+        print(f"  {r['endpoints']:>10d} {r['load_per_s']:>9.0f} {r['ready_s']:>8.2f} {r['deliveries_per_s']:>13.0f} "
+              f"{r['deliveries_per_s'] / base:>6.2f} {r['rss_mib']['worker-tasks']:>10.1f} {r['rss_mib']['worker-webhooks']:>13.1f} "
+              f"{r['missing']:>5d} {r['duplicates']:>4d}")
+
+    largest = rows[-1]
+    targets = [
+        (f"worker RSS, {largest['endpoints']} endpoints (MiB)", max(largest["rss_mib"].values()), "<= 150", lambda v: v <= 150),
+        ("worker ready, slowest scale (s)", max(r["ready_s"] for r in rows), "<= 5", lambda v: v <= 5),
+        ("herald endpoints, writes/s (largest scale)", largest["load_per_s"], ">= 5000", lambda v: v >= 5000),
+        (f"deliveries/s, {largest['endpoints']} / {rows[0]['endpoints']} endpoints", largest["deliveries_per_s"] / base, ">= 0.8", lambda v: v >= 0.8),
+        ("endpoint scale: lost + duplicated", sum(r["missing"] + r["duplicates"] for r in rows), "0", lambda v: v == 0),
+    ]
+    table = [{"row": name, "value": f"{value:.2f}" if isinstance(value, float) else str(value), "target": target, "ok": ok(value)}
+             for name, value, target, ok in targets]
+    (OUT / "targets-endpoints.json").write_text(json.dumps(table, indent=2))
+    missed = [r["row"] for r in table if not r["ok"]]
+    if missed:
+        sys.exit("bench: target missed: " + ", ".join(missed))
+
+
+if __name__ == "__main__":
+    main()
