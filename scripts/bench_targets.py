@@ -14,7 +14,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import OUT  # noqa: E402
 
-SCRIPTS = {"bench": "scripts/bench.py", "isolation": "scripts/bench_isolation.py"}
+SCRIPTS = {
+    "bench": "scripts/bench.py",
+    "isolation": "scripts/bench_isolation.py",
+    "endpoints": "scripts/bench_endpoints.py",
+}
 
 
 def main():

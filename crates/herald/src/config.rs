@@ -213,9 +213,20 @@ pub struct TracingConfig {
 
 /// Top-level sections; other `HERALD_*` variables (`HERALD_CONFIG`,
 /// `HERALD_TOOLS`...) are not configuration keys.
-const SECTIONS: [&str; 12] = [
-    "nats", "topology", "api", "tasks", "webhooks", "mail", "shutdown", "log", "tracing", "health",
-    "operator", "secrets",
+const SECTIONS: [&str; 13] = [
+    "nats",
+    "topology",
+    "api",
+    "tasks",
+    "webhooks",
+    "mail",
+    "shutdown",
+    "log",
+    "tracing",
+    "health",
+    "operator",
+    "secrets",
+    "endpoint_cache",
 ];
 
 /// Builds the configuration from every layer. `overrides` are the flags,
@@ -344,6 +355,24 @@ impl Config {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn every_section_can_be_set_from_the_environment() {
+        let sections = serde_json::to_value(Config::default()).unwrap();
+        let mut names: Vec<&str> = sections
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut listed = SECTIONS.to_vec();
+        names.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(
+            names, listed,
+            "HERALD_<SECTION>__ variables of a section not in SECTIONS are ignored"
+        );
+    }
 
     #[test]
     fn flags_override_defaults_and_bad_values_are_named() {

@@ -29,7 +29,10 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     hash::Hash,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use async_nats::{HeaderMap, jetstream::kv};
@@ -43,7 +46,7 @@ use herald_core::{
     names,
     payload::EndpointConfig,
 };
-use tokio::sync::watch;
+use tokio::sync::{OnceCell, mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{Broker, QueueError, backoff::Backoff, buckets::Bucket, connect::REQUEST_TIMEOUT};
@@ -158,6 +161,7 @@ struct Inner {
     broker: Broker,
     keyring: Arc<Keyring>,
     state: Mutex<State>,
+    replies: Replies,
 }
 
 struct State {
@@ -197,6 +201,7 @@ impl EndpointCache {
     ) -> Self {
         let (watching_tx, watching) = watch::channel(false);
         let inner = Arc::new(Inner {
+            replies: Replies::new(tasks.clone(), shutdown.clone()),
             broker,
             keyring,
             state: Mutex::new(State {
@@ -241,7 +246,7 @@ impl EndpointCache {
             user,
         };
         let mut stale_reads = 0;
-        let read = loop {
+        let (read, behind) = loop {
             let read = self.inner.read(user).await?;
             let behind = match read.as_of {
                 Some(as_of) => as_of < watched,
@@ -250,7 +255,7 @@ impl EndpointCache {
                 None => self.inner.lock().recent.last_was_put(user),
             };
             if !behind || stale_reads == STALE_READS {
-                break read;
+                break (read, behind);
             }
             stale_reads += 1;
         };
@@ -271,7 +276,7 @@ impl EndpointCache {
         }
         let found = Arc::new(found);
         let current = state.live && Some(state.epoch) == epoch;
-        if current && stale_reads < STALE_READS {
+        if current && !behind {
             state.users.insert(user.clone(), found.clone());
             metrics().endpoint_cache_users.set(state.users.len() as i64);
         }
@@ -329,9 +334,7 @@ impl Drop for ReadingGuard<'_> {
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     /// Reads the last record of every `<user>.*` key with one batched
@@ -342,17 +345,13 @@ impl Inner {
             return Err(QueueError::Disconnected);
         }
         let store = self.broker.bucket(Bucket::Endpoints).await?;
-        let client = &self.broker.client;
-        let inbox = client.new_inbox();
-        let mut replies = client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| QueueError::request(OPERATION, e))?;
+        let mut replies = self.replies.expect(&self.broker).await?;
         let request = serde_json::json!({ "multi_last": [format!("{}{user}.*", store.prefix)] });
-        client
+        self.broker
+            .client
             .publish_with_reply(
                 format!("$JS.API.DIRECT.GET.{}", store.stream_name),
-                inbox,
+                replies.subject.clone(),
                 request.to_string().into(),
             )
             .await
@@ -360,7 +359,7 @@ impl Inner {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         let mut changes = Vec::new();
         loop {
-            let reply = tokio::time::timeout_at(deadline, replies.next())
+            let reply = tokio::time::timeout_at(deadline, replies.next.recv())
                 .await
                 .map_err(|_| QueueError::request(OPERATION, "no answer in time"))?
                 .ok_or_else(|| QueueError::request(OPERATION, "the subscription ended"))?;
@@ -462,6 +461,111 @@ impl Inner {
             None => state.live = false,
         }
     }
+}
+
+/// The replies of every batched read of a process, on one subscription
+/// (`<inbox>.<n>`, a wildcard made once) rather than one subscribed and
+/// removed per read: a subscription change costs the server more than the
+/// read itself.
+struct Replies {
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    routes: OnceCell<Arc<Routes>>,
+}
+
+#[derive(Default)]
+struct Routes {
+    prefix: String,
+    next: AtomicU64,
+    waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>>,
+}
+
+/// The replies to one read, until dropped.
+struct Expected {
+    routes: Arc<Routes>,
+    id: u64,
+    subject: String,
+    next: mpsc::UnboundedReceiver<async_nats::Message>,
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        lock(&self.routes.waiting).remove(&self.id);
+    }
+}
+
+impl Replies {
+    fn new(tasks: TaskTracker, shutdown: CancellationToken) -> Self {
+        Self {
+            tasks,
+            shutdown,
+            routes: OnceCell::new(),
+        }
+    }
+
+    /// A subject for one read's replies, and where they arrive.
+    async fn expect(&self, broker: &Broker) -> Result<Expected, QueueError> {
+        let routes = self
+            .routes
+            .get_or_try_init(|| async {
+                let prefix = broker.client.new_inbox();
+                let subscription = broker
+                    .client
+                    .subscribe(format!("{prefix}.*"))
+                    .await
+                    .map_err(|e| QueueError::request("read endpoints", e))?;
+                let routes = Arc::new(Routes {
+                    prefix,
+                    ..Default::default()
+                });
+                self.tasks
+                    .spawn(route(subscription, routes.clone(), self.shutdown.clone()));
+                Ok::<_, QueueError>(routes)
+            })
+            .await?
+            .clone();
+        let id = routes.next.fetch_add(1, Ordering::Relaxed);
+        let (sender, next) = mpsc::unbounded_channel();
+        lock(&routes.waiting).insert(id, sender);
+        Ok(Expected {
+            subject: format!("{}.{id}", routes.prefix),
+            routes,
+            id,
+            next,
+        })
+    }
+}
+
+/// Hands each reply to the read waiting for it, until `shutdown`; a reply
+/// nobody waits for any more (a read that gave up) is dropped.
+async fn route(
+    mut subscription: async_nats::Subscriber,
+    routes: Arc<Routes>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let reply = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            reply = subscription.next() => match reply {
+                Some(reply) => reply,
+                None => return,
+            },
+        };
+        let id = reply
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|id| id.parse().ok());
+        if let Some(waiting) = id.and_then(|id| lock(&routes.waiting).get(&id).cloned()) {
+            let _ = waiting.send(reply);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A record of a batched direct get: the key from `Nats-Subject`, the

@@ -325,10 +325,21 @@ pub(super) fn busy_look_again(now_ms: u64, timeout: Duration) -> u64 {
     now_ms + timeout.mul_f64(spread).as_millis() as u64
 }
 
-/// Requests in flight per endpoint in this process: a semaphore each, kept
-/// for the life of the process (one per endpoint it has delivered to).
+/// Requests in flight per endpoint in this process: a semaphore each, made
+/// on the endpoint's first request and dropped once idle, so a worker
+/// delivering to a million endpoints holds only the busy ones.
 #[derive(Default)]
-pub(super) struct InFlight(std::sync::Mutex<HashMap<String, Arc<Semaphore>>>);
+pub(super) struct InFlight(std::sync::Mutex<Semaphores>);
+
+#[derive(Default)]
+pub(super) struct Semaphores {
+    by_endpoint: HashMap<String, Arc<Semaphore>>,
+    /// How many there may be before the idle ones are dropped.
+    prune_at: usize,
+}
+
+/// The fewest semaphores worth pruning.
+const IN_FLIGHT_PRUNE_AT: usize = 1024;
 
 impl InFlight {
     /// A permit for one more request to `key`, waiting up to
@@ -337,17 +348,38 @@ impl InFlight {
     /// frees permits within milliseconds, so bursts to it wait briefly
     /// instead of being deferred.
     pub(super) async fn enter(&self, key: &str, limit: usize) -> Option<OwnedSemaphorePermit> {
-        let semaphore = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(limit)))
-            .clone();
+        let semaphore = {
+            let mut semaphores = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let semaphore = semaphores
+                .by_endpoint
+                .entry(key.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(limit)))
+                .clone();
+            semaphores.prune_idle();
+            semaphore
+        };
         tokio::time::timeout(IN_FLIGHT_WAIT, semaphore.acquire_owned())
             .await
             .ok()?
             .ok()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().by_endpoint.len()
+    }
+}
+
+impl Semaphores {
+    /// Drops the semaphores nobody holds or waits on (only this map has
+    /// them), once there are twice as many as after the last pruning.
+    fn prune_idle(&mut self) {
+        if self.by_endpoint.len() < self.prune_at.max(IN_FLIGHT_PRUNE_AT) {
+            return;
+        }
+        self.by_endpoint
+            .retain(|_, semaphore| Arc::strong_count(semaphore) > 1);
+        self.prune_at = self.by_endpoint.len() * 2;
     }
 }
 
@@ -359,6 +391,27 @@ mod tests {
     use crate::webhooks::tests::job;
 
     const NOW: u64 = 1_000_000_000;
+
+    #[tokio::test]
+    async fn only_busy_endpoints_keep_a_semaphore() {
+        let in_flight = InFlight::default();
+        let held = in_flight.enter("busy.hook", 1).await.unwrap();
+        for n in 0..10 * IN_FLIGHT_PRUNE_AT {
+            let permit = in_flight.enter(&format!("u{n}.hook"), 1).await;
+            assert!(permit.is_some());
+            assert!(
+                in_flight.len() <= 2 * IN_FLIGHT_PRUNE_AT,
+                "{}",
+                in_flight.len()
+            );
+        }
+        // The busy one is still there, with its permit taken: a second
+        // request to it finds none free.
+        let busy = in_flight.0.lock().unwrap().by_endpoint["busy.hook"].clone();
+        assert_eq!(busy.available_permits(), 0);
+        drop(held);
+        assert_eq!(busy.available_permits(), 1);
+    }
 
     fn config() -> WebhookWorkerConfig {
         WebhookWorkerConfig {

@@ -14,7 +14,7 @@
 //! which endpoints are disabled.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -41,8 +41,9 @@ type Key = (UserId, EndpointId);
 #[derive(Clone)]
 pub struct HealthTracker {
     pending: Arc<Mutex<HashMap<Key, Outcomes>>>,
-    /// The last state this process wrote per endpoint: true when failing.
-    failing: Arc<Mutex<HashMap<Key, bool>>>,
+    /// The endpoints this process last saw failing; every other one is
+    /// taken as healthy, so the set holds only the failing ones.
+    failing: Arc<Mutex<HashSet<Key>>>,
     disabled: DisabledEndpoints,
     flush_now: Arc<Notify>,
     endpoints: EndpointCache,
@@ -149,8 +150,17 @@ impl HealthTracker {
         self.flush_if_turned(key, true);
     }
 
+    /// Flushes at once when the endpoint turned from healthy to failing or
+    /// back; the first success of an endpoint is no turn (it would make a
+    /// flush of every delivery to a new endpoint).
     fn flush_if_turned(&self, key: Key, failing: bool) {
-        if lock(&self.failing).insert(key, failing) != Some(failing) {
+        let mut known_failing = lock(&self.failing);
+        let turned = if failing {
+            known_failing.insert(key)
+        } else {
+            known_failing.remove(&key)
+        };
+        if turned {
             self.flush_now.notify_one();
         }
     }
