@@ -131,6 +131,26 @@ impl UserEndpoints {
     }
 }
 
+/// What a lookup of one endpoint found.
+#[derive(Debug, Clone)]
+pub enum Found {
+    Endpoint(Arc<EndpointConfig>),
+    /// Its record cannot be read (why), and no earlier version is known.
+    Unreadable(String),
+    /// No record.
+    Missing,
+}
+
+impl Found {
+    fn in_user(found: &UserEndpoints, endpoint: &EndpointId) -> Self {
+        match (found.get(endpoint), found.unreadable(endpoint)) {
+            (Some(config), _) => Found::Endpoint(config.clone()),
+            (None, Some(why)) => Found::Unreadable(why.to_string()),
+            (None, None) => Found::Missing,
+        }
+    }
+}
+
 /// A put or a removal of one endpoint record, from the watch or a read.
 #[derive(Debug, Clone)]
 struct Change {
@@ -175,6 +195,8 @@ struct State {
     /// it started.
     watched: u64,
     users: RecentlyUsed<UserId, Arc<UserEndpoints>>,
+    /// Users looked up once by [`EndpointCache::endpoint`] and not cached.
+    met_once: RecentlyUsed<UserId, ()>,
     /// Users being read, with the changes to them the watch delivered
     /// meanwhile.
     reading: HashMap<UserId, Reading>,
@@ -209,6 +231,7 @@ impl EndpointCache {
                 live: false,
                 watched: 0,
                 users: RecentlyUsed::new(capacity),
+                met_once: RecentlyUsed::new(capacity),
                 reading: HashMap::new(),
                 recent: RecentChanges::default(),
             }),
@@ -296,13 +319,82 @@ impl EndpointCache {
         self.inner.lock().users.len()
     }
 
-    /// One endpoint of `user`, looked up as [`Self::user`] does.
+    /// One endpoint of `user`: from the cache when it holds the user.
+    /// Otherwise the one record is read (a single-key direct get, one
+    /// reply), and the user's records are read whole and cached only when
+    /// the user is looked up again while still remembered as met once: a
+    /// user met once (a spread over more users than the cache holds) costs
+    /// no batched read and pushes no user met often out of the cache.
+    pub async fn endpoint(
+        &self,
+        user: &UserId,
+        endpoint: &EndpointId,
+    ) -> Result<Found, QueueError> {
+        let met_before = {
+            let mut state = self.inner.lock();
+            if let Some(cached) = state.users.get(user) {
+                let cached = cached.clone();
+                count_lookup("hit");
+                return Ok(Found::in_user(&cached, endpoint));
+            }
+            let met_before = state.met_once.get(user).is_some();
+            if !met_before {
+                state.met_once.insert(user.clone(), ());
+            }
+            met_before
+        };
+        if met_before {
+            return Ok(Found::in_user(&*self.user(user).await?, endpoint));
+        }
+        count_lookup("miss");
+        let store = self.inner.broker.bucket(Bucket::Endpoints).await?;
+        let key = names::endpoint_key(user, endpoint);
+        let mut stale_reads = 0;
+        let entry = loop {
+            let entry = store
+                .entry(key.as_str())
+                .await
+                .map_err(|e| QueueError::request("read endpoint", e))?
+                .filter(|entry| entry.operation == kv::Operation::Put);
+            // Older than a change of the key the watch has delivered: a
+            // replica behind the stream's leader answered.
+            let behind = match (self.inner.lock().recent.last_of_key(&key), &entry) {
+                (None, _) => false,
+                (Some((_, put)), None) => put,
+                (Some((revision, _)), Some(entry)) => entry.revision < revision,
+            };
+            if !behind || stale_reads == STALE_READS {
+                break entry;
+            }
+            stale_reads += 1;
+        };
+        let Some(entry) = entry else {
+            return Ok(Found::Missing);
+        };
+        let mut found = UserEndpoints::default();
+        found.apply(
+            &Change {
+                endpoint: endpoint.clone(),
+                revision: entry.revision,
+                value: Some(entry.value),
+                key,
+            },
+            &self.inner.keyring,
+        );
+        Ok(Found::in_user(&found, endpoint))
+    }
+
+    /// One endpoint of `user`, as [`Self::endpoint`] finds it; `None` when
+    /// it is missing or unreadable.
     pub async fn get(
         &self,
         user: &UserId,
         endpoint: &EndpointId,
     ) -> Result<Option<Arc<EndpointConfig>>, QueueError> {
-        Ok(self.user(user).await?.get(endpoint).cloned())
+        Ok(match self.endpoint(user, endpoint).await? {
+            Found::Endpoint(config) => Some(config),
+            Found::Unreadable(_) | Found::Missing => None,
+        })
     }
 }
 
@@ -434,7 +526,7 @@ impl Inner {
         state.watched = change.revision;
         state
             .recent
-            .remember(&user, change.revision, change.value.is_some());
+            .remember(&user, &change.key, change.revision, change.value.is_some());
         if let Some(reading) = state.reading.get_mut(&user) {
             reading.changes.push(change.clone());
         }
@@ -692,31 +784,49 @@ impl<K: Hash + Eq + Clone, V> RecentlyUsed<K, V> {
     }
 }
 
-/// The users of the last [`RECENT_CHANGES`] changes the watch delivered,
-/// with whether each one's last change was a put.
+/// The last [`RECENT_CHANGES`] changes the watch delivered, whatever users
+/// they are of: each user's and each key's last one, and whether it was a
+/// put.
 #[derive(Default)]
 struct RecentChanges {
-    order: VecDeque<(UserId, u64)>,
-    last: HashMap<UserId, (u64, bool)>,
+    order: VecDeque<(UserId, String, u64)>,
+    by_user: HashMap<UserId, (u64, bool)>,
+    by_key: HashMap<String, (u64, bool)>,
 }
 
 impl RecentChanges {
-    fn remember(&mut self, user: &UserId, revision: u64, put: bool) {
-        self.order.push_back((user.clone(), revision));
-        self.last.insert(user.clone(), (revision, put));
+    fn remember(&mut self, user: &UserId, key: &str, revision: u64, put: bool) {
+        self.order
+            .push_back((user.clone(), key.to_string(), revision));
+        self.by_user.insert(user.clone(), (revision, put));
+        self.by_key.insert(key.to_string(), (revision, put));
         if self.order.len() > RECENT_CHANGES
-            && let Some((oldest, revision)) = self.order.pop_front()
-            && self
-                .last
-                .get(&oldest)
-                .is_some_and(|(last, _)| *last == revision)
+            && let Some((user, key, revision)) = self.order.pop_front()
         {
-            self.last.remove(&oldest);
+            if self
+                .by_user
+                .get(&user)
+                .is_some_and(|(last, _)| *last == revision)
+            {
+                self.by_user.remove(&user);
+            }
+            if self
+                .by_key
+                .get(&key)
+                .is_some_and(|(last, _)| *last == revision)
+            {
+                self.by_key.remove(&key);
+            }
         }
     }
 
     fn last_was_put(&self, user: &UserId) -> bool {
-        self.last.get(user).is_some_and(|(_, put)| *put)
+        self.by_user.get(user).is_some_and(|(_, put)| *put)
+    }
+
+    /// The revision of the key's last change, and whether it was a put.
+    fn last_of_key(&self, key: &str) -> Option<(u64, bool)> {
+        self.by_key.get(key).copied()
     }
 }
 
@@ -745,23 +855,28 @@ mod tests {
     }
 
     #[test]
-    fn a_user_s_last_change_is_remembered_for_a_while() {
+    fn a_user_s_and_a_key_s_last_change_are_remembered_for_a_while() {
         let alice = UserId::new("alice").unwrap();
         let bob = UserId::new("bob").unwrap();
         let mut recent = RecentChanges::default();
-        recent.remember(&alice, 1, true);
+        recent.remember(&alice, "alice.a", 1, true);
         assert!(recent.last_was_put(&alice));
-        recent.remember(&alice, 2, false);
+        recent.remember(&alice, "alice.a", 2, false);
         assert!(!recent.last_was_put(&alice));
-        recent.remember(&alice, 3, true);
+        assert_eq!(recent.last_of_key("alice.a"), Some((2, false)));
+        recent.remember(&alice, "alice.b", 3, true);
+        assert_eq!(recent.last_of_key("alice.a"), Some((2, false)));
+        assert_eq!(recent.last_of_key("alice.b"), Some((3, true)));
         for revision in 4..(4 + RECENT_CHANGES as u64 - 1) {
-            recent.remember(&bob, revision, true);
+            recent.remember(&bob, "bob.x", revision, true);
         }
         // Alice's last change is still among the last RECENT_CHANGES...
         assert!(recent.last_was_put(&alice));
-        recent.remember(&bob, 1_000_000, true);
+        assert_eq!(recent.last_of_key("alice.b"), Some((3, true)));
+        recent.remember(&bob, "bob.x", 1_000_000, true);
         // ...and now it is not.
         assert!(!recent.last_was_put(&alice));
-        assert!(recent.last.len() <= 2);
+        assert_eq!(recent.last_of_key("alice.b"), None);
+        assert!(recent.by_user.len() <= 2 && recent.by_key.len() <= 3);
     }
 }

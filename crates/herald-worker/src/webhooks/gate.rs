@@ -21,7 +21,7 @@ use herald_core::{
     names,
     payload::{AttemptOutcome, DeliveryJob, EndpointConfig},
 };
-use herald_queue::publish::Outgoing;
+use herald_queue::{endpoints::Found, publish::Outgoing};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{
@@ -91,8 +91,8 @@ impl WebhookWorker {
     /// Runs `job`, which would be attempt number `attempt`, through the
     /// gate.
     pub(super) async fn gate(&self, job: DeliveryJob, attempt: u32) -> Verdict {
-        let endpoints = match self.endpoints.user(&job.user).await {
-            Ok(endpoints) => endpoints,
+        let found = match self.endpoints.endpoint(&job.user, &job.endpoint).await {
+            Ok(found) => found,
             Err(e) => {
                 tracing::warn!(endpoint = %job.endpoint, error = %e, "cannot read the endpoint; retrying the job shortly");
                 // Stored again a second later, not nak'd: a redelivery
@@ -110,10 +110,16 @@ impl WebhookWorker {
                 );
             }
         };
-        let Some(endpoint) = endpoints.get(&job.endpoint).cloned() else {
-            let unreadable = endpoints.unreadable(&job.endpoint).map(str::to_string);
-            let (record, not_sent) = self.missing(&job, attempt, unreadable);
-            return Verdict::Settle(record, not_sent);
+        let endpoint = match found {
+            Found::Endpoint(endpoint) => endpoint,
+            Found::Unreadable(why) => {
+                let (record, not_sent) = self.missing(&job, attempt, Some(why));
+                return Verdict::Settle(record, not_sent);
+            }
+            Found::Missing => {
+                let (record, not_sent) = self.missing(&job, attempt, None);
+                return Verdict::Settle(record, not_sent);
+            }
         };
         let job = DeliveryJob {
             endpoint_missing_since_ms: None,

@@ -1,13 +1,14 @@
 //! The workers' bounded endpoint cache against a real NATS server: a miss
 //! is read from the bucket, the watch keeps what is cached true (a change
 //! updates it, a delete removes it, a first endpoint reaches a user cached
-//! as having none), it never holds more users than its capacity, and no
-//! change made around a NATS restart is missed.
+//! as having none), it never holds more users than its capacity, a user
+//! whose one endpoint is looked up once is read alone and cached only when
+//! met again, and no change made around a NATS restart is missed.
 
 use std::sync::Arc;
 
 use herald_core::{EndpointId, UserId, keyring::Keyring};
-use herald_queue::endpoints::{self, EndpointCache, UserEndpoints};
+use herald_queue::endpoints::{self, EndpointCache, Found, UserEndpoints};
 use herald_testkit::{NatsServer, wait_until};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -192,10 +193,17 @@ async fn after_a_nats_restart_it_misses_no_change() {
     let broker = broker(&nats).await;
     endpoints::delete(&broker, &r1, &hook.id).await.unwrap();
     add_endpoint(&nats, "r1", "moved", "https://after.example.com/in", None).await;
-    wait_until("the lookup to show the changes", DEADLINE, || async {
-        let found = w.cache.user(&r1).await.ok()?;
-        (urls(&found) == ["https://after.example.com/in"]).then_some(())
-    })
+    // Once the watch is back (it may have failed and been re-created,
+    // and caches nothing until then), a lookup is cached again.
+    wait_until(
+        "the lookup to show the changes, cached",
+        DEADLINE,
+        || async {
+            let found = w.cache.user(&r1).await.ok()?;
+            (urls(&found) == ["https://after.example.com/in"]).then_some(())?;
+            w.cache.peek(&r1).map(|_| ())
+        },
+    )
     .await;
     // And whatever it caches from now on stays true.
     add_endpoint(&nats, "r1", "moved", "https://later.example.com/in", None).await;
@@ -206,4 +214,48 @@ async fn after_a_nats_restart_it_misses_no_change() {
         |found| urls(found) == ["https://later.example.com/in"],
     )
     .await;
+}
+
+#[tokio::test]
+async fn one_endpoint_met_once_is_read_alone_and_cached_when_met_again() {
+    let nats = NatsServer::start().await;
+    let (hook, _) = add_endpoint(&nats, "once", "hook", "https://once.example.com/in", None).await;
+    add_endpoint(&nats, "once", "other", "https://other.example.com/in", None).await;
+    let w = watching(&nats, 100).await;
+    let once = user("once");
+
+    let Found::Endpoint(found) = w.cache.endpoint(&once, &hook.id).await.unwrap() else {
+        panic!("the endpoint was not found");
+    };
+    assert_eq!(found.url, "https://once.example.com/in");
+    assert!(
+        w.cache.peek(&once).is_none(),
+        "a user met once is not cached"
+    );
+
+    // Met again: the user is read whole and cached.
+    let Found::Endpoint(found) = w.cache.endpoint(&once, &hook.id).await.unwrap() else {
+        panic!("the endpoint was not found");
+    };
+    assert_eq!(found.url, "https://once.example.com/in");
+    let cached = w.cache.peek(&once).expect("cached when met again");
+    assert_eq!(cached.all().len(), 2);
+
+    // Deleted, it is missing from the cache and from a fresh read alike.
+    endpoints::delete(&broker(&nats).await, &once, &hook.id)
+        .await
+        .unwrap();
+    cached_until(&w.cache, &once, "the delete to reach the cache", |found| {
+        found.get(&hook.id).is_none()
+    })
+    .await;
+    assert!(matches!(
+        w.cache.endpoint(&once, &hook.id).await.unwrap(),
+        Found::Missing
+    ));
+    let fresh = watching(&nats, 100).await;
+    assert!(matches!(
+        fresh.cache.endpoint(&once, &hook.id).await.unwrap(),
+        Found::Missing
+    ));
 }

@@ -512,7 +512,12 @@ async fn steady_load(
                     Ok(task["id"].as_str().unwrap_or_default().to_string())
                 }
                 Ok(response) => Err(format!("status {}", response.status())),
-                Err(e) => Err(format!("error {e}")),
+                // With the cause: reqwest's own text names only the URL.
+                Err(e) => Err(format!(
+                    "error {e}: {}",
+                    std::error::Error::source(&e)
+                        .map_or(String::new(), |cause| format!("{cause:?}"))
+                )),
             }
         });
     }
