@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
 """`make bench`, endpoint scale: what the number of endpoints costs.
 
-For 10, 10,000 and 1,000,000 endpoints (one per user), each on a fresh
+For 10, 10,000 and 1,000,000 endpoints (one per user), each on its own
 nats-server (JetStream, file storage):
 
 1. load rate: `herald endpoints <file>` writes them all (parse, seal,
    compare-and-set per record), endpoints per second;
 2. ready time: a task worker and a webhook worker started on the full
    bucket, until their /readyz answers 200;
-3. deliveries/s: a closed loop of 20,000 tasks spread over every user
+3. deliveries/s: closed loops of 20,000 tasks spread over every user
    (round-robin, so with a million users nearly every lookup is a miss of
-   the workers' bounded endpoint cache), as a ratio of the 10-endpoint run
-   of the same session;
+   the workers' bounded endpoint cache), three rounds with the scales
+   taking turns (all three stay up), the median of each as a ratio of the
+   10-endpoint median;
 4. worker RSS: peak resident memory of each worker after the loop.
 
 Targets (issue 13): worker RSS <= 150 MiB and ready <= 5 s whatever the
@@ -23,6 +24,7 @@ non-zero when one is missed. Loopback only; bounded in count and time.
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (  # noqa: E402
     OUT, TOOLS, build_own, free_port, own_load, rss_mib, stop, wait_port,
 )
-import subprocess  # noqa: E402
 
 SCALES = [int(n) for n in os.environ.get("BENCH_ENDPOINT_SCALES", "10,10000,1000000").split(",")]
 TASKS = int(os.environ.get("BENCH_ENDPOINT_TASKS", "20000"))
+ROUNDS = int(os.environ.get("BENCH_ENDPOINT_ROUNDS", "3"))
 READY_DEADLINE_S = 120
 
 
@@ -75,20 +77,17 @@ def wait_ready(ports, started):
     return max(seconds.values())
 
 
-def measure(herald, driver, nats_bin, count):
-    store = Path(tempfile.mkdtemp(prefix="herald-bench-endpoints-"))
-    nats_port, api_port, receiver_port = free_port(), free_port(), free_port()
-    tasks_health, hooks_health = free_port(), free_port()
-    procs = []
+class Scale:
+    """One scale's nats-server, endpoints and Herald processes, kept up
+    for every round so the rounds of all scales can alternate."""
 
-    def spawn(args, env, name):
-        log = open(OUT / f"endpoints-{count}-{name}.log", "w")
-        p = subprocess.Popen([str(a) for a in args], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-        procs.append(p)
-        return p
-
-    try:
-        spawn([nats_bin, "-a", "127.0.0.1", "-p", nats_port, "-js", "-sd", store], {}, "nats")
+    def __init__(self, herald, nats_bin, count):
+        self.count = count
+        self.store = Path(tempfile.mkdtemp(prefix="herald-bench-endpoints-"))
+        self.procs = []
+        nats_port, self.api_port, self.receiver_port = free_port(), free_port(), free_port()
+        tasks_health, hooks_health = free_port(), free_port()
+        self.spawn([nats_bin, "-a", "127.0.0.1", "-p", nats_port, "-js", "-sd", self.store], {}, "nats")
         wait_port(nats_port)
         url = f"nats://127.0.0.1:{nats_port}"
         key = subprocess.run(
@@ -100,45 +99,64 @@ def measure(herald, driver, nats_bin, count):
             "HERALD_WEBHOOKS__SSRF__ALLOW": '["127.0.0.0/8"]',
             "HERALD_SECRETS__KEY": key,
         }
-        docs = store / "endpoints.yaml"
-        endpoints_file(docs, count, receiver_port)
+        docs = self.store / "endpoints.yaml"
+        endpoints_file(docs, count, self.receiver_port)
         print(f"bench: {count} endpoints: herald endpoints")
         started = time.monotonic()
         subprocess.run([str(herald), "endpoints", str(docs), "--nats-url", url],
                        env={**os.environ, **env}, check=True, capture_output=True)
-        load_s = time.monotonic() - started
+        self.load_s = time.monotonic() - started
         docs.unlink()
 
         started = time.monotonic()
-        api = spawn([herald, "api", "--listen", f"127.0.0.1:{api_port}"], env, "api")
-        tasks = spawn([herald, "worker", "tasks"], {**env, "HERALD_HEALTH__LISTEN": f"127.0.0.1:{tasks_health}"}, "worker-tasks")
-        hooks = spawn([herald, "worker", "webhooks,mail"], {**env, "HERALD_HEALTH__LISTEN": f"127.0.0.1:{hooks_health}"}, "worker-webhooks")
-        ready_s = wait_ready([tasks_health, hooks_health], started)
-        wait_port(api_port)
+        self.api = self.spawn([herald, "api", "--listen", f"127.0.0.1:{self.api_port}"], env, "api")
+        self.tasks = self.spawn(
+            [herald, "worker", "tasks"], {**env, "HERALD_HEALTH__LISTEN": f"127.0.0.1:{tasks_health}"}, "worker-tasks")
+        self.hooks = self.spawn(
+            [herald, "worker", "webhooks,mail"], {**env, "HERALD_HEALTH__LISTEN": f"127.0.0.1:{hooks_health}"},
+            "worker-webhooks")
+        self.ready_s = wait_ready([tasks_health, hooks_health], started)
+        wait_port(self.api_port)
+        self.rounds = []
 
-        print(f"bench: {count} endpoints: closed loop, {TASKS} tasks over {count} users")
-        # Warm-up on other users than the measured run's first ones, so
-        # the run itself starts on a cache that has not seen its users.
-        own_load(driver, api_port, receiver_port, 500, 50, users=min(count, 500), first_user=1)
-        result = own_load(driver, api_port, receiver_port, TASKS, 50, users=count, first_user=1)
-        row = {
-            "endpoints": count,
-            "load_per_s": count / load_s,
-            "load_s": load_s,
-            "ready_s": ready_s,
-            "deliveries_per_s": result["deliveries_per_s"],
-            "missing": result["missing"],
-            "duplicates": result["duplicates"],
-            "rss_mib": {"worker-tasks": rss_mib(tasks.pid), "worker-webhooks": rss_mib(hooks.pid)},
+    def spawn(self, args, env, name):
+        log = open(OUT / f"endpoints-{self.count}-{name}.log", "w")
+        p = subprocess.Popen([str(a) for a in args], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        return p
+
+    def warm_up(self, driver):
+        # Connections open and code paths warm, on the first 500 users.
+        own_load(driver, self.api_port, self.receiver_port, 500, 50, users=min(self.count, 500), first_user=1)
+
+    def run(self, driver):
+        print(f"bench: {self.count} endpoints: closed loop, {TASKS} tasks over {self.count} users")
+        self.rounds.append(own_load(driver, self.api_port, self.receiver_port, TASKS, 50, users=self.count, first_user=1))
+
+    def row(self):
+        per_s = sorted(r["deliveries_per_s"] for r in self.rounds)
+        return {
+            "endpoints": self.count,
+            "load_per_s": self.count / self.load_s,
+            "load_s": self.load_s,
+            "ready_s": self.ready_s,
+            "deliveries_per_s": per_s[len(per_s) // 2],
+            "deliveries_per_s_rounds": [r["deliveries_per_s"] for r in self.rounds],
+            "missing": sum(r["missing"] for r in self.rounds),
+            "duplicates": sum(r["duplicates"] for r in self.rounds),
+            "rss_mib": {"worker-tasks": rss_mib(self.tasks.pid), "worker-webhooks": rss_mib(self.hooks.pid)},
         }
-        stop(api, tasks, hooks)
-        return row
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        shutil.rmtree(store, ignore_errors=True)
+
+    def close(self):
+        live = [p for p in (self.api, self.tasks, self.hooks) if p.poll() is None]
+        try:
+            stop(*live)
+        finally:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            shutil.rmtree(self.store, ignore_errors=True)
 
 
 def main():
@@ -149,12 +167,27 @@ def main():
         sys.exit(f"bench: {nats_bin} missing: run `make tools`")
     print("bench: building herald and herald-bench (release)")
     herald, driver = build_own()
-    rows = [measure(herald, driver, nats_bin, count) for count in SCALES]
+    scales = []
+    try:
+        for count in SCALES:
+            scales.append(Scale(herald, nats_bin, count))
+        for scale in scales:
+            scale.warm_up(driver)
+        # The scales take turns, round after round: this machine's speed
+        # drifts with its neighbours, and each ratio compares medians of
+        # loops run side by side.
+        for _ in range(ROUNDS):
+            for scale in scales:
+                scale.run(driver)
+        rows = [scale.row() for scale in scales]
+    finally:
+        for scale in scales:
+            scale.close()
     (OUT / "results-endpoints.json").write_text(json.dumps(rows, indent=2))
 
     base = rows[0]["deliveries_per_s"]
     print()
-    print(f"endpoint scale (one endpoint per user, {TASKS} tasks over every user, closed loop of 50)")
+    print(f"endpoint scale (one endpoint per user; {ROUNDS} rounds of {TASKS} tasks over every user, closed loop of 50, scales taking turns; median)")
     print(f"  {'endpoints':>10s} {'load/s':>9s} {'ready s':>8s} {'deliveries/s':>13s} {'ratio':>6s} {'RSS tasks':>10s} {'RSS webhooks':>13s} {'lost':>5s} {'dup':>4s}")
     for r in rows:
         print(f"  {r['endpoints']:>10d} {r['load_per_s']:>9.0f} {r['ready_s']:>8.2f} {r['deliveries_per_s']:>13.0f} "

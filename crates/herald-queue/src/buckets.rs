@@ -7,6 +7,8 @@
 //! kept: the next call tries again (a role that starts before the bucket
 //! exists waits for the topology anyway).
 
+use std::sync::Arc;
+
 use async_nats::jetstream::kv;
 use herald_core::names;
 use tokio::sync::OnceCell;
@@ -46,17 +48,20 @@ impl Bucket {
 /// The opened handles, shared by every clone of a [`Broker`].
 #[derive(Debug, Default)]
 pub(crate) struct Buckets {
-    opened: [OnceCell<kv::Store>; Bucket::ALL],
+    opened: [OnceCell<Arc<kv::Store>>; Bucket::ALL],
 }
 
 impl Broker {
-    /// The handle of `bucket`, opened on first use.
-    pub(crate) async fn bucket(&self, bucket: Bucket) -> Result<kv::Store, QueueError> {
+    /// The handle of `bucket`, opened on first use. Shared, not cloned: a
+    /// `kv::Store` carries its stream's whole info and config, dozens of
+    /// allocations a copy, and hot paths ask for it on every read.
+    pub(crate) async fn bucket(&self, bucket: Bucket) -> Result<Arc<kv::Store>, QueueError> {
         self.buckets.opened[bucket as usize]
             .get_or_try_init(|| async {
                 self.jetstream
                     .get_key_value(bucket.name())
                     .await
+                    .map(Arc::new)
                     .map_err(|e| QueueError::request(bucket.open_operation(), e))
             })
             .await
