@@ -1,6 +1,6 @@
-//! Following a KV bucket into memory: the endpoint cache and the set of
-//! disabled endpoints both keep a local view of a bucket true with one
-//! watch.
+//! Following a whole KV bucket into memory with one watch: the set of
+//! disabled endpoints does. (The endpoint cache does not: it holds only the
+//! users looked up, see `endpoints/cache.rs`.)
 //!
 //! Each (re)connection reads the bucket's current records into a fresh
 //! view first and swaps it in once caught up, so what changed while the

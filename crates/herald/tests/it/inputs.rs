@@ -87,6 +87,7 @@ async fn bad_configuration_stops_the_process_with_a_message() {
         ("HERALD_WEBHOOKS__RETRY_SCHEDULE", "[\"soon\"]", "soon"),
         ("HERALD_TASKS__CONCURRENCY", "0", "tasks.concurrency"),
         ("HERALD_HEALTH__LISTEN", "not-an-address", "health.listen"),
+        ("HERALD_ENDPOINT_CACHE__USERS", "0", "endpoint_cache.users"),
         (
             "HERALD_WEBHOOKS__SSRF__ALLOW",
             "[\"10.0.0.0/33\"]",
