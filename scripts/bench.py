@@ -131,13 +131,18 @@ def load_endpoints(herald, store, url, docs):
     environment every Herald process of the run needs."""
     endpoints = store / "endpoints.yaml"
     endpoints.write_text("---\n".join(docs))
-    # Endpoint records are sealed: every role that reads or writes them
-    # needs the same key.
+    env = herald_env(herald, url)
+    write_endpoints(herald, env, endpoints)
+    return env
+
+
+def herald_env(herald, url):
+    """The environment of every Herald process of a run against `url`,
+    with a new key: endpoint records are sealed, and every role that reads
+    or writes them needs the same one."""
     key = subprocess.run(
         [str(herald), "secrets", "new-key", "--id", "bench"], check=True, capture_output=True, text=True
     ).stdout.strip()
-    keyed = {**os.environ, "HERALD_SECRETS__KEY": key}
-    subprocess.run([str(herald), "endpoints", str(endpoints), "--nats-url", url], env=keyed, check=True, capture_output=True)
     return {
         "HERALD_LOG__FILTER": "warn",
         "HERALD_NATS__URL": url,
@@ -146,6 +151,11 @@ def load_endpoints(herald, store, url, docs):
         "HERALD_WEBHOOKS__SSRF__ALLOW": '["127.0.0.0/8"]',
         "HERALD_SECRETS__KEY": key,
     }
+
+
+def write_endpoints(herald, env, path):
+    """`herald endpoints <path>` into the run's NATS."""
+    subprocess.run([str(herald), "endpoints", str(path)], env={**os.environ, **env}, check=True, capture_output=True)
 
 
 def build_own():
@@ -236,15 +246,23 @@ def target(row, value, goal, ok):
     return {"row": row, "value": value, "target": goal, "ok": bool(ok)}
 
 
-def main():
+def prepare(name):
+    """The start of every bench script: target/bench/ without a stale
+    targets-<name>.json (it would report a previous run's targets if this
+    one stops), nats-server from `make tools`, and herald and herald-bench
+    built; returns their paths."""
     OUT.mkdir(parents=True, exist_ok=True)
-    # A stale file would report a previous run's targets if this one stops.
-    (OUT / "targets-bench.json").unlink(missing_ok=True)
+    (OUT / f"targets-{name}.json").unlink(missing_ok=True)
     nats_bin = TOOLS / "bin" / "nats-server"
     if not nats_bin.exists():
         sys.exit(f"bench: {nats_bin} missing: run `make tools`")
     print("bench: building herald and herald-bench (release)")
     herald, driver = build_own()
+    return nats_bin, herald, driver
+
+
+def main():
+    nats_bin, herald, driver = prepare("bench")
     shared = build_shared()
 
     store = Path(tempfile.mkdtemp(prefix="herald-bench-"))

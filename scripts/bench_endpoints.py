@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (  # noqa: E402
-    OUT, TOOLS, build_own, free_port, own_load, rss_mib, stop, wait_port,
+    OUT, free_port, herald_env, own_load, prepare, report_targets, rss_mib, stop, target, wait_port, write_endpoints,
 )
 
 SCALES = [int(n) for n in os.environ.get("BENCH_ENDPOINT_SCALES", "10,10000,1000000").split(",")]
@@ -90,21 +90,12 @@ class Scale:
         self.spawn([nats_bin, "-a", "127.0.0.1", "-p", nats_port, "-js", "-sd", self.store], {}, "nats")
         wait_port(nats_port)
         url = f"nats://127.0.0.1:{nats_port}"
-        key = subprocess.run(
-            [str(herald), "secrets", "new-key", "--id", "bench"], check=True, capture_output=True, text=True
-        ).stdout.strip()
-        env = {
-            "HERALD_LOG__FILTER": "warn",
-            "HERALD_NATS__URL": url,
-            "HERALD_WEBHOOKS__SSRF__ALLOW": '["127.0.0.0/8"]',
-            "HERALD_SECRETS__KEY": key,
-        }
+        env = herald_env(herald, url)
         docs = self.store / "endpoints.yaml"
         endpoints_file(docs, count, self.receiver_port)
         print(f"bench: {count} endpoints: herald endpoints")
         started = time.monotonic()
-        subprocess.run([str(herald), "endpoints", str(docs), "--nats-url", url],
-                       env={**os.environ, **env}, check=True, capture_output=True)
+        write_endpoints(herald, env, docs)
         self.load_s = time.monotonic() - started
         docs.unlink()
 
@@ -160,13 +151,7 @@ class Scale:
 
 
 def main():
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "targets-endpoints.json").unlink(missing_ok=True)
-    nats_bin = TOOLS / "bin" / "nats-server"
-    if not nats_bin.exists():
-        sys.exit(f"bench: {nats_bin} missing: run `make tools`")
-    print("bench: building herald and herald-bench (release)")
-    herald, driver = build_own()
+    nats_bin, herald, driver = prepare("endpoints")
     scales = []
     try:
         for count in SCALES:
@@ -195,20 +180,21 @@ def main():
               f"{r['missing']:>5d} {r['duplicates']:>4d}")
 
     largest = rows[-1]
-    targets = [
-        (f"worker RSS, {largest['endpoints']} endpoints (MiB)", max(largest["rss_mib"].values()), "<= 150", lambda v: v <= 150),
-        ("worker ready, slowest scale (s)", max(r["ready_s"] for r in rows), "<= 5", lambda v: v <= 5),
-        ("herald endpoints, writes/s (largest scale)", largest["load_per_s"], ">= 5000", lambda v: v >= 5000),
-        (f"deliveries/s, {largest['endpoints']} / {rows[0]['endpoints']} endpoints", largest["deliveries_per_s"] / base, ">= 0.8", lambda v: v >= 0.8),
-        ("endpoint scale: lost + duplicated", sum(r["missing"] + r["duplicates"] for r in rows), "0", lambda v: v == 0),
-    ]
-    table = [{"row": name, "value": f"{value:.2f}" if isinstance(value, float) else str(value), "target": target, "ok": ok(value)}
-             for name, value, target, ok in targets]
-    (OUT / "targets-endpoints.json").write_text(json.dumps(table, indent=2))
-    missed = [r["row"] for r in table if not r["ok"]]
+    ratio = largest["deliveries_per_s"] / base
+    rss = max(largest["rss_mib"].values())
+    ready = max(r["ready_s"] for r in rows)
+    lost = sum(r["missing"] + r["duplicates"] for r in rows)
+    missed = report_targets("endpoints", [
+        target(f"worker RSS, {largest['endpoints']} endpoints (MiB)", f"{rss:.1f}", "<= 150", rss <= 150),
+        target("worker ready, slowest scale (s)", f"{ready:.2f}", "<= 5", ready <= 5),
+        target("herald endpoints, writes/s (largest scale)", f"{largest['load_per_s']:.0f}", ">= 5000",
+               largest["load_per_s"] >= 5000),
+        target(f"deliveries/s, {largest['endpoints']} / {rows[0]['endpoints']} endpoints", f"{ratio:.2f}", ">= 0.8",
+               ratio >= 0.8),
+        target("endpoint scale: lost + duplicated", str(lost), "0", lost == 0),
+    ])
     if missed:
         sys.exit("bench: target missed: " + ", ".join(missed))
-
 
 if __name__ == "__main__":
     main()

@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (  # noqa: E402
-    OUT, TOOLS, build_own, endpoint_doc, free_port, load_endpoints, own_load, report_targets, target, wait_port,
+    OUT, endpoint_doc, free_port, load_endpoints, own_load, prepare, report_targets, target, wait_port,
 )
 
 RATE = int(os.environ.get("BENCH_ISOLATION_RATE", "500"))
@@ -132,12 +132,7 @@ def wait_for(what, condition, deadline_s):
 
 
 def main():
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "targets-isolation.json").unlink(missing_ok=True)
-    nats_bin = TOOLS / "bin" / "nats-server"
-    if not nats_bin.exists():
-        sys.exit(f"bench: {nats_bin} missing: run `make tools`")
-    herald, driver = build_own()
+    nats_bin, herald, driver = prepare("isolation")
 
     store = Path(tempfile.mkdtemp(prefix="herald-bench-isolation-"))
     nats_port, mon_port, api_port, receiver_port = free_port(), free_port(), free_port(), free_port()
