@@ -7,7 +7,7 @@ mod cache;
 use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::kv;
-pub use cache::{EndpointCache, Found, MAX_ENDPOINTS_PER_USER, UserEndpoints};
+pub use cache::{EndpointCache, Found, UserEndpoints};
 use futures::StreamExt;
 use herald_core::{
     EndpointId, UserId,

@@ -53,7 +53,7 @@ use crate::{Broker, QueueError, backoff::Backoff, buckets::Bucket, connect::REQU
 
 /// The most records one batched direct get returns (the server's limit);
 /// a user with more endpoints cannot be looked up.
-pub const MAX_ENDPOINTS_PER_USER: usize = 1024;
+const MAX_ENDPOINTS_PER_USER: usize = 1024;
 
 /// Changes the watch remembers, whatever users they are of, so that a
 /// read answered by a replica that has not seen one yet is noticed (see

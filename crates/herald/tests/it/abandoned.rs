@@ -11,7 +11,7 @@ use herald_testkit::{Mailpit, NatsServer, ReceiverBehaviour, TestReceiver, wait_
 use serde_json::{Value, json};
 
 use crate::harness::{
-    DEADLINE, Herald, add_endpoint, broker, schedule, test_config, worker_command,
+    DEADLINE, Herald, add_endpoint, broker, durable_consumer, schedule, test_config, worker_command,
 };
 
 /// Settings every process of these tests shares: two deliveries, one-second
@@ -36,14 +36,7 @@ pub(crate) fn config(nats: &NatsServer, mail: &Mailpit) -> herald::config::Confi
 
 /// Deliveries the work-queue consumer `consumer` of `stream` has made.
 async fn deliveries(broker: &Broker, stream: &str, consumer: &str) -> u64 {
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = broker
-        .jetstream_for_tests()
-        .get_stream(stream)
-        .await
-        .unwrap()
-        .get_consumer(consumer)
-        .await
-        .unwrap();
+    let mut consumer = durable_consumer(broker, stream, consumer).await;
     consumer.info().await.unwrap().delivered.consumer_sequence
 }
 

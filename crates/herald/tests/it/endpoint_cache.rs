@@ -7,7 +7,11 @@
 
 use std::sync::Arc;
 
-use herald_core::{EndpointId, UserId, keyring::Keyring};
+use herald_core::{
+    EndpointId, UserId,
+    keyring::Keyring,
+    metrics::{CacheResult, metrics},
+};
 use herald_queue::endpoints::{self, EndpointCache, Found, UserEndpoints};
 use herald_testkit::{NatsServer, wait_until};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -39,6 +43,14 @@ async fn watching(nats: &NatsServer, capacity: usize) -> Watching {
         .await
         .expect("the endpoint cache did not start watching");
     Watching { cache, stop }
+}
+
+/// `herald_endpoint_cache_lookups_total{result}` of this process.
+fn lookups(result: &'static str) -> u64 {
+    metrics()
+        .endpoint_cache_lookups
+        .get_or_create(&CacheResult { result })
+        .get()
 }
 
 fn user(name: &str) -> UserId {
@@ -74,9 +86,15 @@ async fn a_miss_is_read_and_the_watch_keeps_it_true() {
     // Nothing is read before it is asked for.
     assert!(w.cache.peek(&c1).is_none());
     assert_eq!(w.cache.cached_users(), 0);
+    let (hits, misses) = (lookups("hit"), lookups("miss"));
     let found = w.cache.user(&c1).await.unwrap();
     assert_eq!(urls(&found), ["https://one.example.com/in"]);
     assert_eq!(w.cache.cached_users(), 1, "only the user asked for");
+    w.cache.user(&c1).await.unwrap();
+    // Counted in the process-wide metrics, which other tests of this
+    // binary add to as well: at least this test's miss and hit.
+    assert!(lookups("miss") > misses, "the miss is counted");
+    assert!(lookups("hit") > hits, "the hit is counted");
 
     // A changed URL and a second endpoint reach the cached user through
     // the watch.

@@ -223,6 +223,23 @@ pub async fn add_endpoint_spec(
     (config, secret)
 }
 
+/// The durable consumer `consumer` of `stream`, as a test taking or
+/// counting its messages sees it.
+pub async fn durable_consumer(
+    broker: &Broker,
+    stream: &str,
+    consumer: &str,
+) -> async_nats::jetstream::consumer::PullConsumer {
+    broker
+        .jetstream_for_tests()
+        .get_stream(stream)
+        .await
+        .unwrap()
+        .get_consumer(consumer)
+        .await
+        .unwrap()
+}
+
 pub async fn broker(nats: &NatsServer) -> Broker {
     let broker = herald_queue::connect(&nats.url(), "herald-test-setup")
         .await

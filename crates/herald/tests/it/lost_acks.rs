@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
 use herald::{cli::WorkerKind, roles::Roles};
 use herald_core::{
@@ -16,7 +15,9 @@ use herald_testkit::{NatsServer, ReceiverBehaviour, TestReceiver, wait_until};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::harness::{DEADLINE, Herald, add_endpoint, broker, test_config, worker_command};
+use crate::harness::{
+    DEADLINE, Herald, add_endpoint, broker, durable_consumer, test_config, worker_command,
+};
 
 #[tokio::test]
 async fn a_job_delivered_before_its_ack_was_lost_is_not_sent_again() {
@@ -38,14 +39,8 @@ async fn a_job_delivered_before_its_ack_was_lost_is_not_sent_again() {
     let unrecorded = herald.accept("90", "echo", json!({ "n": 2 })).await;
 
     let broker = broker(&nats).await;
-    let consumer: PullConsumer = broker
-        .jetstream_for_tests()
-        .get_stream(names::WEBHOOKS_STREAM)
-        .await
-        .unwrap()
-        .get_consumer(names::WEBHOOKS_CONSUMER)
-        .await
-        .unwrap();
+    let consumer =
+        durable_consumer(&broker, names::WEBHOOKS_STREAM, names::WEBHOOKS_CONSUMER).await;
     let mut jobs: Vec<DeliveryJob> = Vec::new();
     let deadline = Instant::now() + DEADLINE;
     while jobs.len() < 2 {

@@ -18,7 +18,9 @@ use serde_json::{Value, json};
 
 use crate::{
     abandoned,
-    harness::{DEADLINE, Herald, add_endpoint, broker, test_config, worker_command},
+    harness::{
+        DEADLINE, Herald, add_endpoint, broker, durable_consumer, test_config, worker_command,
+    },
 };
 
 /// Stores a replay request with any fields, under its own subject and the
@@ -171,14 +173,7 @@ async fn a_replay_request_past_max_deliver_while_no_task_worker_runs_is_recorded
     publish_request(&broker, request("43", task, "default_x", "rd-stuck"), "s").await;
 
     // Taken twice and never acked, as by task workers that died on it.
-    let consumer: PullConsumer = broker
-        .jetstream_for_tests()
-        .get_stream(names::TASKS_STREAM)
-        .await
-        .unwrap()
-        .get_consumer(names::TASKS_CONSUMER)
-        .await
-        .unwrap();
+    let consumer = durable_consumer(&broker, names::TASKS_STREAM, names::TASKS_CONSUMER).await;
     for delivery in 1..=2 {
         wait_until(&format!("delivery {delivery}"), DEADLINE, || async {
             let mut batch = consumer
