@@ -150,7 +150,19 @@ async fn consume<H: MessageHandler>(
     'subscribe: while !shutdown.is_cancelled() {
         let consumer = match pull_consumer(&broker, &settings).await {
             Ok(c) => c,
-            Err(e) => {
+            Err(Lookup::NoAnswer) => {
+                // A failover: the consumer's leader died and its peers are
+                // electing another. Nothing to recreate; ask again soon.
+                tracing::warn!(
+                    consumer = consumer_name,
+                    "consumer not answering (a leader election?); asking again"
+                );
+                if !backoff.wait(&shutdown).await {
+                    break;
+                }
+                continue;
+            }
+            Err(Lookup::Failed(e)) => {
                 if settings.manage_topology {
                     tracing::warn!(consumer = consumer_name, error = %e, "consumer unavailable; recreating topology");
                     let _ = topology::ensure(&broker, &topology_config).await;
@@ -269,19 +281,39 @@ async fn free_slots(slots: &Arc<Semaphore>) -> Vec<OwnedSemaphorePermit> {
     permits
 }
 
+/// Why a consumer could not be looked up.
+enum Lookup {
+    /// Nobody answered within [`LOOKUP_WAIT`]: while a consumer's peers
+    /// elect a new leader, its requests go unanswered for a few seconds.
+    NoAnswer,
+    /// An answer that was not the consumer: it or its stream is missing,
+    /// or the request failed.
+    Failed(crate::QueueError),
+}
+
+/// How long a consumer lookup waits for its answer. A live consumer
+/// answers in milliseconds; this is what one try costs during a leader
+/// election, so it is well below the client's request timeout (which
+/// would otherwise end the wait as an error to recreate topology for).
+const LOOKUP_WAIT: Duration = Duration::from_secs(1);
+
 async fn pull_consumer(
     broker: &Broker,
     settings: &ConsumerSettings,
-) -> Result<PullConsumer, crate::QueueError> {
+) -> Result<PullConsumer, Lookup> {
     let stream = broker
         .jetstream
         .get_stream_no_info(settings.stream)
         .await
-        .map_err(|e| crate::QueueError::request("get stream", e))?;
-    stream
-        .get_consumer(settings.consumer)
-        .await
-        .map_err(|e| crate::QueueError::request("get consumer", e))
+        .map_err(|e| Lookup::Failed(crate::QueueError::request("get stream", e)))?;
+    match tokio::time::timeout(LOOKUP_WAIT, stream.get_consumer(settings.consumer)).await {
+        Ok(Ok(consumer)) => Ok(consumer),
+        Ok(Err(e)) => Err(Lookup::Failed(crate::QueueError::request(
+            "get consumer",
+            e,
+        ))),
+        Err(_) => Err(Lookup::NoAnswer),
+    }
 }
 
 /// Hands back what the open pull delivers in the next moments, so another worker
