@@ -51,8 +51,12 @@ pub enum ApiError {
     /// it; `code` says which state.
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
-    /// NATS is down or slow: nothing was accepted, try again.
-    #[error("the task queue is unavailable; nothing was stored, retry later")]
+    /// NATS is down or did not answer in time: nothing was accepted, try
+    /// again. (A task whose store went unanswered may have been stored; a
+    /// retry with an `Idempotency-Key` finds it instead of storing another.)
+    #[error(
+        "the task queue is unavailable; retry later (with an Idempotency-Key a retry never stores a task twice)"
+    )]
     Unavailable(#[source] QueueError),
 }
 

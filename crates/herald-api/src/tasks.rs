@@ -41,9 +41,13 @@ pub(crate) struct Accepted {
 /// Post a task.
 ///
 /// The body is the task's input, any JSON (an empty body is `null`). The
-/// answer is `201` once JetStream has stored the task, never before; `503`
-/// means nothing was stored. With an `Idempotency-Key`, posting again
-/// answers with the same task id and stores nothing new.
+/// answer is `201` once JetStream has stored the task, never before. While
+/// NATS fails over, the API keeps trying for `topology.store_timeout`, and the
+/// stream stores the task once however many tries it took. `503` means it
+/// was not stored, or that NATS stopped answering for all of that time
+/// after the task was sent, when it may have been: posting again with an
+/// `Idempotency-Key` is always safe. With an `Idempotency-Key`, posting
+/// again answers with the same task id and stores nothing new.
 #[utoipa::path(
     post,
     path = "/users/{user}/tasks/{task}",
@@ -80,7 +84,7 @@ pub(crate) struct Accepted {
         (status = 408, description = "The body was not sent within `api.body_read_timeout`.", body = ErrorBody),
         (status = 413, description = "The body is larger than `api.max_body_bytes`, or than the NATS server's `max_payload` less Herald's envelope; the message names the limit.", body = ErrorBody),
         (status = 415, description = "The body is not `application/json` (or `application/*+json`).", body = ErrorBody),
-        (status = 503, description = "NATS is unavailable: nothing was stored, retry later.", body = ErrorBody,
+        (status = 503, description = "NATS is unavailable: the task was not stored (or, if NATS stopped answering after it was sent, may have been: retry with an Idempotency-Key), retry later.", body = ErrorBody,
             headers(("Retry-After" = String, description = "Seconds to wait."))),
     ),
 )]
@@ -118,7 +122,10 @@ pub(crate) async fn create(
             accepted_at_ms: herald_core::now_ms(),
             input,
         };
-        state.broker.publish(Outgoing::task(&message)).await?;
+        state
+            .broker
+            .publish_stored(Outgoing::task(&message))
+            .await?;
         herald_core::metrics::metrics().tasks_accepted.inc();
     }
     let location = format!("/users/{user}/tasks/{id}");

@@ -8,11 +8,13 @@
 //! ever be let in must not sit there looking healthy. A server that is not
 //! up yet is not an error: the client keeps trying in the background.
 
+mod link;
 mod settings;
 
 use std::{sync::Arc, time::Duration};
 
 use async_nats::{Client, jetstream};
+use link::Link;
 use serde::{Deserialize, Serialize};
 use settings::Settings;
 
@@ -111,6 +113,10 @@ pub struct Broker {
     pub(crate) jetstream: jetstream::Context,
     pub(crate) buckets: Arc<Buckets>,
     settings: Arc<Settings>,
+    /// `topology.store_timeout`: how long a publish that can be sent again
+    /// safely keeps trying through a failover.
+    pub(crate) store_timeout: Duration,
+    pub(crate) link: Arc<Link>,
 }
 
 /// How long a JetStream request (publish ack, API call) may take before the
@@ -137,8 +143,9 @@ pub async fn connect_with(config: &NatsConfig, name: &str) -> Result<Broker, Con
     }
     // The role's own client, with reconnects; the probe connection above
     // (if any) is dropped.
+    let link = Arc::new(Link::default());
     let client = settings
-        .options(true)
+        .options(Some(link.clone()))
         .connect(settings.servers.as_slice())
         .await
         .map_err(|e| ConnectError::Setting {
@@ -153,10 +160,21 @@ pub async fn connect_with(config: &NatsConfig, name: &str) -> Result<Broker, Con
         jetstream,
         buckets: Arc::default(),
         settings,
+        store_timeout: crate::TopologyConfig::default().store_timeout,
+        link,
     })
 }
 
 impl Broker {
+    /// This broker with `topology.store_timeout` set: see
+    /// [`Broker::publish_stored`].
+    pub fn storing_within(self, store_timeout: Duration) -> Broker {
+        Broker {
+            store_timeout,
+            ..self
+        }
+    }
+
     /// Sends what the client has buffered and waits for the server to have
     /// it (core NATS); JetStream publishes wait for their acks anyway.
     pub async fn flush(&self) -> Result<(), QueueError> {

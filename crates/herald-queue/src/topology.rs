@@ -23,6 +23,13 @@ pub struct TopologyConfig {
     /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate.
     #[serde(with = "herald_core::duration_serde")]
     pub duplicate_window: Duration,
+    /// How long a publish keeps trying while NATS fails over (a reconnect
+    /// to another server, a stream electing a new leader) before giving up:
+    /// a POST then answers 503, a worker takes its message up again later.
+    /// Every try carries the same `Nats-Msg-Id`, so it must be shorter than
+    /// `duplicate_window`.
+    #[serde(with = "herald_core::duration_serde")]
+    pub store_timeout: Duration,
     /// How long task history (attempts, mail outcomes) is kept.
     #[serde(with = "herald_core::duration_serde")]
     pub attempts_max_age: Duration,
@@ -58,6 +65,7 @@ impl Default for TopologyConfig {
             replicas: 1,
             storage: Storage::File,
             duplicate_window: Duration::from_secs(120),
+            store_timeout: Duration::from_secs(10),
             attempts_max_age: Duration::from_secs(30 * 24 * 3600),
             task_records_max_age: Duration::from_secs(30 * 24 * 3600),
             max_message_bytes: 2 * 1024 * 1024,

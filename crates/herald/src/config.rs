@@ -282,12 +282,19 @@ impl Config {
                 herald_core::json::SERDE_DEPTH_LIMIT
             );
         }
+        if self.topology.store_timeout >= self.topology.duplicate_window {
+            bail!(
+                "invalid configuration: topology.store_timeout must be shorter than topology.duplicate_window \
+                 (a task sent again after the window could be stored twice)"
+            );
+        }
         if self.api.max_connections == 0 {
             bail!("invalid configuration: api.max_connections must be at least 1");
         }
         for (name, value) in [
             ("api.header_read_timeout", self.api.header_read_timeout),
             ("api.body_read_timeout", self.api.body_read_timeout),
+            ("topology.store_timeout", self.topology.store_timeout),
         ] {
             if value.is_zero() {
                 bail!("invalid configuration: {name} must be longer than 0s");

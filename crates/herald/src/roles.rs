@@ -78,7 +78,9 @@ pub async fn run(config: Config, roles: Roles, shutdown: CancellationToken) -> a
     } else {
         None
     };
-    let broker = herald_queue::connect_with(&config.nats, "herald").await?;
+    let broker = herald_queue::connect_with(&config.nats, "herald")
+        .await?
+        .storing_within(config.topology.store_timeout);
     run_with(
         config,
         roles,

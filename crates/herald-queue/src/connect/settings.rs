@@ -2,12 +2,12 @@
 //! secret files read at start, the options of each connection attempt, and
 //! what to tell the operator when the server turns the process away.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::{Client, ConnectErrorKind, ConnectOptions, ServerAddr};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
-use super::{ConnectError, NatsConfig, NatsTlsConfig, REQUEST_TIMEOUT};
+use super::{ConnectError, Link, NatsConfig, NatsTlsConfig, REQUEST_TIMEOUT};
 
 fn setting(setting: &'static str, message: impl Into<String>) -> ConnectError {
     ConnectError::Setting {
@@ -188,7 +188,7 @@ impl Settings {
 
     /// The options of one client; `retry` keeps trying while the server is
     /// not up (the role's long-lived client), otherwise one attempt.
-    pub(super) fn options(&self, retry: bool) -> ConnectOptions {
+    pub(super) fn options(&self, retry: Option<Arc<Link>>) -> ConnectOptions {
         let mut options = match &self.credentials {
             Credentials::None => ConnectOptions::new(),
             Credentials::Creds(text) => {
@@ -220,15 +220,21 @@ impl Settings {
             .name(&self.name)
             .connection_timeout(Duration::from_secs(2))
             .request_timeout(Some(REQUEST_TIMEOUT));
-        if retry {
+        if let Some(link) = retry {
             let settings = self.credentials.settings();
             options = options
                 .retry_on_initial_connect()
                 .max_reconnects(None)
-                .event_callback(move |event| async move {
+                .event_callback(move |event| {
+                    let link = link.clone();
+                    async move {
                     match event {
-                        async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                        async_nats::Event::Connected => {
+                            link.connected();
+                            tracing::info!("connected to NATS")
+                        }
                         async_nats::Event::Disconnected => {
+                            link.lost();
                             tracing::warn!("disconnected from NATS")
                         }
                         // A reconnect turned away: revoked credentials, a
@@ -243,6 +249,7 @@ impl Settings {
                             tracing::error!(error = %e, "NATS server error")
                         }
                         other => tracing::debug!(event = %other, "NATS event"),
+                    }
                     }
                 });
         }
@@ -304,7 +311,7 @@ impl Settings {
     /// One connection attempt: the server's answer, or `Ok(None)` when it
     /// could not be reached at all.
     pub(super) async fn try_once(&self) -> Result<Option<Client>, ConnectError> {
-        match self.options(false).connect(self.servers.as_slice()).await {
+        match self.options(None).connect(self.servers.as_slice()).await {
             Ok(client) => Ok(Some(client)),
             Err(e) => match self.refusal(&e) {
                 Some(refused) => Err(refused),

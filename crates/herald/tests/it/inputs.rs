@@ -88,6 +88,12 @@ async fn bad_configuration_stops_the_process_with_a_message() {
         ("HERALD_TASKS__CONCURRENCY", "0", "tasks.concurrency"),
         ("HERALD_HEALTH__LISTEN", "not-an-address", "health.listen"),
         ("HERALD_ENDPOINT_CACHE__USERS", "0", "endpoint_cache.users"),
+        // A task sent again after the duplicate window could be stored twice.
+        (
+            "HERALD_TOPOLOGY__STORE_TIMEOUT",
+            "5m",
+            "topology.store_timeout must be shorter than topology.duplicate_window",
+        ),
         (
             "HERALD_WEBHOOKS__SSRF__ALLOW",
             "[\"10.0.0.0/33\"]",

@@ -20,21 +20,31 @@ use crate::harness::{
     DEADLINE, Herald, add_endpoint, broker, schedule, test_config, worker_command, worker_process,
 };
 
+/// While NATS is down for longer than `topology.store_timeout`, a POST
+/// keeps trying for that long, then answers 503; once NATS is back, tasks
+/// flow again without a restart.
 #[tokio::test]
 async fn the_api_answers_503_while_nats_is_down_and_recovers_without_restart() {
     let mut nats = NatsServer::start().await;
     let receiver = TestReceiver::start(ReceiverBehaviour::Ok).await;
     add_endpoint(&nats, "8", "hooks", &receiver.url("/hooks"), None).await;
-    let herald = Herald::start(test_config(&nats, None), Roles::all()).await;
+    let mut config = test_config(&nats, None);
+    config.topology.store_timeout = Duration::from_secs(1);
+    let herald = Herald::start(config, Roles::all()).await;
     let before = herald.accept("8", "echo", json!({ "n": "before" })).await;
     herald.wait_for_state("8", &before, "delivered").await;
 
     nats.stop().await;
+    let posted = std::time::Instant::now();
     let (status, body) = herald
         .post_task("8", "echo", json!({ "n": "during" }))
         .await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "unavailable");
+    assert!(
+        posted.elapsed() >= Duration::from_secs(1),
+        "the POST kept trying for topology.store_timeout, a reconnect away, before answering"
+    );
     let ready = herald
         .http
         .get(format!("{}/readyz", herald.api))
@@ -67,6 +77,50 @@ async fn the_api_answers_503_while_nats_is_down_and_recovers_without_restart() {
     )
     .await;
     assert!(second.received().iter().any(|w| w.body.contains(&both)));
+    herald.stop().await;
+}
+
+/// A POST that arrives while NATS restarts waits for it (within
+/// `topology.store_timeout`) and answers 201 instead of 503: the task is
+/// stored once and delivered once.
+#[tokio::test]
+async fn a_task_posted_while_nats_restarts_is_stored_once_it_is_back() {
+    let mut nats = NatsServer::start().await;
+    let receiver = TestReceiver::start(ReceiverBehaviour::Ok).await;
+    add_endpoint(&nats, "9", "hooks", &receiver.url("/hooks"), None).await;
+    let mut config = test_config(&nats, None);
+    config.topology.store_timeout = Duration::from_secs(30);
+    let herald = Herald::start(config, Roles::all()).await;
+    let ready = || async {
+        let answer = herald
+            .http
+            .get(format!("{}/readyz", herald.api))
+            .send()
+            .await;
+        answer.map(|a| a.status().as_u16()).ok()
+    };
+
+    nats.stop().await;
+    // The API knows its connection is gone before the task arrives, so the
+    // POST below meets a disconnected client.
+    wait_until("the API to see NATS gone", DEADLINE, || async {
+        (ready().await == Some(503)).then_some(())
+    })
+    .await;
+    let post = herald.post_task("9", "echo", json!({ "n": "across the restart" }));
+    let restart = async {
+        nats.start_again().await;
+    };
+    let ((status, body), ()) = tokio::join!(post, restart);
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    herald.wait_for_state("9", &id, "delivered").await;
+    let webhooks = receiver
+        .received()
+        .iter()
+        .filter(|w| w.body.contains(&id))
+        .count();
+    assert_eq!(webhooks, 1, "stored once, delivered once");
     herald.stop().await;
 }
 
