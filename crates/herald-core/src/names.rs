@@ -127,6 +127,23 @@ pub fn delivery_msg_id(task: &TaskId, endpoint: &EndpointId) -> String {
     format!("{task}.{endpoint}")
 }
 
+/// `Nats-Msg-Id` of the history record of the attempt made at `at_ms`, so
+/// the record is stored once however often its publish is sent again
+/// through a NATS failover, while a second real attempt with the same
+/// number (after a lost ack) is recorded as the separate try it was.
+pub fn attempt_record_msg_id(
+    task: &TaskId,
+    endpoint: &EndpointId,
+    redelivery: Option<&str>,
+    attempt: u32,
+    at_ms: u64,
+) -> String {
+    format!(
+        "{}.at{at_ms}",
+        attempt_msg_id(task, endpoint, redelivery, attempt)
+    )
+}
+
 /// `Nats-Msg-Id` of attempt `attempt` of a delivery (in redelivery round
 /// `redelivery`, if any), so a worker that repeats its work after a lost ack
 /// cannot schedule the same attempt twice.

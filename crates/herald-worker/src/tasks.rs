@@ -253,7 +253,10 @@ impl TaskWorker {
         // then fail too, and the task come back).
         let endpoints = self.endpoints.user(&task.user).await.unwrap_or(endpoints);
         let mut outputs = self.outputs(&task, &endpoints, outcome);
-        let mut published = self.broker.publish_all(outputs.messages.clone()).await;
+        let mut published = self
+            .broker
+            .publish_all_stored(outputs.messages.clone())
+            .await;
         if let Err(e) = &published
             && e.is_too_large()
             && outputs.outcome == HandlerOutcome::Completed
@@ -264,7 +267,10 @@ impl TaskWorker {
             let error = format!("{}: {e}", too_large(largest, self.broker.max_payload()));
             tracing::warn!(task = %task.id, %error, "task result too large to store");
             outputs = self.outputs_of(&task, &endpoints, Err(error));
-            published = self.broker.publish_all(outputs.messages.clone()).await;
+            published = self
+                .broker
+                .publish_all_stored(outputs.messages.clone())
+                .await;
         }
         match published {
             // Ack: the jobs and the record are stored.

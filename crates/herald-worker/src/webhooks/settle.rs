@@ -100,7 +100,14 @@ impl Attempt<'_> {
         next_delay: Option<Duration>,
     ) -> Outgoing {
         let job = self.job;
-        Outgoing::task_event(
+        let msg_id = names::attempt_record_msg_id(
+            &job.task,
+            &job.endpoint,
+            job.redelivery.as_deref(),
+            self.number,
+            self.at_ms,
+        );
+        Outgoing::task_event_once(
             &job.user,
             &job.task,
             TaskEvent::Delivery(DeliveryAttempt {
@@ -116,6 +123,7 @@ impl Attempt<'_> {
                 next_attempt_in_ms: next_delay.map(|d| d.as_millis() as u64),
                 redelivery: job.redelivery.clone(),
             }),
+            msg_id,
         )
     }
 
@@ -219,9 +227,10 @@ impl WebhookWorker {
     }
 }
 
-/// Stores `records` (publish), then settles `message` with `ack`. If
-/// storing fails, the job is retried shortly instead, so no outcome is
-/// lost.
+/// Stores `records` (publish, through a NATS failover: the request was
+/// made, and a job taken up again would make it twice), then settles
+/// `message` with `ack`. If storing fails, the job is retried shortly
+/// instead, so no outcome is lost.
 pub(super) async fn settle(
     broker: &Broker,
     message: &Message,
@@ -229,7 +238,7 @@ pub(super) async fn settle(
     records: Vec<Outgoing>,
     ack: AckKind,
 ) {
-    match broker.publish_all(records).await {
+    match broker.publish_all_stored(records).await {
         Ok(_) => {
             if let Err(e) = message.ack_with(ack).await {
                 tracing::warn!(task = %task, error = %e, "ack failed; the job will be redelivered");
@@ -384,6 +393,24 @@ mod tests {
         let stored = stored_job(&back);
         assert_eq!(stored.attempt, 2);
         assert_eq!(stored.rate_slot_ms, Some(9_000));
+    }
+
+    #[test]
+    fn an_attempt_record_is_stored_once_however_often_it_is_sent() {
+        let job = job();
+        let record = |number, at_ms| {
+            an_attempt(&job, "https://hooks.example.com/in", number, at_ms)
+                .event(AttemptOutcome::Delivered, None, None)
+                .msg_id
+                .expect("an attempt record carries a Nats-Msg-Id")
+        };
+        assert_eq!(record(1, 5_000), record(1, 5_000), "sent again: one record");
+        assert_ne!(
+            record(1, 5_000),
+            record(1, 6_000),
+            "the same attempt made again after a lost ack is a second try, recorded as such"
+        );
+        assert_ne!(record(1, 5_000), record(2, 5_000));
     }
 
     #[test]
