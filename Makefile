@@ -45,13 +45,15 @@ lint: tools control-plane
 	$(HERALD_TOOLS)/bin/cargo-deny --offline --locked check licenses bans sources
 
 ## bench: the whole pipeline under load, then isolation between endpoints and
-## shared rate limits, then 10 to 1,000,000 endpoints (docs/benchmarks.md);
+## shared rate limits, then 10 to 1,000,000 endpoints, then a node of a
+## three-server JetStream cluster killed mid-run (docs/benchmarks.md);
 ## every run happens, then it fails naming each target missed
 bench: tools
 	@status=0; \
 	python3 scripts/bench.py || status=1; \
 	python3 scripts/bench_isolation.py || status=1; \
 	python3 scripts/bench_endpoints.py || status=1; \
+	python3 scripts/bench_cluster.py || status=1; \
 	python3 scripts/bench_targets.py || status=1; \
 	exit $$status
 

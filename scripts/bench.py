@@ -155,7 +155,9 @@ def herald_env(herald, url):
 
 def write_endpoints(herald, env, path):
     """`herald endpoints <path>` into the run's NATS."""
-    subprocess.run([str(herald), "endpoints", str(path)], env={**os.environ, **env}, check=True, capture_output=True)
+    run = subprocess.run([str(herald), "endpoints", str(path)], env={**os.environ, **env}, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"bench: herald endpoints failed ({run.returncode}):\n{run.stderr[-3000:]}")
 
 
 def build_own():

@@ -18,6 +18,7 @@ SCRIPTS = {
     "bench": "scripts/bench.py",
     "isolation": "scripts/bench_isolation.py",
     "endpoints": "scripts/bench_endpoints.py",
+    "cluster": "scripts/bench_cluster.py",
 }
 
 

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use serde::Serialize;
@@ -59,6 +59,53 @@ pub struct Tally {
     pub post_ms: Option<Percentiles>,
     pub late_sends: usize,
     pub unsent: usize,
+    /// When tasks got their first webhook, as counts per interval of the
+    /// wall clock: how a bench that broke something mid-run sees the rate
+    /// fall and come back.
+    pub first_webhooks: Timeline,
+}
+
+/// Counts of events per `interval_s` from `start_unix_s` (seconds since
+/// the Unix epoch, the start of `counts[0]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Timeline {
+    pub start_unix_s: f64,
+    pub interval_s: f64,
+    pub counts: Vec<usize>,
+}
+
+/// The interval of [`Tally::first_webhooks`].
+const TIMELINE_INTERVAL_S: f64 = 0.25;
+
+impl Timeline {
+    pub fn of(events: impl IntoIterator<Item = SystemTime>, interval_s: f64) -> Timeline {
+        let unix_s = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64()
+        };
+        let events: Vec<f64> = events.into_iter().map(unix_s).collect();
+        let Some(first) = events.iter().copied().reduce(f64::min) else {
+            return Timeline {
+                interval_s,
+                ..Timeline::default()
+            };
+        };
+        let start_unix_s = (first / interval_s).floor() * interval_s;
+        let mut counts = Vec::new();
+        for event in events {
+            let index = ((event - start_unix_s) / interval_s) as usize;
+            if counts.len() <= index {
+                counts.resize(index + 1, 0);
+            }
+            counts[index] += 1;
+        }
+        Timeline {
+            start_unix_s,
+            interval_s,
+            counts,
+        }
+    }
 }
 
 impl Tally {
@@ -169,6 +216,7 @@ pub fn tally(sending: &Sending, arrivals: &[Arrival]) -> Tally {
         ),
         late_sends: sending.late_sends,
         unsent: sending.unsent,
+        first_webhooks: Timeline::of(first_arrival.values().map(|a| a.wall), TIMELINE_INTERVAL_S),
     }
 }
 
@@ -194,7 +242,7 @@ pub fn ms(p: &Option<Percentiles>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
+    use std::time::Duration;
 
     use super::*;
     use crate::load::Sent;
@@ -252,5 +300,14 @@ mod tests {
         assert_eq!(t.strays, 1);
         assert_eq!(t.unreadable, 1);
         assert!(!t.clean());
+    }
+
+    #[test]
+    fn the_timeline_counts_events_per_interval_from_the_first() {
+        let at = |s: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(s);
+        let timeline = Timeline::of([at(100.6), at(100.1), at(100.2), at(101.9)], 0.5);
+        assert_eq!(timeline.start_unix_s, 100.0);
+        assert_eq!(timeline.counts, vec![2, 1, 0, 1]);
+        assert_eq!(Timeline::of([], 0.5).counts, Vec::<usize>::new());
     }
 }
