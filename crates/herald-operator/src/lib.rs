@@ -8,7 +8,11 @@ mod leader;
 mod reconcile;
 mod tenancy;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::StreamExt;
 use herald_crd::WebhookEndpoint;
@@ -16,13 +20,18 @@ use herald_queue::{Broker, endpoints::RecordWriter};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{
     Api, Client, ResourceExt,
-    runtime::{Controller, events::Recorder, reflector::ObjectRef, watcher},
+    runtime::{
+        Controller, WatchStreamExt, controller,
+        events::Recorder,
+        reflector::{self, ObjectRef},
+        watcher,
+    },
 };
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use leader::{LeaderElector, LeaseSettings};
-use reconcile::{Context, error_policy, generated_secret_name, reconcile};
+use reconcile::{Context, error_policy, reconcile, uses_secret};
 pub use tenancy::TenancyConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +56,10 @@ pub struct OperatorConfig {
     /// Delay before retrying a reconcile that failed (API or NATS error).
     #[serde(with = "herald_core::duration_serde")]
     pub error_backoff: Duration,
+    /// Resources reconciled at once. Each reconcile makes a few API
+    /// requests; unbounded, a start on thousands of resources sends them
+    /// all at once and the API server answers with timeouts.
+    pub concurrency: u16,
     /// Which users each namespace may serve, declared by the cluster admin.
     pub tenancy: TenancyConfig,
 }
@@ -61,6 +74,7 @@ impl Default for OperatorConfig {
             renew_interval: Duration::from_secs(5),
             health_resync: Duration::from_secs(30),
             error_backoff: Duration::from_secs(5),
+            concurrency: 64,
             tenancy: TenancyConfig::default(),
         }
     }
@@ -161,8 +175,18 @@ pub async fn run(
         recorder,
         config,
     });
-    let controller = Controller::new(endpoints, watcher::Config::default());
-    let store = controller.store();
+    // A resource is reconciled when what the reconciler acts on changes
+    // (see `what_reconciling_reads`), not on its own status patches: with
+    // every status change going round again, each health refresh made
+    // every resource's reads twice.
+    let (store, writer) = reflector::store();
+    let changed = watcher(endpoints, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(what_reconciling_reads, Default::default());
+    let controller = Controller::for_stream(changed, store.clone())
+        .with_config(controller::Config::default().concurrency(context.config.concurrency));
     let namespace_store = store.clone();
     let stop = leading.clone();
     let controller = if tenancy_annotation {
@@ -195,16 +219,14 @@ pub async fn run(
         // A Secret change reconciles every resource that uses it: the one
         // it names in secretRef, or the one whose generated Secret it is.
         .watches(secrets, watcher::Config::default(), move |secret| {
-            let namespace = secret.namespace();
-            let name = secret.name_any();
+            let namespace = secret.metadata.namespace.as_deref();
+            let name = secret.metadata.name.as_deref().unwrap_or_default();
+            // A scan of every resource per Secret event, so nothing in it
+            // allocates: at start-up there is one event per Secret.
             store
                 .state()
                 .into_iter()
-                .filter(|endpoint| endpoint.namespace() == namespace)
-                .filter(|endpoint| match &endpoint.spec.secret_ref {
-                    Some(reference) => reference.name == name,
-                    None => generated_secret_name(&endpoint.name_any()) == name,
-                })
+                .filter(|endpoint| uses_secret(endpoint, namespace, name))
                 .map(|endpoint| ObjectRef::from_obj(&*endpoint))
                 .collect::<Vec<_>>()
         })
@@ -218,4 +240,23 @@ pub async fn run(
         .await;
     leading.cancel();
     holding.await?
+}
+
+/// A hash of what a reconcile of `endpoint` depends on in the object
+/// itself: its spec (through `generation`), its finalizers (the finalizer
+/// helper adds Herald's and waits for the change to come back) and its
+/// deletion. Not its status, which only the reconciler writes; a Secret or
+/// Namespace change reconciles through its own watch, and health through
+/// the periodic requeue.
+fn what_reconciling_reads(endpoint: &WebhookEndpoint) -> Option<u64> {
+    let mut hasher = DefaultHasher::new();
+    endpoint.metadata.generation.hash(&mut hasher);
+    endpoint.metadata.finalizers.hash(&mut hasher);
+    endpoint
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .hash(&mut hasher);
+    Some(hasher.finish())
 }

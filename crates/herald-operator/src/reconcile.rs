@@ -49,7 +49,7 @@ use kube::{
 };
 
 pub use error::Error;
-pub use secret::generated_secret_name;
+pub use secret::uses_secret;
 
 use crate::{OperatorConfig, tenancy::USERS_ANNOTATION};
 
@@ -126,7 +126,8 @@ async fn apply(
     let old_status = endpoint.status.clone().unwrap_or_default();
 
     let written = if user_allowed(endpoint, &namespace, ctx).await? {
-        record::write(endpoint, &namespace, &name, ctx).await?
+        let cleaned_up = synced_at_this_generation(endpoint, &old_status);
+        record::write(endpoint, &namespace, &name, ctx, cleaned_up).await?
     } else {
         // A grant withdrawn takes the record with it.
         record::remove_own(endpoint, &namespace, ctx, None).await?;
@@ -175,6 +176,21 @@ async fn apply(
     Ok(Action::requeue(ctx.config.health_resync))
 }
 
+/// Whether a reconcile of this very spec already wrote the record and
+/// removed the resource's records under other users (status `Ready` at
+/// this generation). Then a `userId` cannot have changed since, and the
+/// search for such records, which the server answers by matching every
+/// key of the bucket, is skipped: the periodic resync and a restart would
+/// otherwise cost one such search per resource each time.
+fn synced_at_this_generation(endpoint: &WebhookEndpoint, status: &WebhookEndpointStatus) -> bool {
+    status.observed_generation.is_some()
+        && status.observed_generation == endpoint.metadata.generation
+        && status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
 async fn cleanup(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Action, Error> {
     let namespace = endpoint.namespace().ok_or(Error::NoNamespace)?;
     record::remove_own(endpoint, &namespace, ctx, None).await?;
@@ -216,3 +232,52 @@ async fn user_allowed(
 mod fixtures;
 #[cfg(test)]
 mod scripted;
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    use super::*;
+
+    fn status(generation: Option<i64>, ready: &str) -> WebhookEndpointStatus {
+        WebhookEndpointStatus {
+            observed_generation: generation,
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: ready.into(),
+                reason: "Synced".into(),
+                message: String::new(),
+                last_transition_time: Time(Default::default()),
+                observed_generation: generation,
+            }],
+            ..WebhookEndpointStatus::default()
+        }
+    }
+
+    /// The search for records under other users is skipped only after a
+    /// complete reconcile of this spec: a `userId` changed together with a
+    /// broken Secret is not Ready, so its old record is still looked for
+    /// once the Secret is fixed.
+    #[test]
+    fn only_a_ready_status_of_this_generation_skips_the_search_for_other_users() {
+        let endpoint = fixtures::endpoint("secret");
+        assert_eq!(endpoint.metadata.generation, Some(3));
+        assert!(synced_at_this_generation(
+            &endpoint,
+            &status(Some(3), "True")
+        ));
+        assert!(!synced_at_this_generation(
+            &endpoint,
+            &status(Some(3), "False")
+        ));
+        assert!(!synced_at_this_generation(
+            &endpoint,
+            &status(Some(2), "True")
+        ));
+        assert!(!synced_at_this_generation(&endpoint, &status(None, "True")));
+        assert!(!synced_at_this_generation(
+            &endpoint,
+            &WebhookEndpointStatus::default()
+        ));
+    }
+}

@@ -316,6 +316,10 @@ impl Config {
             ("webhooks.concurrency", self.webhooks.concurrency),
             ("mail.concurrency", self.mail.concurrency),
             ("topology.replicas", self.topology.replicas),
+            (
+                "operator.concurrency",
+                usize::from(self.operator.concurrency),
+            ),
         ] {
             if value == 0 {
                 bail!("invalid configuration: {name} must be at least 1");

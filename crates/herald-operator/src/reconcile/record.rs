@@ -11,12 +11,14 @@ use super::{Context, Error, Problem, secret};
 
 /// Writes the resource's record, owned by it, unless its Secret or spec
 /// is wrong or another writer owns the key; then removes its records under
-/// any other user (a changed `userId`).
+/// any other user (a changed `userId`), unless `cleaned_up` says a
+/// reconcile of this spec did already.
 pub(super) async fn write(
     endpoint: &WebhookEndpoint,
     namespace: &str,
     name: &str,
     ctx: &Context,
+    cleaned_up: bool,
 ) -> Result<Result<(UserId, EndpointId), Problem>, Error> {
     let secrets = match secret::signing_secrets(endpoint, namespace, ctx).await? {
         Ok(secrets) => secrets,
@@ -52,7 +54,9 @@ pub(super) async fn write(
         }
         Put::Unchanged => {}
     }
-    remove_own(endpoint, namespace, ctx, Some(&config.user)).await?;
+    if !cleaned_up {
+        remove_own(endpoint, namespace, ctx, Some(&config.user)).await?;
+    }
     Ok(Ok((config.user, config.id)))
 }
 

@@ -22,7 +22,26 @@ const GENERATED_SECRET_KEY: &str = "secret";
 /// The Secret generated for the resource named `endpoint` that has no
 /// `secretRef`.
 pub fn generated_secret_name(endpoint: &str) -> String {
-    format!("{endpoint}-signing-secret")
+    format!("{endpoint}{GENERATED_SECRET_SUFFIX}")
+}
+
+const GENERATED_SECRET_SUFFIX: &str = "-signing-secret";
+
+/// Whether `secret` is a Secret the reconciler of `endpoint` reads: the one
+/// its `secretRef` names, or else its generated one. No allocation: the
+/// Secret watch asks this of every resource for every Secret event.
+pub fn uses_secret(
+    endpoint: &WebhookEndpoint,
+    secret_namespace: Option<&str>,
+    secret: &str,
+) -> bool {
+    if endpoint.metadata.namespace.as_deref() != secret_namespace {
+        return false;
+    }
+    match &endpoint.spec.secret_ref {
+        Some(reference) => reference.name == secret,
+        None => secret.strip_suffix(GENERATED_SECRET_SUFFIX) == endpoint.metadata.name.as_deref(),
+    }
 }
 
 /// The endpoint's signing secrets, or the problem with its Secret.
@@ -109,5 +128,38 @@ async fn create_generated_secret(
         // Created concurrently (a previous reconcile): use that one.
         Err(kube::Error::Api(e)) if e.code == 409 => secrets.get(name).await.map_err(failed),
         Err(e) => Err(failed(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::fixtures::endpoint;
+
+    #[test]
+    fn a_secret_is_used_by_the_resource_naming_it_or_generated_for_it_in_its_namespace() {
+        let referencing = endpoint("shared");
+        assert!(uses_secret(&referencing, Some("default"), "shared"));
+        assert!(!uses_secret(&referencing, Some("other"), "shared"));
+        assert!(!uses_secret(
+            &referencing,
+            Some("default"),
+            "orders-signing-secret"
+        ));
+
+        let mut generating = endpoint("unused");
+        generating.spec.secret_ref = None;
+        assert!(uses_secret(
+            &generating,
+            Some("default"),
+            "orders-signing-secret"
+        ));
+        assert!(!uses_secret(
+            &generating,
+            Some("default"),
+            "other-signing-secret"
+        ));
+        assert!(!uses_secret(&generating, Some("default"), "orders"));
+        assert!(!uses_secret(&generating, None, "orders-signing-secret"));
     }
 }
