@@ -46,14 +46,16 @@ lint: tools control-plane
 
 ## bench: the whole pipeline under load, then isolation between endpoints and
 ## shared rate limits, then 10 to 1,000,000 endpoints, then a node of a
-## three-server JetStream cluster killed mid-run (docs/benchmarks.md);
+## three-server JetStream cluster killed mid-run, then the operator on 10,000
+## WebhookEndpoints in a real API server (docs/benchmarks.md);
 ## every run happens, then it fails naming each target missed
-bench: tools
+bench: tools control-plane
 	@status=0; \
 	python3 scripts/bench.py || status=1; \
 	python3 scripts/bench_isolation.py || status=1; \
 	python3 scripts/bench_endpoints.py || status=1; \
 	python3 scripts/bench_cluster.py || status=1; \
+	python3 scripts/bench_operator.py || status=1; \
 	python3 scripts/bench_targets.py || status=1; \
 	exit $$status
 

@@ -19,6 +19,7 @@ SCRIPTS = {
     "isolation": "scripts/bench_isolation.py",
     "endpoints": "scripts/bench_endpoints.py",
     "cluster": "scripts/bench_cluster.py",
+    "operator": "scripts/bench_operator.py",
 }
 
 
