@@ -12,6 +12,7 @@ use async_nats::{
         publish::PublishAck,
     },
 };
+use bytes::Bytes;
 use futures::future::try_join_all;
 use tokio::time::Instant;
 
@@ -33,7 +34,7 @@ impl Broker {
     /// Publishes one message and waits for JetStream to store it.
     pub async fn publish(&self, message: Outgoing) -> Result<PublishAck, QueueError> {
         let subject = message.subject.clone();
-        let ack = self.send(message).await?;
+        let ack = self.send(Frame::of(message)).await?;
         ack.await
             .map_err(|source| QueueError::Publish { subject, source })
     }
@@ -61,12 +62,13 @@ impl Broker {
         messages: Vec<Outgoing>,
     ) -> Result<Vec<PublishAck>, QueueError> {
         let deadline = Instant::now() + self.store_timeout;
-        let mut acks: Vec<Option<PublishAck>> = vec![None; messages.len()];
+        let frames: Vec<Frame> = messages.into_iter().map(Frame::of).collect();
+        let mut acks: Vec<Option<PublishAck>> = vec![None; frames.len()];
         loop {
             let unstored = acks.iter().enumerate().filter(|(_, ack)| ack.is_none());
             let tries = unstored.map(|(index, _)| {
-                let message = messages[index].clone();
-                async move { (index, self.try_publish(message, deadline).await) }
+                let frame = frames[index].clone();
+                async move { (index, self.try_publish(frame, deadline).await) }
             });
             let mut last_error = None;
             for (index, result) in futures::future::join_all(tries).await {
@@ -87,13 +89,9 @@ impl Broker {
         }
     }
 
-    async fn try_publish(
-        &self,
-        message: Outgoing,
-        deadline: Instant,
-    ) -> Result<PublishAck, QueueError> {
-        let subject = message.subject.clone();
-        let ack = self.send(message).await?;
+    async fn try_publish(&self, frame: Frame, deadline: Instant) -> Result<PublishAck, QueueError> {
+        let subject = frame.subject.clone();
+        let ack = self.send(frame).await?;
         let wait = ACK_WAIT_PER_TRY.min(deadline.saturating_duration_since(Instant::now()));
         match tokio::time::timeout(wait, ack).await {
             Ok(ack) => ack.map_err(|source| QueueError::Publish { subject, source }),
@@ -114,7 +112,7 @@ impl Broker {
         for message in messages {
             let subject = message.subject.clone();
             pending.push(async move {
-                let ack = self.send(message).await?;
+                let ack = self.send(Frame::of(message)).await?;
                 ack.await
                     .map_err(|source| QueueError::Publish { subject, source })
             });
@@ -122,12 +120,36 @@ impl Broker {
         try_join_all(pending).await
     }
 
-    async fn send(&self, message: Outgoing) -> Result<PublishAckFuture, QueueError> {
+    async fn send(&self, frame: Frame) -> Result<PublishAckFuture, QueueError> {
         // A disconnected client would buffer the publish and its ack would
         // time out; refuse at once so callers can answer 503 quickly.
         if !self.is_connected() {
             return Err(QueueError::Disconnected);
         }
+        let Frame {
+            subject,
+            headers,
+            payload,
+        } = frame;
+        self.jetstream
+            .publish_with_headers(subject.clone(), headers, payload)
+            .await
+            .map_err(|source| QueueError::Publish { subject, source })
+    }
+}
+
+/// A message as it is sent: built once, and cheap to send again (the
+/// payload is shared, not copied).
+#[derive(Clone)]
+struct Frame {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+impl Frame {
+    /// The headers of `message`, and the current trace context.
+    fn of(message: Outgoing) -> Frame {
         let mut headers = HeaderMap::new();
         if let Some(id) = &message.msg_id {
             headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
@@ -138,11 +160,11 @@ impl Broker {
             headers.insert("Nats-Schedule-Target", schedule.target.as_str());
         }
         crate::trace_context::inject_current(&mut headers);
-        let subject = message.subject;
-        self.jetstream
-            .publish_with_headers(subject.clone(), headers, message.payload.into())
-            .await
-            .map_err(|source| QueueError::Publish { subject, source })
+        Frame {
+            subject: message.subject,
+            headers,
+            payload: message.payload.into(),
+        }
     }
 }
 
