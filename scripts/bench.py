@@ -269,13 +269,8 @@ def main():
 
     store = Path(tempfile.mkdtemp(prefix="herald-bench-"))
     nats_port, mon_port, api_port, receiver_port = free_port(), free_port(), free_port(), free_port()
-    procs = []
-
-    def spawn(args, env=None, name=""):
-        log = open(OUT / f"{name}.log", "w")
-        p = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
-        procs.append(p)
-        return p
+    processes = Processes()
+    spawn = processes.spawn
 
     results = {}
     try:
@@ -346,10 +341,7 @@ def main():
                 "pipeline", "-n", 100000, "-s", 1, "-i", 256, "--msg-id",
             ])
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        processes.end()
         shutil.rmtree(store, ignore_errors=True)
 
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
@@ -366,6 +358,34 @@ def start_herald(spawn, herald, api_port, env):
     hooks = spawn([str(herald), "worker", "webhooks,mail"], env, name="worker-webhooks")
     wait_port(api_port)
     return api, tasks, hooks
+
+
+class Processes:
+    """The processes a bench script starts, each writing its output to
+    target/bench/<prefix><name>.log; `end` stops those still running."""
+
+    def __init__(self, prefix=""):
+        self.prefix = prefix
+        self.started = []
+
+    def spawn(self, args, env=None, name=""):
+        log = open(OUT / f"{self.prefix}{name}.log", "w")
+        p = subprocess.Popen([str(a) for a in args], env={**os.environ, **(env or {})}, stdout=log,
+                             stderr=subprocess.STDOUT)
+        self.started.append(p)
+        return p
+
+    def end(self, grace_s=0):
+        """SIGTERM and up to `grace_s` to exit (0: SIGKILL at once), then SIGKILL."""
+        running = [p for p in self.started if p.poll() is None]
+        for p in running:
+            p.send_signal(signal.SIGTERM if grace_s else signal.SIGKILL)
+        for p in running:
+            try:
+                p.wait(timeout=grace_s or None)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def stop(*procs):

@@ -39,8 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (  # noqa: E402
-    OUT, free_port, herald_env, last_json, own_figures, prepare, report_targets, start_herald, stop, target,
-    wait_port, write_endpoints, endpoint_doc, USERS,
+    OUT, USERS, Processes, endpoint_doc, free_port, herald_env, last_json, own_figures, prepare, report_targets,
+    start_herald, stop, target, wait_port, write_endpoints,
 )
 
 TASKS = int(os.environ.get("BENCH_CLUSTER_TASKS", "20000"))
@@ -148,13 +148,8 @@ def seconds_back(timeline, killed_at, before_s=5.0, window_s=1.0, share=0.8):
 def main():
     nats_bin, herald, driver = prepare("cluster")
     store = Path(tempfile.mkdtemp(prefix="herald-bench-cluster-"))
-    procs = []
-
-    def spawn(args, env=None, name=""):
-        log = open(OUT / f"cluster-{name}.log", "w")
-        p = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
-        procs.append(p)
-        return p
+    processes = Processes("cluster-")
+    spawn = processes.spawn
 
     results = {}
     try:
@@ -189,10 +184,7 @@ def main():
         results["kill"] = result(driver_run)
         stop(api, tasks, hooks)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        processes.end()
         shutil.rmtree(store, ignore_errors=True)
 
     timeline = results["kill"]["first_webhooks"]

@@ -28,7 +28,6 @@ import socket
 import threading
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (  # noqa: E402
-    OUT, endpoint_doc, free_port, load_endpoints, own_load, prepare, report_targets, target, wait_port,
+    OUT, Processes, endpoint_doc, free_port, load_endpoints, own_load, prepare, report_targets, target, wait_port,
 )
 
 RATE = int(os.environ.get("BENCH_ISOLATION_RATE", "500"))
@@ -143,13 +142,8 @@ def main():
     hanging.listen(1024)
     threading.Thread(target=hold_connections, args=(hanging,), daemon=True).start()
     hanging_port = hanging.getsockname()[1]
-    procs = []
-
-    def spawn(args, env, name):
-        log = open(OUT / f"isolation-{name}.log", "w")
-        p = subprocess.Popen(args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-        procs.append(p)
-        return p
+    processes = Processes("isolation-")
+    spawn = processes.spawn
 
     results = {}
     try:
@@ -222,15 +216,7 @@ def main():
         for p in hooks:
             p.send_signal(signal.SIGTERM)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        processes.end(grace_s=30)
         shutil.rmtree(store, ignore_errors=True)
         hanging.close()
 
