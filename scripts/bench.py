@@ -77,6 +77,19 @@ def build(manifest, target_dir):
     )
 
 
+def wait_for(condition, what, deadline_s, every_s=0.2):
+    """Polls `condition` until it returns something true (returned), or the
+    bench stops naming `what` after `deadline_s`."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            sys.exit(f"bench: {what} not within {deadline_s} s")
+        time.sleep(every_s)
+
+
 def rss_mib(pid):
     """Peak resident memory (VmHWM) of a process, in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

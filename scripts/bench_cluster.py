@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (  # noqa: E402
     OUT, USERS, Processes, endpoint_doc, free_port, herald_env, last_json, own_figures, prepare, report_targets,
-    start_herald, stop, target, wait_port, write_endpoints,
+    start_herald, stop, target, wait_for, wait_port, write_endpoints,
 )
 
 TASKS = int(os.environ.get("BENCH_CLUSTER_TASKS", "20000"))
@@ -96,14 +96,6 @@ class Server:
                     if consumer.get("cluster", {}).get("leader") == self.name:
                         led.append(f"{stream['name']}/{consumer['name']}")
         return led
-
-
-def wait_for(condition, what, deadline_s):
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > deadline:
-            sys.exit(f"bench: {what} not within {deadline_s} s")
-        time.sleep(0.2)
 
 
 def load(driver, api_port, receiver_port, tasks, grace_ms):

@@ -35,23 +35,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (  # noqa: E402
     OUT, ROOT, TARGET, TOOLS, cpu_seconds, free_port, herald_env, prepare, report_targets, rss_mib, stop, target,
-    wait_port,
+    wait_for, wait_port,
 )
 
 COUNT = int(os.environ.get("BENCH_OPERATOR_ENDPOINTS", "10000"))
 DEADLINE_S = 900
 BUCKET_STREAM = "KV_herald-endpoints"
-
-
-def wait_for(condition, what, deadline_s=DEADLINE_S, every_s=0.2):
-    deadline = time.monotonic() + deadline_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            sys.exit(f"bench: {what} not within {deadline_s} s")
-        time.sleep(every_s)
 
 
 def records(mon_port):
@@ -166,9 +155,9 @@ def main():
         operator, _ = start_operator("operator-first")
         measured["operator"] = operator.pid
         cpu_before["operator"] = 0.0
-        wait_for(lambda: records(mon_port) > 0, "a first endpoint record")
+        wait_for(lambda: records(mon_port) > 0, "a first endpoint record", DEADLINE_S)
         first = time.monotonic()
-        wait_for(lambda: records(mon_port) >= COUNT, f"{COUNT} endpoint records")
+        wait_for(lambda: records(mon_port) >= COUNT, f"{COUNT} endpoint records", DEADLINE_S)
         written = time.monotonic()
         results["first_record_s"] = first - began
         results["records_s"] = written - began
@@ -182,7 +171,7 @@ def main():
                        for c in (item.get("status") or {}).get("conditions", []))
             )
             return ready >= COUNT
-        wait_for(all_ready, f"{COUNT} WebhookEndpoints Ready", every_s=2)
+        wait_for(all_ready, f"{COUNT} WebhookEndpoints Ready", DEADLINE_S, every_s=2)
         results["ready_s"] = time.monotonic() - began
         results["cpu_seconds"] = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in measured.items()}
         results["operator_rss_mib"] = rss_mib(operator.pid)
@@ -193,7 +182,8 @@ def main():
         print("bench: a second operator started on the reconciled resources")
         began = time.monotonic()
         operator, metrics_port = start_operator("operator-restarted")
-        wait_for(lambda: reconciles(metrics_port) >= COUNT, f"{COUNT} reconciles after the restart", every_s=0.5)
+        wait_for(lambda: reconciles(metrics_port) >= COUNT, f"{COUNT} reconciles after the restart", DEADLINE_S,
+                 every_s=0.5)
         results["restart_s"] = time.monotonic() - began
         results["restart_rss_mib"] = rss_mib(operator.pid)
     finally:
