@@ -62,6 +62,19 @@ def ready(port):
         return False
 
 
+def cache_lookups(port):
+    """`herald_endpoint_cache_lookups_total` of one worker, by result."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("herald_endpoint_cache_lookups_total{"):
+            labels, value = line.rsplit(" ", 1)
+            result = labels.split('result="', 1)[1].split('"', 1)[0]
+            counts[result] = int(float(value))
+    return counts
+
+
 def wait_ready(ports, started):
     """Seconds from `started` until every port's /readyz answers 200."""
     waiting = set(ports)
@@ -87,6 +100,7 @@ class Scale:
         self.procs = []
         nats_port, self.api_port, self.receiver_port = free_port(), free_port(), free_port()
         tasks_health, hooks_health = free_port(), free_port()
+        self.health_ports = {"worker-tasks": tasks_health, "worker-webhooks": hooks_health}
         self.spawn([nats_bin, "-a", "127.0.0.1", "-p", nats_port, "-js", "-sd", self.store], {}, "nats")
         wait_port(nats_port)
         url = f"nats://127.0.0.1:{nats_port}"
@@ -136,6 +150,7 @@ class Scale:
             "missing": sum(r["missing"] for r in self.rounds),
             "duplicates": sum(r["duplicates"] for r in self.rounds),
             "rss_mib": {"worker-tasks": rss_mib(self.tasks.pid), "worker-webhooks": rss_mib(self.hooks.pid)},
+            "cache_lookups": {role: cache_lookups(port) for role, port in self.health_ports.items()},
         }
 
     def close(self):
@@ -178,6 +193,11 @@ def main():
         print(f"  {r['endpoints']:>10d} {r['load_per_s']:>9.0f} {r['ready_s']:>8.2f} {r['deliveries_per_s']:>13.0f} "
               f"{r['deliveries_per_s'] / base:>6.2f} {r['rss_mib']['worker-tasks']:>10.1f} {r['rss_mib']['worker-webhooks']:>13.1f} "
               f"{r['missing']:>5d} {r['duplicates']:>4d}")
+    print("  endpoint lookups by result (herald_endpoint_cache_lookups_total, warm-up included):")
+    for r in rows:
+        print(f"  {r['endpoints']:>10d} " + "  ".join(
+            f"{role}: " + ", ".join(f"{result} {n}" for result, n in sorted(counts.items()))
+            for role, counts in r["cache_lookups"].items()))
 
     largest = rows[-1]
     ratio = largest["deliveries_per_s"] / base
