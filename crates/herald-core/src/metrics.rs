@@ -98,7 +98,8 @@ pub struct Metrics {
     pub operator_reconciles: Counter,
     /// Reconciles that failed, by the step (`secret_read`, `record_write`...).
     pub operator_reconcile_failures: Family<FailedStep, Counter>,
-    /// Endpoint lookups by `hit` or `miss` of the worker's bounded cache.
+    /// Endpoint lookups by `hit` or `miss` of the worker's bounded cache,
+    /// or `carried`: answered by the record the delivery job carried.
     pub endpoint_cache_lookups: Family<CacheResult, Counter>,
     /// Users whose endpoints the worker's cache holds.
     pub endpoint_cache_users: Gauge,
@@ -191,7 +192,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     registry.register(
         "endpoint_cache_lookups",
-        "Endpoint lookups of the workers, by whether the cache held the user's endpoints (hit) or they were read from herald-endpoints (miss)",
+        "Endpoint lookups of the workers, by whether the cache held the user's endpoints (hit), the delivery job carried the record and nothing newer exists (carried), or it was read from herald-endpoints (miss)",
         endpoint_cache_lookups.clone(),
     );
     registry.register(

@@ -94,6 +94,26 @@ pub struct DeliveryJob {
     /// gets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_missing_since_ms: Option<u64>,
+    /// The endpoint's record as the task worker read it for the fan-out,
+    /// still sealed: the webhook worker that takes the job uses it instead
+    /// of reading the bucket again, unless its watch shows it may be out of
+    /// date (`herald_queue::endpoints::EndpointCache::endpoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<CarriedRecord>,
+}
+
+/// An endpoint's record from `herald-endpoints`, as stored (sealed with
+/// the keyring under the record's key, so it opens for that key only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedRecord {
+    /// The record's revision in the bucket.
+    pub revision: u64,
+    /// The bucket's sequence the view it was taken from is true as of: the
+    /// key had no later change up to this one.
+    pub as_of: u64,
+    /// The stored bytes, a JSON document, carried as raw JSON.
+    #[serde(with = "raw_body")]
+    pub sealed: String,
 }
 
 fn first_attempt() -> u32 {
@@ -648,6 +668,7 @@ impl TaskRecord {
             redelivery,
             rate_slot_ms: None,
             endpoint_missing_since_ms: None,
+            record: None,
         }
     }
 }
@@ -723,6 +744,7 @@ mod tests {
             redelivery: None,
             rate_slot_ms: None,
             endpoint_missing_since_ms: None,
+            record: None,
         };
         let wire = String::from_utf8(encode(&job)).unwrap();
         assert!(wire.contains(&format!(r#""body":{body}"#)), "{wire}");
@@ -735,6 +757,31 @@ mod tests {
         });
         let back: DeliveryJob = decode(old.to_string().as_bytes()).unwrap();
         assert_eq!(back.body, body);
+    }
+
+    #[test]
+    fn a_job_carries_the_sealed_record_as_raw_json_and_reads_without_one() {
+        let without = serde_json::json!({
+            "v": 1, "task": "t1", "user": "u", "endpoint": "e",
+            "event_type": "echo.completed", "body": {"n": 1}, "accepted_at_ms": 1,
+        });
+        let mut job: DeliveryJob = decode(without.to_string().as_bytes()).unwrap();
+        assert_eq!(job.record, None);
+        let sealed = r#"{"v":1,"sealed":"k1.bm9uY2U.Y2lwaGVy"}"#;
+        job.record = Some(CarriedRecord {
+            revision: 42,
+            as_of: 50,
+            sealed: sealed.into(),
+        });
+        let wire = String::from_utf8(encode(&job)).unwrap();
+        assert!(
+            wire.contains(&format!(
+                r#""record":{{"revision":42,"as_of":50,"sealed":{sealed}}}"#
+            )),
+            "{wire}"
+        );
+        let back: DeliveryJob = decode(wire.as_bytes()).unwrap();
+        assert_eq!(back.record, job.record);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use herald_core::{
     json::{self, MAX_RESULT_DEPTH},
     metrics::Metrics,
     names,
-    payload::{HandlerOutcome, TaskMessage, TaskRecord, VERSION, decode},
+    payload::{DeliveryJob, HandlerOutcome, TaskMessage, TaskRecord, VERSION, decode},
 };
 use herald_queue::{
     Broker,
@@ -155,6 +155,13 @@ impl TaskWorker {
         // The body comes from the record alone, so a redelivery, which has
         // only the record, sends the same bytes.
         let webhook = record.webhook();
+        // The records go with the jobs when this task is what made this
+        // process read the user (its two lookups, the miss and the one
+        // after the handler): a user met once here is most likely one the
+        // webhook worker has not cached either, and its read is saved
+        // (it checks that nothing newer exists). A user met often is
+        // cached there too; its records would only weigh down every job.
+        let carry = endpoints.hits() <= 1;
         record.endpoints = endpoints
             .all()
             .iter()
@@ -164,7 +171,13 @@ impl TaskWorker {
         let mut outgoing: Vec<Outgoing> = record
             .endpoints
             .iter()
-            .map(|endpoint| Outgoing::delivery(&record.delivery_job(endpoint, &webhook, None)))
+            .map(|endpoint| {
+                let job = DeliveryJob {
+                    record: carry.then(|| endpoints.carried(endpoint)).flatten(),
+                    ..record.delivery_job(endpoint, &webhook, None)
+                };
+                Outgoing::delivery(&job)
+            })
             .collect();
         outgoing.push(Outgoing::task_record(&record));
         Outputs {

@@ -44,7 +44,7 @@ use herald_core::{
     keyring::Keyring,
     metrics::{CacheResult, metrics},
     names,
-    payload::EndpointConfig,
+    payload::{CarriedRecord, EndpointConfig},
 };
 use tokio::sync::{OnceCell, mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -73,6 +73,12 @@ pub struct UserEndpoints {
     endpoints: Vec<Arc<EndpointConfig>>,
     /// Endpoints whose record could not be read: their key, and why.
     unreadable: BTreeMap<EndpointId, (String, String)>,
+    /// The stored record (revision, sealed bytes) of each endpoint in
+    /// `endpoints`, for a delivery job to carry.
+    sealed: HashMap<EndpointId, (u64, Bytes)>,
+    /// Lookups answered with this view from the cache since it was read
+    /// (shared by the copies the watch's changes make of it).
+    hits: Arc<AtomicU64>,
 }
 
 impl UserEndpoints {
@@ -91,6 +97,23 @@ impl UserEndpoints {
         self.unreadable.get(endpoint).map(|(_, why)| why.as_str())
     }
 
+    /// How many lookups the cache answered with this view since it was
+    /// read from the bucket: 0 for a view just read.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// The stored record of `endpoint`, the version in use, for a delivery
+    /// job to carry to the webhook worker.
+    pub fn carried(&self, endpoint: &EndpointId) -> Option<CarriedRecord> {
+        let (revision, sealed) = self.sealed.get(endpoint)?;
+        Some(CarriedRecord {
+            revision: *revision,
+            as_of: self.as_of,
+            sealed: std::str::from_utf8(sealed).ok()?.to_string(),
+        })
+    }
+
     /// An endpoint whose record cannot be read and of which no earlier
     /// version is known, as its key and why; `None` in the normal case.
     pub fn unreadable_without_earlier_version(&self) -> Option<(String, String)> {
@@ -106,6 +129,7 @@ impl UserEndpoints {
         let Some(value) = &change.value else {
             self.endpoints.retain(|e| &e.id != endpoint);
             self.unreadable.remove(endpoint);
+            self.sealed.remove(endpoint);
             return;
         };
         match open_record(&change.key, value, keyring) {
@@ -114,6 +138,8 @@ impl UserEndpoints {
                 self.endpoints.push(Arc::new(config));
                 self.endpoints.sort_by(|a, b| a.id.cmp(&b.id));
                 self.unreadable.remove(endpoint);
+                self.sealed
+                    .insert(endpoint.clone(), (change.revision, value.clone()));
             }
             Err(e) => {
                 let kept = self.get(endpoint).is_some();
@@ -257,6 +283,7 @@ impl EndpointCache {
             let mut state = self.inner.lock();
             if let Some(found) = state.users.get(user) {
                 let found = found.clone();
+                found.hits.fetch_add(1, Ordering::Relaxed);
                 count_lookup("hit");
                 return Ok(found);
             }
@@ -325,10 +352,19 @@ impl EndpointCache {
     /// the user is looked up again while still remembered as met once: a
     /// user met once (a spread over more users than the cache holds) costs
     /// no batched read and pushes no user met often out of the cache.
+    ///
+    /// `carried`: the record as a delivery job carries it (the task
+    /// worker's view, true as of a sequence of the bucket). Used instead of
+    /// the one-record read when the watch vouches for it: it is following
+    /// the bucket, remembers every change it delivered after that sequence,
+    /// and none of them is to this key. So it is as true as a cached user,
+    /// whose changes arrive by the same watch. A carried record that does
+    /// not open for this key (another endpoint's, or altered) is not used.
     pub async fn endpoint(
         &self,
         user: &UserId,
         endpoint: &EndpointId,
+        carried: Option<&CarriedRecord>,
     ) -> Result<Found, QueueError> {
         let met_before = {
             let mut state = self.inner.lock();
@@ -345,6 +381,12 @@ impl EndpointCache {
         };
         if met_before {
             return Ok(Found::in_user(&*self.user(user).await?, endpoint));
+        }
+        if let Some(found) =
+            carried.and_then(|carried| self.inner.open_carried(user, endpoint, carried))
+        {
+            count_lookup("carried");
+            return Ok(found);
         }
         count_lookup("miss");
         let store = self.inner.broker.bucket(Bucket::Endpoints).await?;
@@ -391,7 +433,7 @@ impl EndpointCache {
         user: &UserId,
         endpoint: &EndpointId,
     ) -> Result<Option<Arc<EndpointConfig>>, QueueError> {
-        Ok(match self.endpoint(user, endpoint).await? {
+        Ok(match self.endpoint(user, endpoint, None).await? {
             Found::Endpoint(config) => Some(config),
             Found::Unreadable(_) | Found::Missing => None,
         })
@@ -427,6 +469,30 @@ impl Drop for ReadingGuard<'_> {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
+    }
+
+    /// `carried`, opened, when the watch vouches that no change to it
+    /// came after it (see [`EndpointCache::endpoint`]).
+    fn open_carried(
+        &self,
+        user: &UserId,
+        endpoint: &EndpointId,
+        carried: &CarriedRecord,
+    ) -> Option<Found> {
+        let key = names::endpoint_key(user, endpoint);
+        {
+            let state = self.lock();
+            if !state.live || !state.recent.vouches_for(&key, carried) {
+                return None;
+            }
+        }
+        match open_record(&key, carried.sealed.as_bytes(), &self.keyring) {
+            Ok(OpenedRecord { config, .. }) => Some(Found::Endpoint(Arc::new(config))),
+            Err(e) => {
+                tracing::warn!(key, reason = e.label(), error = %e, "a delivery job carries an endpoint record that does not open; reading the bucket");
+                None
+            }
+        }
     }
 
     /// Reads the last record of every `<user>.*` key with one batched
@@ -542,7 +608,10 @@ impl Inner {
     fn restart(&self, revision: Option<u64>) {
         let mut state = self.lock();
         state.users.clear();
-        state.recent = RecentChanges::default();
+        state.recent = match revision {
+            Some(revision) => RecentChanges::after(revision),
+            None => RecentChanges::default(),
+        };
         metrics().endpoint_cache_users.set(0);
         match revision {
             Some(revision) => {
@@ -787,14 +856,44 @@ impl<K: Hash + Eq + Clone, V> RecentlyUsed<K, V> {
 /// The last [`RECENT_CHANGES`] changes the watch delivered, whatever users
 /// they are of: each user's and each key's last one, and whether it was a
 /// put.
-#[derive(Default)]
 struct RecentChanges {
     order: VecDeque<(UserId, String, u64)>,
     by_user: HashMap<UserId, (u64, bool)>,
     by_key: HashMap<String, (u64, bool)>,
+    /// Every change after this revision that the watch delivered is
+    /// remembered: where the watch started, then the last one forgotten.
+    complete_after: u64,
+}
+
+impl Default for RecentChanges {
+    /// Remembering nothing, of no watch: vouches for no revision.
+    fn default() -> Self {
+        Self::after(u64::MAX)
+    }
 }
 
 impl RecentChanges {
+    /// Of a watch that delivers every change after `revision`.
+    fn after(revision: u64) -> Self {
+        Self {
+            order: VecDeque::new(),
+            by_user: HashMap::new(),
+            by_key: HashMap::new(),
+            complete_after: revision,
+        }
+    }
+
+    /// Whether `carried` is still the key's record: the view it comes
+    /// from is as of a sequence from which on every change delivered is
+    /// remembered, and none of them is to the key.
+    fn vouches_for(&self, key: &str, carried: &CarriedRecord) -> bool {
+        carried.as_of >= self.complete_after
+            && self
+                .by_key
+                .get(key)
+                .is_none_or(|(last, _)| *last <= carried.revision)
+    }
+
     fn remember(&mut self, user: &UserId, key: &str, revision: u64, put: bool) {
         self.order
             .push_back((user.clone(), key.to_string(), revision));
@@ -803,6 +902,7 @@ impl RecentChanges {
         if self.order.len() > RECENT_CHANGES
             && let Some((user, key, revision)) = self.order.pop_front()
         {
+            self.complete_after = revision;
             if self
                 .by_user
                 .get(&user)
@@ -878,5 +978,44 @@ mod tests {
         assert!(!recent.last_was_put(&alice));
         assert_eq!(recent.last_of_key("alice.b"), None);
         assert!(recent.by_user.len() <= 2 && recent.by_key.len() <= 3);
+    }
+
+    #[test]
+    fn it_vouches_only_for_records_whose_later_changes_it_remembers() {
+        let carol = UserId::new("carol").unwrap();
+        let record = |revision, as_of| CarriedRecord {
+            revision,
+            as_of,
+            sealed: String::new(),
+        };
+        assert!(
+            !RecentChanges::default().vouches_for("carol.a", &record(1, u64::MAX - 1)),
+            "no watch, no vouching"
+        );
+        // A watch that started after sequence 10.
+        let mut recent = RecentChanges::after(10);
+        assert!(
+            !recent.vouches_for("carol.a", &record(3, 9)),
+            "a view from before the watch"
+        );
+        assert!(recent.vouches_for("carol.a", &record(3, 10)));
+        recent.remember(&carol, "carol.a", 12, true);
+        assert!(
+            !recent.vouches_for("carol.a", &record(3, 11)),
+            "changed after it"
+        );
+        assert!(recent.vouches_for("carol.a", &record(12, 12)));
+        assert!(
+            recent.vouches_for("carol.b", &record(3, 11)),
+            "another key's change"
+        );
+        // Once carol.a's change at 12 is forgotten, a view from before it
+        // is vouched for no more: that change is what made it out of date.
+        for revision in 13..(13 + RECENT_CHANGES as u64) {
+            recent.remember(&carol, "carol.b", revision, true);
+        }
+        assert_eq!(recent.last_of_key("carol.a"), None);
+        assert!(!recent.vouches_for("carol.a", &record(3, 11)));
+        assert!(recent.vouches_for("carol.a", &record(12, 12)));
     }
 }

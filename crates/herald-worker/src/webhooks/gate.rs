@@ -91,7 +91,11 @@ impl WebhookWorker {
     /// Runs `job`, which would be attempt number `attempt`, through the
     /// gate.
     pub(super) async fn gate(&self, job: DeliveryJob, attempt: u32) -> Verdict {
-        let found = match self.endpoints.endpoint(&job.user, &job.endpoint).await {
+        let found = match self
+            .endpoints
+            .endpoint(&job.user, &job.endpoint, job.record.as_ref())
+            .await
+        {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(endpoint = %job.endpoint, error = %e, "cannot read the endpoint; retrying the job shortly");

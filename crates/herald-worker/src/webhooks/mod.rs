@@ -403,6 +403,7 @@ pub(crate) mod tests {
             redelivery: None,
             rate_slot_ms: None,
             endpoint_missing_since_ms: None,
+            record: None,
         }
     }
 

@@ -77,6 +77,9 @@ pub(super) fn store_again(job: &DeliveryJob, at_ms: u64, again: Again) -> Outgoi
     let next = DeliveryJob {
         attempt: again.attempt(),
         rate_slot_ms,
+        // Taken up later than the watch that vouches for a carried record
+        // remembers, most often: read from the bucket then.
+        record: None,
         ..job.clone()
     };
     Outgoing::delivery_at(&next, at_ms, again.msg_id(job, at_ms))
