@@ -103,9 +103,13 @@ impl UserEndpoints {
         self.hits.load(Ordering::Relaxed)
     }
 
-    /// The stored record of `endpoint`, the version in use, for a delivery
-    /// job to carry to the webhook worker.
+    /// The stored record of `endpoint`, for a delivery job to carry to the
+    /// webhook worker; none while a later version cannot be read (the
+    /// earlier one in use here is not the key's record any more).
     pub fn carried(&self, endpoint: &EndpointId) -> Option<CarriedRecord> {
+        if self.unreadable.contains_key(endpoint) {
+            return None;
+        }
         let (revision, sealed) = self.sealed.get(endpoint)?;
         Some(CarriedRecord {
             revision: *revision,
@@ -933,6 +937,7 @@ impl RecentChanges {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use herald_core::endpoint_secrets::seal_record;
 
     #[test]
     fn keeps_at_most_its_capacity_and_the_most_recently_used() {
@@ -1017,5 +1022,38 @@ mod tests {
         assert_eq!(recent.last_of_key("carol.a"), None);
         assert!(!recent.vouches_for("carol.a", &record(3, 11)));
         assert!(recent.vouches_for("carol.a", &record(12, 12)));
+    }
+
+    #[test]
+    fn a_record_is_carried_while_it_is_the_key_s_readable_last_version() {
+        let keyring = Keyring::parse(&herald_core::keyring::new_key_text("k1").unwrap()).unwrap();
+        let config: EndpointConfig = serde_json::from_value(serde_json::json!({
+            "v": 1, "user": "dora", "id": "hook", "url": "https://dora.example.com/in", "secrets": [],
+        }))
+        .unwrap();
+        let key = names::endpoint_key(&config.user, &config.id);
+        let change = |revision, value: Option<Vec<u8>>| Change {
+            key: key.clone(),
+            endpoint: config.id.clone(),
+            revision,
+            value: value.map(Bytes::from),
+        };
+        let mut found = UserEndpoints::default();
+        found.apply(&change(5, Some(seal_record(&config, &keyring))), &keyring);
+        let carried = found.carried(&config.id).expect("a readable record");
+        assert_eq!((carried.revision, carried.as_of), (5, 5));
+        assert!(open_record(&key, carried.sealed.as_bytes(), &keyring).is_ok());
+
+        // A later version this keyring cannot open: the earlier one stays
+        // in use here, but is not carried.
+        found.apply(
+            &change(7, Some(b"{\"v\":1,\"sealed\":\"altered\"}".to_vec())),
+            &keyring,
+        );
+        assert!(found.get(&config.id).is_some());
+        assert_eq!(found.carried(&config.id), None);
+
+        found.apply(&change(9, None), &keyring);
+        assert_eq!(found.carried(&config.id), None, "deleted");
     }
 }
