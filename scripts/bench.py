@@ -139,6 +139,15 @@ def endpoint_doc(name, user, url, extra=""):
     )
 
 
+def write_endpoint_docs(path, docs):
+    """Writes WebhookEndpoint documents (from `endpoint_doc`) to one YAML
+    file as they come, so a million of them are never all in memory."""
+    with open(path, "w") as out:
+        for doc in docs:
+            out.write("---\n")
+            out.write(doc)
+
+
 def load_endpoints(herald, store, url, docs):
     """Writes the endpoints into NATS with `herald endpoints`; returns the
     environment every Herald process of the run needs."""
@@ -381,10 +390,13 @@ class Processes:
         self.prefix = prefix
         self.started = []
 
-    def spawn(self, args, env=None, name=""):
+    def spawn(self, args, env=None, name="", piped=False):
+        """`piped`: stdin and stdout are pipes to this script (text), only
+        stderr goes to the log."""
         log = open(OUT / f"{self.prefix}{name}.log", "w")
-        p = subprocess.Popen([str(a) for a in args], env={**os.environ, **(env or {})}, stdout=log,
-                             stderr=subprocess.STDOUT)
+        streams = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True} if piped else {"stdout": log}
+        p = subprocess.Popen([str(a) for a in args], env={**os.environ, **(env or {})}, stderr=log if piped else
+                             subprocess.STDOUT, **streams)
         self.started.append(p)
         return p
 

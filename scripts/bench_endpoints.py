@@ -24,7 +24,6 @@ non-zero when one is missed. Loopback only; bounded in count and time.
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,25 +32,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (  # noqa: E402
-    OUT, free_port, herald_env, own_load, prepare, report_targets, rss_mib, stop, target, wait_port, write_endpoints,
+    OUT, Processes, endpoint_doc, free_port, herald_env, own_load, prepare, report_targets, rss_mib, target, wait_port,
+    write_endpoint_docs, write_endpoints,
 )
 
 SCALES = [int(n) for n in os.environ.get("BENCH_ENDPOINT_SCALES", "10,10000,1000000").split(",")]
 TASKS = int(os.environ.get("BENCH_ENDPOINT_TASKS", "20000"))
 ROUNDS = int(os.environ.get("BENCH_ENDPOINT_ROUNDS", "3"))
 READY_DEADLINE_S = 120
-
-
-def endpoints_file(path, count, receiver_port):
-    """`count` WebhookEndpoint documents, user i's endpoint posting to the
-    bench receiver."""
-    with open(path, "w") as out:
-        for user in range(1, count + 1):
-            out.write(
-                "---\napiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\n"
-                f"metadata: {{name: e{user}}}\n"
-                f"spec: {{userId: '{user}', url: 'http://127.0.0.1:{receiver_port}/webhooks/{user}'}}\n"
-            )
 
 
 def ready(port):
@@ -97,7 +85,7 @@ class Scale:
     def __init__(self, herald, nats_bin, count):
         self.count = count
         self.store = Path(tempfile.mkdtemp(prefix="herald-bench-endpoints-"))
-        self.procs = []
+        self.processes = Processes(f"endpoints-{count}-")
         nats_port, self.api_port, self.receiver_port = free_port(), free_port(), free_port()
         tasks_health, hooks_health = free_port(), free_port()
         self.health_ports = {"worker-tasks": tasks_health, "worker-webhooks": hooks_health}
@@ -106,7 +94,8 @@ class Scale:
         url = f"nats://127.0.0.1:{nats_port}"
         env = herald_env(herald, url)
         docs = self.store / "endpoints.yaml"
-        endpoints_file(docs, count, self.receiver_port)
+        receiver = f"http://127.0.0.1:{self.receiver_port}/webhooks"
+        write_endpoint_docs(docs, (endpoint_doc(f"e{u}", u, f"{receiver}/{u}") for u in range(1, count + 1)))
         print(f"bench: {count} endpoints: herald endpoints")
         started = time.monotonic()
         write_endpoints(herald, env, docs)
@@ -125,10 +114,7 @@ class Scale:
         self.rounds = []
 
     def spawn(self, args, env, name):
-        log = open(OUT / f"endpoints-{self.count}-{name}.log", "w")
-        p = subprocess.Popen([str(a) for a in args], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append(p)
-        return p
+        return self.processes.spawn(args, env, name)
 
     def warm_up(self, driver):
         # Connections open and code paths warm, on the first 500 users.
@@ -154,14 +140,9 @@ class Scale:
         }
 
     def close(self):
-        live = [p for p in (self.api, self.tasks, self.hooks) if p.poll() is None]
         try:
-            stop(*live)
+            self.processes.end(grace_s=30)
         finally:
-            for p in self.procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
             shutil.rmtree(self.store, ignore_errors=True)
 
 

@@ -34,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (  # noqa: E402
-    OUT, ROOT, TARGET, TOOLS, cpu_seconds, free_port, herald_env, prepare, report_targets, rss_mib, stop, target,
-    wait_for, wait_port,
+    OUT, ROOT, TARGET, TOOLS, Processes, cpu_seconds, endpoint_doc, free_port, herald_env, prepare, report_targets,
+    rss_mib, stop, target, wait_for, wait_port, write_endpoint_docs,
 )
 
 COUNT = int(os.environ.get("BENCH_OPERATOR_ENDPOINTS", "10000"))
@@ -75,16 +75,6 @@ def process_name(pid):
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
-def endpoints_file(path):
-    with open(path, "w") as out:
-        for user in range(1, COUNT + 1):
-            out.write(
-                "---\napiVersion: herald.dev/v1alpha1\nkind: WebhookEndpoint\n"
-                f"metadata: {{name: e{user}, namespace: default}}\n"
-                f"spec: {{userId: 'u{user}', url: 'https://hooks.example.com/u{user}'}}\n"
-            )
-
-
 def main():
     nats_bin, herald, _ = prepare("operator")
     print("bench: building herald-test-control-plane (release)")
@@ -95,19 +85,16 @@ def main():
         sys.exit(f"bench: {kubectl_bin} missing: run `make control-plane`")
 
     store = Path(tempfile.mkdtemp(prefix="herald-bench-operator-"))
-    procs = []
+    processes = Processes("operator-")
     results = {"endpoints": COUNT}
     try:
         nats_port, mon_port = free_port(), free_port()
-        nats = subprocess.Popen([str(nats_bin), "-a", "127.0.0.1", "-p", str(nats_port), "-m", str(mon_port), "-js",
-                                 "-sd", str(store / "nats")],
-                                stdout=open(OUT / "operator-nats.log", "w"), stderr=subprocess.STDOUT)
-        procs.append(nats)
+        nats = processes.spawn([nats_bin, "-a", "127.0.0.1", "-p", nats_port, "-m", mon_port, "-js",
+                                "-sd", store / "nats"], name="nats")
         wait_port(nats_port)
 
-        plane = subprocess.Popen([str(TARGET / "release" / "herald-test-control-plane")], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=open(OUT / "operator-control-plane.log", "w"), text=True)
-        procs.append(plane)
+        # It prints where it is on stdout, and stops at SIGTERM.
+        plane = processes.spawn([TARGET / "release" / "herald-test-control-plane"], name="control-plane", piped=True)
         started = plane.stdout.readline()
         if not started:
             sys.exit(f"bench: the control plane did not start; see {OUT / 'operator-control-plane.log'}")
@@ -125,7 +112,8 @@ def main():
 
         print(f"bench: kubectl create of {COUNT} WebhookEndpoints")
         path = store / "endpoints.yaml"
-        endpoints_file(path)
+        write_endpoint_docs(path, (endpoint_doc(f"e{u}", f"u{u}", f"https://hooks.example.com/u{u}")
+                                   for u in range(1, COUNT + 1)))
         created = time.monotonic()
         kubectl("create", "-f", str(path), "-o", "name")
         results["kubectl_create_per_s"] = COUNT / (time.monotonic() - created)
@@ -138,11 +126,9 @@ def main():
 
         def start_operator(name):
             port = free_port()
-            operator = subprocess.Popen(
-                [str(herald), "operator"],
-                env={**os.environ, **env, "POD_NAME": name, "HERALD_HEALTH__LISTEN": f"127.0.0.1:{port}"},
-                stdout=open(OUT / f"{name}.log", "w"), stderr=subprocess.STDOUT)
-            procs.append(operator)
+            operator = processes.spawn([herald, "operator"],
+                                       {**env, "POD_NAME": f"operator-{name}", "HERALD_HEALTH__LISTEN": f"127.0.0.1:{port}"},
+                                       name)
             return operator, port
 
         # Where the CPU goes while the operator reconciles: the operator,
@@ -152,7 +138,7 @@ def main():
         cpu_before = {name: cpu_seconds(pid) for name, pid in measured.items()}
         print("bench: herald operator started on them")
         began = time.monotonic()
-        operator, _ = start_operator("operator-first")
+        operator, _ = start_operator("first")
         measured["operator"] = operator.pid
         cpu_before["operator"] = 0.0
         wait_for(lambda: records(mon_port) > 0, "a first endpoint record", DEADLINE_S)
@@ -181,23 +167,13 @@ def main():
         stop(operator)
         print("bench: a second operator started on the reconciled resources")
         began = time.monotonic()
-        operator, metrics_port = start_operator("operator-restarted")
+        operator, metrics_port = start_operator("restarted")
         wait_for(lambda: reconciles(metrics_port) >= COUNT, f"{COUNT} reconciles after the restart", DEADLINE_S,
                  every_s=0.5)
         results["restart_s"] = time.monotonic() - began
         results["restart_rss_mib"] = rss_mib(operator.pid)
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                if p.stdin:
-                    p.stdin.close()
-                    try:
-                        p.wait(timeout=30)
-                        continue
-                    except subprocess.TimeoutExpired:
-                        pass
-                p.kill()
-                p.wait()
+        processes.end(grace_s=30)
         shutil.rmtree(store, ignore_errors=True)
 
     (OUT / "results-operator.json").write_text(json.dumps(results, indent=2))
