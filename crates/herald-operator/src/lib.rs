@@ -252,11 +252,52 @@ fn what_reconciling_reads(endpoint: &WebhookEndpoint) -> Option<u64> {
     let mut hasher = DefaultHasher::new();
     endpoint.metadata.generation.hash(&mut hasher);
     endpoint.metadata.finalizers.hash(&mut hasher);
+    // Set once, when the deletion starts.
     endpoint
         .metadata
         .deletion_timestamp
-        .as_ref()
-        .map(|t| t.0.to_string())
+        .is_some()
         .hash(&mut hasher);
     Some(hasher.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_crd::WebhookEndpointStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+
+    /// Status patches (the reconciler's own) reconcile nothing; a spec
+    /// change, a finalizer change or the start of a deletion does.
+    #[test]
+    fn only_what_the_reconciler_acts_on_lets_a_change_through() {
+        let mut endpoint: WebhookEndpoint = serde_json::from_value(serde_json::json!({
+            "apiVersion": "herald.dev/v1alpha1",
+            "kind": "WebhookEndpoint",
+            "metadata": { "name": "orders", "namespace": "default", "generation": 1 },
+            "spec": { "userId": "acme", "url": "https://hooks.example.com/in" },
+        }))
+        .unwrap();
+        let before = what_reconciling_reads(&endpoint);
+
+        endpoint.status = Some(WebhookEndpointStatus {
+            observed_generation: Some(1),
+            ..Default::default()
+        });
+        endpoint.metadata.resource_version = Some("42".into());
+        assert_eq!(what_reconciling_reads(&endpoint), before, "a status patch");
+
+        let mut changed = endpoint.clone();
+        changed.metadata.generation = Some(2);
+        assert_ne!(what_reconciling_reads(&changed), before, "a spec change");
+
+        let mut changed = endpoint.clone();
+        changed.metadata.finalizers = Some(vec!["herald.dev/record".into()]);
+        assert_ne!(what_reconciling_reads(&changed), before, "a finalizer");
+
+        let mut changed = endpoint.clone();
+        changed.metadata.deletion_timestamp = Some(Time(Default::default()));
+        assert_ne!(what_reconciling_reads(&changed), before, "a deletion");
+    }
 }
