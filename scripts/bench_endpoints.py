@@ -89,7 +89,7 @@ class Scale:
         nats_port, self.api_port, self.receiver_port = free_port(), free_port(), free_port()
         tasks_health, hooks_health = free_port(), free_port()
         self.health_ports = {"worker-tasks": tasks_health, "worker-webhooks": hooks_health}
-        self.spawn([nats_bin, "-a", "127.0.0.1", "-p", nats_port, "-js", "-sd", self.store], {}, "nats")
+        self.processes.spawn([nats_bin, "-a", "127.0.0.1", "-p", nats_port, "-js", "-sd", self.store], {}, "nats")
         wait_port(nats_port)
         url = f"nats://127.0.0.1:{nats_port}"
         env = herald_env(herald, url)
@@ -103,18 +103,15 @@ class Scale:
         docs.unlink()
 
         started = time.monotonic()
-        self.api = self.spawn([herald, "api", "--listen", f"127.0.0.1:{self.api_port}"], env, "api")
-        self.tasks = self.spawn(
+        self.api = self.processes.spawn([herald, "api", "--listen", f"127.0.0.1:{self.api_port}"], env, "api")
+        self.tasks = self.processes.spawn(
             [herald, "worker", "tasks"], {**env, "HERALD_HEALTH__LISTEN": f"127.0.0.1:{tasks_health}"}, "worker-tasks")
-        self.hooks = self.spawn(
+        self.hooks = self.processes.spawn(
             [herald, "worker", "webhooks,mail"], {**env, "HERALD_HEALTH__LISTEN": f"127.0.0.1:{hooks_health}"},
             "worker-webhooks")
         self.ready_s = wait_ready([tasks_health, hooks_health], started)
         wait_port(self.api_port)
         self.rounds = []
-
-    def spawn(self, args, env, name):
-        return self.processes.spawn(args, env, name)
 
     def warm_up(self, driver):
         # Connections open and code paths warm, on the first 500 users.
